@@ -1,0 +1,1 @@
+"""The `soco` command line."""

@@ -1,0 +1,85 @@
+"""Entry point of the `soco` command: parses arguments and hands each subcommand to its module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from soco import __version__
+from soco.errors import SocoError
+
+DESCRIPTION = "soco: self-supervised pretraining aligned to object detection."
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config and trailing key=value overrides, shared by every configurable command."""
+    parser.add_argument("--config", default=None, help="preset name or YAML file (default: the 'default' preset)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. proposals.workers=4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="soco", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"soco {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    data = commands.add_parser("data", help="assemble built-in data sets")
+    data_sets = data.add_subparsers(dest="data_set", metavar="DATASET", required=True)
+    photos = data_sets.add_parser("photos", help="the default unlabeled photos, from installed packages")
+    photos.add_argument("--dest", default=None, help="folder to assemble into (default: the cache folder)")
+    photos.add_argument("--print-path", action="store_true", help="only print the folder (assembling it if needed)")
+
+    proposals = commands.add_parser(
+        "proposals",
+        help="selective-search proposals for an image folder (or: soco proposals merge SRC... -o STORE)",
+    )
+    proposals.add_argument("images", help="image folder (searched recursively)")
+    proposals.add_argument("-o", "--output", required=True, help="proposal store folder to create or continue")
+    proposals.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    proposals.add_argument("--shard", default=None, help="I/N: compute only shard I of N (0-based)")
+    proposals.add_argument("--algorithm", default=None, help="'fast' (default) or 'reference'")
+    proposals.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_arguments(proposals)
+
+    merge = commands.add_parser("proposals-merge")  # reached as `soco proposals merge`
+    merge.add_argument("sources", nargs="+", help="output folders of the shard runs")
+    merge.add_argument("-o", "--output", required=True, help="the merged store")
+
+    inspect = commands.add_parser("inspect", help="summary of a proposal store")
+    inspect.add_argument("store")
+    inspect.add_argument("--json", action="store_true", help="every image's boxes as JSON on stdout")
+
+    show = commands.add_parser("show", help="draw one image's proposals to a PNG")
+    show.add_argument("store")
+    show.add_argument("--image", default=None, help="relative path (or index) of the image; default: the first")
+    show.add_argument("--images", default=None, help="image folder (default: the one the store was made from)")
+    show.add_argument("-o", "--output", required=True, help="PNG file to write")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the `soco` command line; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["proposals", "merge"]:
+        argv = ["proposals-merge", *argv[2:]]
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "data":
+            from soco.cli import data_commands
+
+            return data_commands.run(args)
+        if args.command in ("proposals", "proposals-merge", "inspect", "show"):
+            from soco.cli import proposal_commands
+
+            return proposal_commands.run(args)
+    except SocoError as error:
+        print(f"soco: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("soco: interrupted; run the same command again to continue where it stopped", file=sys.stderr)
+        return 130
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

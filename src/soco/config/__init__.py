@@ -1,0 +1,1 @@
+"""Typed configuration: dataclass schema, YAML presets and `section.key=value` overrides."""

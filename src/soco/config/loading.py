@@ -1,0 +1,215 @@
+"""Build a typed Config from a preset or YAML file plus `section.key=value` overrides, strictly."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from soco.config.schema import Config
+from soco.errors import ConfigError
+
+PRESET_PACKAGE = "soco.config.presets"
+
+
+def list_presets() -> list[str]:
+    """Names of the YAML presets shipped inside the package."""
+    folder = resources.files(PRESET_PACKAGE)
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _suggest(word: str, candidates: list[str]) -> str:
+    """A ' (did you mean X?)' hint for the closest candidate, or an empty string."""
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    """Resolved type annotations of a dataclass's fields."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, expected: Any, key: str) -> Any:
+    """Check `value` against the annotation `expected`; allow the lossless int -> float widening."""
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(expected):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} matches none of {expected}")
+    if expected is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        args = typing.get_args(expected)
+        item_type = args[0] if args else Any
+        items = [_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if expected is Any:
+        return value
+    if expected is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if expected is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {type(value).__name__} {value!r}")
+        return value
+    if expected is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    if dataclasses.is_dataclass(expected):
+        return _build(expected, value, key)
+    raise ConfigError(f"{key}: unsupported type {expected}")
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    """Instantiate dataclass `cls` from a mapping, naming any unknown key and its closest valid one."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {values!r}")
+    types_by_name = _field_types(cls)
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in types_by_name:
+            valid = [f"{prefix}.{n}" if prefix else n for n in types_by_name]
+            hint = _suggest(key, valid) or _suggest(key, all_keys())
+            raise ConfigError(f"unknown key '{key}'{hint} (valid here: {', '.join(valid)})")
+        kwargs[name] = _coerce(value, types_by_name[name], key)
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict) -> Config:
+    """A Config from a nested mapping; missing keys take their defaults."""
+    return _build(Config, values or {}, "")
+
+
+def config_to_dict(config: Any) -> dict:
+    """A plain nested dict of a Config (tuples as lists), ready for YAML or JSON."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, e.g. 'proposals.workers'."""
+    keys = []
+    for name, annotation in _field_types(cls).items():
+        key = f"{prefix}.{name}" if prefix else name
+        if dataclasses.is_dataclass(annotation):
+            keys.extend(all_keys(annotation, key))
+        else:
+            keys.append(key)
+    return keys
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split 'section.key=value' into its key path and YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({error})") from None
+    return key.split("."), value
+
+
+def _set_path(tree: dict, path: list[str], value: Any, full_key: str) -> None:
+    """Set a dotted key in a nested dict, creating sections as needed."""
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{full_key}': '{part}' is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _read_yaml(path: Path, label: str) -> dict:
+    """Parse one YAML mapping, with errors naming the file."""
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{label}: not valid YAML: {error}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{label}: expected a mapping of sections at the top level")
+    return values
+
+
+def _merge(base: dict, update: dict) -> dict:
+    """Recursive dict merge: values of `update` win, sections merge."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_preset_values(name_or_path: str) -> dict:
+    """Raw values of a preset name or a YAML file, following its optional `base:` chain."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        if not candidate.is_file():
+            raise ConfigError(f"config file {candidate} does not exist")
+        values = _read_yaml(candidate, str(candidate))
+    else:
+        presets = list_presets()
+        if name_or_path not in presets:
+            raise ConfigError(
+                f"unknown preset '{name_or_path}'{_suggest(name_or_path, presets)} "
+                f"(presets: {', '.join(presets)}; or give a .yaml file)"
+            )
+        resource = resources.files(PRESET_PACKAGE) / f"{name_or_path}.yaml"
+        values = yaml.safe_load(resource.read_text()) or {}
+    base = values.pop("base", None)
+    if base is not None:
+        values = _merge(load_preset_values(base), values)
+    return values
+
+
+def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The resolved Config: schema defaults, then the preset or file, then each override in order."""
+    values = load_preset_values(preset) if preset else {}
+    for text in overrides:
+        path, value = parse_override(text)
+        _set_path(values, path, value, text)
+    return config_from_dict(values)
+
+
+def save_config(config: Config, path: str | Path) -> Path:
+    """Write the resolved configuration as YAML next to a run's outputs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    return path

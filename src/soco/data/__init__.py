@@ -1,0 +1,1 @@
+"""Data: image folders, the default photo set, object proposals and training views."""

@@ -1,0 +1,1 @@
+"""Object proposals: selective search, SoCo's filter, and the on-disk proposal store."""
