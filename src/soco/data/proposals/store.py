@@ -295,6 +295,44 @@ class ProposalStore:
             reason=reason,
         )
 
+    def check_images(self, images_root: str | Path, fingerprint_sample: int | None = 256) -> None:
+        """Refuse images that are not the ones this store was made from (listing, sizes, fingerprints).
+
+        Every file's size is compared (a stat each); fingerprints for an evenly spread sample of
+        `fingerprint_sample` images, or for all of them when it is None.
+        """
+        from soco.data.images import file_fingerprint, list_images
+
+        images_root = Path(images_root)
+        paths = list_images(images_root)
+        if listing_digest(paths) != self.meta["listing_digest"]:
+            ours = set(self.paths())
+            extra = sorted(set(paths) - ours)[:3]
+            missing = sorted(ours - set(paths))[:3]
+            raise ProposalStoreError(
+                f"proposal store {self.folder} was made for another image folder "
+                f"({self.meta.get('images_root')}, {len(self)} images) than {images_root} "
+                f"({len(paths)} images); not in the store: {extra or 'none'}; not in the folder: {missing or 'none'}"
+            )
+        sizes = self.byte_sizes
+        for index, path in enumerate(paths):
+            if (images_root / path).stat().st_size != sizes[index]:
+                raise ProposalStoreError(
+                    f"{images_root / path} changed since proposal store {self.folder} was made "
+                    "(file size differs): recompute the proposals"
+                )
+        count = len(paths)
+        sample = range(count) if fingerprint_sample is None or fingerprint_sample >= count else (
+            np.linspace(0, count - 1, fingerprint_sample).astype(int)
+        )
+        for index in sample:
+            data = (images_root / paths[index]).read_bytes()
+            if file_fingerprint(data) != int(self.fingerprints[index]):
+                raise ProposalStoreError(
+                    f"{images_root / paths[index]} changed since proposal store {self.folder} was made "
+                    "(content fingerprint differs): recompute the proposals"
+                )
+
     def disk_bytes(self) -> int:
         """Bytes the store occupies on disk."""
         return sum(f.stat().st_size for f in self.folder.iterdir() if f.is_file())
