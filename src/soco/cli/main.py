@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from soco import __version__
@@ -11,10 +12,24 @@ from soco.errors import SocoError
 DESCRIPTION = "soco: self-supervised pretraining aligned to object detection."
 
 
+OVERRIDE_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")
+CONFIGURABLE_COMMANDS = ("proposals",)
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """--config and trailing key=value overrides, shared by every configurable command."""
+    """--config and key=value overrides (anywhere on the line), shared by every configurable command."""
     parser.add_argument("--config", default=None, help="preset name or YAML file (default: the 'default' preset)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. proposals.workers=4")
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Take `section.key=value` tokens out of the command line, wherever they stand among the options."""
+    if not argv or argv[0] not in CONFIGURABLE_COMMANDS:
+        return argv, []
+    rest, overrides = [], []
+    for token in argv:
+        (overrides if OVERRIDE_PATTERN.match(token) else rest).append(token)
+    return rest, overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["proposals", "merge"]:
         argv = ["proposals-merge", *argv[2:]]
+    argv, overrides = _split_overrides(argv)
     args = build_parser().parse_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *overrides]
     try:
         if args.command == "data":
             from soco.cli import data_commands
