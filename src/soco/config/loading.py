@@ -90,7 +90,11 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
         key = f"{prefix}.{name}" if prefix else str(name)
         if name not in types_by_name:
             valid = [f"{prefix}.{n}" if prefix else n for n in types_by_name]
-            hint = _suggest(key, valid) or _suggest(key, all_keys())
+            same_leaf = [k for k in all_keys() if k.rsplit(".", 1)[-1] == name and k != key]
+            if same_leaf:  # a key given without (or with the wrong) section
+                hint = "; did you mean " + " or ".join(f"'{k}'" for k in same_leaf) + "?"
+            else:
+                hint = _suggest(key, valid) or _suggest(key, all_keys())
             raise ConfigError(f"unknown key '{key}'{hint} (valid here: {', '.join(valid)})")
         kwargs[name] = _coerce(value, types_by_name[name], key)
     return cls(**kwargs)
