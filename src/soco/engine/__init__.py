@@ -1,0 +1,1 @@
+"""The training engine: loop, optimiser, schedules, distributed set-up and checkpoints."""

@@ -1,0 +1,29 @@
+"""Losses as small pure functions, each tested against a hand computation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def byol_regression(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-row BYOL loss 2 - 2 cos(prediction, target); the target carries no gradient."""
+    prediction = F.normalize(prediction.float(), dim=-1)
+    target = F.normalize(target.detach().float(), dim=-1)
+    return 2.0 - 2.0 * (prediction * target).sum(dim=-1)
+
+
+def symmetric_pair_loss(
+    online_predictions: dict[str, torch.Tensor],
+    target_projections: dict[str, torch.Tensor],
+    pairs: list[tuple[str, str]],
+) -> torch.Tensor:
+    """Sum over view pairs (a, b) of mean box loss in both directions: q(a) vs z(b) and q(b) vs z(a).
+
+    Tensors are (boxes, dim), rows aligned so that row i is the same object in every view.
+    """
+    total = online_predictions[pairs[0][0]].new_zeros((), dtype=torch.float32)
+    for view_a, view_b in pairs:
+        total = total + byol_regression(online_predictions[view_a], target_projections[view_b]).mean()
+        total = total + byol_regression(online_predictions[view_b], target_projections[view_a]).mean()
+    return total

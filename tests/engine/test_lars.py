@@ -1,0 +1,42 @@
+"""LARS: the trust ratio on weights, plain momentum SGD on biases and norm parameters."""
+
+import torch
+from torch import nn
+
+from soco.engine.lars import LARS, lars_param_groups
+
+
+def test_param_groups_exclude_biases_and_norm_parameters():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    adapted, excluded = lars_param_groups(model, weight_decay=1e-5)
+    assert [p.shape for p in adapted["params"]] == [torch.Size([4, 3, 3, 3]), torch.Size([2, 4])]
+    assert len(excluded["params"]) == 4  # conv bias, bn weight, bn bias, linear bias
+    assert excluded["weight_decay"] == 0.0 and not excluded["lars"]
+
+
+def test_lars_step_by_hand():
+    weight = nn.Parameter(torch.tensor([3.0, 4.0]))  # norm 5
+    bias = nn.Parameter(torch.tensor([1.0]))
+    optimizer = LARS(
+        [{"params": [weight], "weight_decay": 0.1, "lars": True}, {"params": [bias], "weight_decay": 0.0, "lars": False}],
+        lr=0.5, momentum=0.9, trust_coefficient=0.001,
+    )
+    weight.grad = torch.tensor([0.0, 1.0])
+    bias.grad = torch.tensor([2.0])
+    optimizer.step()
+    update = torch.tensor([0.0, 1.0]) + 0.1 * torch.tensor([3.0, 4.0])  # [0.3, 1.4]
+    trust = 0.001 * 5.0 / torch.linalg.vector_norm(update)
+    torch.testing.assert_close(weight.detach(), torch.tensor([3.0, 4.0]) - 0.5 * trust * update)
+    torch.testing.assert_close(bias.detach(), torch.tensor([1.0 - 0.5 * 2.0]))
+    # second step: momentum buffer = 0.9 * old + new
+    bias.grad = torch.tensor([1.0])
+    optimizer.step()
+    torch.testing.assert_close(bias.detach(), torch.tensor([0.0 - 0.5 * (0.9 * 2.0 + 1.0)]))
+
+
+def test_zero_weight_uses_trust_one():
+    weight = nn.Parameter(torch.zeros(3))
+    optimizer = LARS([{"params": [weight], "weight_decay": 0.0, "lars": True}], lr=1.0, momentum=0.0)
+    weight.grad = torch.ones(3)
+    optimizer.step()
+    torch.testing.assert_close(weight.detach(), -torch.ones(3))

@@ -1,0 +1,35 @@
+"""Learning-rate and EMA-momentum schedules at chosen steps."""
+
+import math
+
+import pytest
+
+from soco.engine.schedules import ema_momentum_at, learning_rate_at, scaled_learning_rate
+
+
+def test_warmup_is_linear_from_one_hundredth():
+    kwargs = dict(total_steps=1000, warmup_steps=100, peak_lr=2.0, final_lr=1e-6, warmup_start_factor=0.01)
+    assert learning_rate_at(0, **kwargs) == pytest.approx(0.02)
+    assert learning_rate_at(50, **kwargs) == pytest.approx(0.02 + 0.99 * 2.0 * 0.5)
+    assert learning_rate_at(100, **kwargs) == pytest.approx(2.0)
+
+
+def test_cosine_after_warmup_reaches_final_lr():
+    kwargs = dict(total_steps=1000, warmup_steps=100, peak_lr=2.0, final_lr=1e-6, warmup_start_factor=0.01)
+    halfway = 100 + 450
+    assert learning_rate_at(halfway, **kwargs) == pytest.approx(1e-6 + (2.0 - 1e-6) * 0.5)
+    assert learning_rate_at(1000, **kwargs) == pytest.approx(1e-6)
+    quarter = 100 + 225
+    assert learning_rate_at(quarter, **kwargs) == pytest.approx(1e-6 + (2.0 - 1e-6) * 0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_ema_momentum_schedule():
+    assert ema_momentum_at(0, 1000, 0.99) == pytest.approx(0.99)
+    assert ema_momentum_at(500, 1000, 0.99) == pytest.approx(0.995)
+    assert ema_momentum_at(1000, 1000, 0.99) == pytest.approx(1.0)
+    assert ema_momentum_at(250, 1000, 0.99) == pytest.approx(1 - 0.01 * (math.cos(math.pi / 4) + 1) / 2)
+
+
+def test_linear_scaling_rule():
+    assert scaled_learning_rate(1.0, 2048) == pytest.approx(8.0)
+    assert scaled_learning_rate(1.0, 64) == pytest.approx(0.25)

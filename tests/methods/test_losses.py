@@ -1,0 +1,38 @@
+"""BYOL regression loss and its symmetrised pair sum, against hand computations."""
+
+import math
+
+import torch
+
+from soco.methods.losses import byol_regression, symmetric_pair_loss
+
+
+def test_byol_regression_by_hand():
+    prediction = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0]])
+    target = torch.tensor([[3.0, 4.0], [0.0, 5.0], [0.0, -1.0]])
+    # cosines: 1 (same direction), 0 (orthogonal), -1 (opposite)
+    torch.testing.assert_close(byol_regression(prediction, target), torch.tensor([0.0, 2.0, 4.0]))
+
+
+def test_byol_regression_at_sixty_degrees_and_scale_invariance():
+    prediction = torch.tensor([[1.0, 0.0]])
+    target = torch.tensor([[0.5, math.sqrt(3) / 2]]) * 7.0
+    torch.testing.assert_close(byol_regression(prediction * 3.0, target), torch.tensor([1.0]))  # 2 - 2*0.5
+
+
+def test_target_gets_no_gradient():
+    prediction = torch.randn(4, 8, requires_grad=True)
+    target = torch.randn(4, 8, requires_grad=True)
+    byol_regression(prediction, target).sum().backward()
+    assert prediction.grad is not None and target.grad is None
+
+
+def test_symmetric_pair_loss_sums_both_directions_of_each_pair():
+    q = {"v1": torch.tensor([[1.0, 0.0], [0.0, 1.0]]), "v2": torch.tensor([[1.0, 0.0], [1.0, 0.0]]),
+         "v3": torch.tensor([[0.0, 1.0], [0.0, 1.0]])}
+    z = {"v1": torch.tensor([[1.0, 0.0], [1.0, 0.0]]), "v2": torch.tensor([[0.0, 1.0], [0.0, 1.0]]),
+         "v3": torch.tensor([[1.0, 0.0], [0.0, 1.0]])}
+    # q(v1)·z(v2): rows cos 0, 1 -> losses 2, 0 -> mean 1;  q(v2)·z(v1): cos 1, 1 -> mean 0
+    # q(v1)·z(v3): cos 1, 1 -> 0;                           q(v3)·z(v1): cos 0, 0 -> 2
+    total = symmetric_pair_loss(q, z, [("v1", "v2"), ("v1", "v3")])
+    torch.testing.assert_close(total, torch.tensor(1.0 + 0.0 + 0.0 + 2.0))
