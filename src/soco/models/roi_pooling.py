@@ -1,0 +1,121 @@
+"""RoIAlign of object boxes on feature maps: scale-aware per-level pooling, the release's all-level way, one level."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torchvision.ops import roi_align
+
+DEFAULT_THRESHOLDS = (48.0, 96.0, 192.0)
+DEFAULT_STRIDES = (4, 8, 16, 32)
+ADAPTIVE_SAMPLING = -1  # roi_align picks ceil(bin size) samples per bin, as Detectron2's ROIAlignV2
+
+
+def assign_levels(boxes: torch.Tensor, thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> torch.Tensor:
+    """Pyramid level index per box (0..len(thresholds), i.e. P2..P5) from sqrt(area); upper bounds inclusive."""
+    if boxes.ndim != 2 or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes must be (N, 4), got {tuple(boxes.shape)}")
+    # float64 so that sqrt(w*h) of a square box is exactly its side and the boundaries fall as written.
+    boxes64 = boxes.detach().to(torch.float64)
+    widths = (boxes64[:, 2] - boxes64[:, 0]).clamp(min=0)
+    heights = (boxes64[:, 3] - boxes64[:, 1]).clamp(min=0)
+    scales = torch.sqrt(widths * heights)
+    boundaries = torch.tensor([float(t) for t in thresholds], dtype=torch.float64, device=boxes.device)
+    # right=False: index i with boundaries[i-1] < scale <= boundaries[i], so a scale equal to 48 stays on P2.
+    return torch.bucketize(scales, boundaries, right=False)
+
+
+def boxes_to_rois(boxes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, K, 4) boxes as (B*K, 5) roi_align rows [image index, x1, y1, x2, y2], image-major."""
+    if boxes.ndim != 3 or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes must be (B, K, 4), got {tuple(boxes.shape)}")
+    batch, per_image = boxes.shape[:2]
+    image_index = torch.arange(batch, device=boxes.device, dtype=dtype).repeat_interleave(per_image)
+    return torch.cat([image_index[:, None], boxes.reshape(-1, 4).to(dtype)], dim=1)
+
+
+def _rois_dtype(feature: torch.Tensor) -> torch.dtype:
+    """float64 for float64 maps, else float32: box corners in bf16 would move by up to a pixel."""
+    return torch.float64 if feature.dtype == torch.float64 else torch.float32
+
+
+def _align(feature: torch.Tensor, rois: torch.Tensor, stride: float, output_size: int) -> torch.Tensor:
+    """roi_align with SoCo's settings, pooling a low-precision map in the rois' precision outside autocast."""
+    if feature.dtype != rois.dtype and not torch.is_autocast_enabled(feature.device.type):
+        # The kernel requires equal dtypes; under autocast torchvision casts both to float32 itself.
+        pooled = roi_align(
+            feature.to(rois.dtype), rois, output_size, 1.0 / stride, ADAPTIVE_SAMPLING, aligned=True
+        )
+        return pooled.to(feature.dtype)
+    return roi_align(feature, rois, output_size, 1.0 / stride, ADAPTIVE_SAMPLING, aligned=True)
+
+
+def _check_levels(features: Sequence[torch.Tensor], strides: Sequence[float], boxes: torch.Tensor) -> None:
+    """Raise if the pyramid, its strides and the boxes' batch do not agree."""
+    if len(features) != len(strides):
+        raise ValueError(f"{len(features)} feature maps but {len(strides)} strides")
+    if boxes.ndim != 3 or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes must be (B, K, 4), got {tuple(boxes.shape)}")
+    for feature in features:
+        if feature.shape[0] != boxes.shape[0]:
+            raise ValueError(f"feature batch {feature.shape[0]} != boxes batch {boxes.shape[0]}")
+
+
+def pool_boxes_per_level(
+    features: Sequence[torch.Tensor],
+    boxes: torch.Tensor,
+    strides: Sequence[float] = DEFAULT_STRIDES,
+    output_size: int = 7,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    levels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B*K, C, S, S) RoI features, image-major, each box pooled only on its own level (one roi_align per level).
+
+    `levels` (B*K,) overrides the scale-aware assignment, e.g. every box on one fixed level.
+    """
+    _check_levels(features, strides, boxes)
+    if levels is None:
+        levels = assign_levels(boxes.reshape(-1, 4), thresholds)
+    rois = boxes_to_rois(boxes, _rois_dtype(features[0]))
+    # One stable sort and one host sync for the counts, instead of one nonzero() sync per level.
+    order = torch.argsort(levels, stable=True)
+    counts = torch.bincount(levels, minlength=len(features)).tolist()
+    if len(counts) > len(features):
+        raise ValueError(f"level index {len(counts) - 1} out of range for {len(features)} levels")
+    pooled_per_level = []
+    for feature, stride, rois_of_level in zip(features, strides, torch.split(rois[order], counts)):
+        # Called even with no box: the empty result keeps the level in the autograd graph, so its
+        # parameters get zero gradients rather than none (DDP fails on parameters without gradients).
+        pooled_per_level.append(_align(feature, rois_of_level, stride, output_size))
+    pooled_sorted = torch.cat(pooled_per_level)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return pooled_sorted[inverse]
+
+
+def pool_boxes_all_levels(
+    features: Sequence[torch.Tensor],
+    boxes: torch.Tensor,
+    strides: Sequence[float] = DEFAULT_STRIDES,
+    output_size: int = 7,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    levels: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The release's way: every box pooled on every level, (L, B*K, C, S, S), with the (L, B*K) own-level mask."""
+    _check_levels(features, strides, boxes)
+    if levels is None:
+        levels = assign_levels(boxes.reshape(-1, 4), thresholds)
+    rois = boxes_to_rois(boxes, _rois_dtype(features[0]))
+    pooled = torch.stack([_align(feature, rois, stride, output_size) for feature, stride in zip(features, strides)])
+    level_ids = torch.arange(len(features), device=levels.device)
+    mask = levels[None, :] == level_ids[:, None]
+    return pooled, mask
+
+
+def pool_boxes_single_level(
+    feature: torch.Tensor, boxes: torch.Tensor, stride: float, output_size: int = 7
+) -> torch.Tensor:
+    """(B*K, C, S, S) RoI features of every box on one map (C4 variant, FPN off, scale-aware off)."""
+    _check_levels([feature], [stride], boxes)
+    return _align(feature, boxes_to_rois(boxes, _rois_dtype(feature)), stride, output_size)
