@@ -150,8 +150,9 @@ def build_model(config: Config, context: DistributedContext) -> SoCo:
 
 def _batch_to_device(batch: dict, device: torch.device) -> tuple[dict, dict]:
     """Views and boxes of a collated batch on the training device."""
-    views = {name: tensor.to(device, non_blocking=True) for name, tensor in batch["views"].items()}
-    boxes = {name: tensor.to(device, non_blocking=True) for name, tensor in batch["boxes"].items()}
+    names = batch["view_names"]
+    views = {name: tensor.to(device, non_blocking=True) for name, tensor in zip(names, batch["views"])}
+    boxes = {name: tensor.to(device, non_blocking=True) for name, tensor in zip(names, batch["boxes"])}
     return views, boxes
 
 
@@ -245,6 +246,8 @@ def pretrain(
                     batch = next(batches)
                     step_data_seconds += time.perf_counter() - waited
                     skipped += int(batch["skipped"])
+                    if not batch["views"]:  # every image of this micro-batch was unreadable
+                        continue
                     if step == 0 and micro == 0 and context.is_main:
                         draw_batch_views(batch, run_dir / "views.png")
                     views, boxes = _batch_to_device(batch, context.device)

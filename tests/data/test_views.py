@@ -1,0 +1,358 @@
+"""SoCo's views: boxes land where the geometry says, sampling rules, jitter bounds, determinism."""
+
+import math
+
+import pytest
+import torch
+
+from soco.config.schema import ViewsConfig
+from soco.data.views import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    _blur_kernel_size,
+    _random_resized_crop,
+    denormalize,
+    jitter_boxes,
+    make_views,
+    random_boxes,
+)
+from soco.errors import ConfigError
+
+WIDTH, HEIGHT = 200, 100
+# Any crop of scale >= 0.5 and ratio in [3/4, 4/3] of a 200x100 image is >= 100 wide and >= 75
+# tall, so it always overlaps this rectangle; its centre (90, 50) is off the middle, so flips show.
+RECT = (50, 20, 130, 80)
+
+
+def bright_rectangle_image(rect=RECT, width=WIDTH, height=HEIGHT) -> torch.Tensor:
+    """A black uint8 image with one white rectangle x1 y1 x2 y2 (pixels x1..x2-1, y1..y2-1)."""
+    image = torch.zeros((3, height, width), dtype=torch.uint8)
+    x1, y1, x2, y2 = rect
+    image[:, y1:y2, x1:x2] = 255
+    return image
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def expected_box(box, params) -> list[float]:
+    """Where an original-pixel box lands in a view, by hand: clip to the crop, shift, scale, flip."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    left, top, right, bottom = params.region
+    x1, x2 = min(max(x1, left), right) - left, min(max(x2, left), right) - left
+    y1, y2 = min(max(y1, top), bottom) - top, min(max(y2, top), bottom) - top
+    scale_x, scale_y = params.size / params.width, params.size / params.height
+    out = [x1 * scale_x, y1 * scale_y, x2 * scale_x, y2 * scale_y]
+    if params.flip:
+        out = [params.size - out[2], out[1], params.size - out[0], out[3]]
+    return out
+
+
+def bright_extent(view: torch.Tensor) -> list[float]:
+    """x1 y1 x2 y2 (pixel edges) of the pixels brighter than mid-grey in a normalised view."""
+    bright = denormalize(view).mean(0) > 0.5
+    ys, xs = torch.nonzero(bright, as_tuple=True)
+    return [float(xs.min()), float(ys.min()), float(xs.max()) + 1, float(ys.max()) + 1]
+
+
+def test_every_view_box_lands_on_the_bright_rectangle():
+    config = ViewsConfig(box_jitter=False, use_v4=True, proposals_per_image=2)
+    image = bright_rectangle_image()
+    proposal = torch.tensor([RECT], dtype=torch.float32)
+    flips = {name: set() for name in ("v1", "v2", "v3", "v4")}
+    for seed in range(12):
+        out = make_views(image, proposal, config, generator(seed), color_augment=False)
+        assert out["view_names"] == ["v1", "v2", "v3", "v4"]
+        assert out["proposal_ids"].tolist() == [0, 0]  # one proposal, padded to K=2 by repeating it
+        for view, boxes, params in zip(out["views"], out["boxes"], out["params"]):
+            assert view.shape == (3, params.size, params.size)
+            assert boxes.shape == (2, 4)
+            torch.testing.assert_close(boxes[0], torch.tensor(expected_box(RECT, params)), atol=1e-3, rtol=0)
+            assert torch.equal(boxes[0], boxes[1])
+            # Pixels inside the box are the white ones: within a pixel of resampling blur.
+            assert bright_extent(view) == pytest.approx(boxes[0].tolist(), abs=1.01)
+            x1, y1, x2, y2 = boxes[0].tolist()
+            rows = slice(math.ceil(y1) + 1, math.floor(y2) - 1)
+            columns = slice(math.ceil(x1) + 1, math.floor(x2) - 1)
+            inside = denormalize(view)[:, rows, columns]
+            assert inside.mean() > 0.97
+            flips[params.name].add(params.flip)
+    assert all(states == {False, True} for states in flips.values())
+
+
+def test_v1_box_by_hand_with_and_without_flip():
+    image = bright_rectangle_image()
+    proposal = torch.tensor([RECT], dtype=torch.float32)
+    out = make_views(image, proposal, ViewsConfig(box_jitter=False, flip_prob=0.0), generator(0), color_augment=False)
+    x1, y1, x2, y2 = RECT
+    expected = [x1 * 224 / 200, y1 * 224 / 100, x2 * 224 / 200, y2 * 224 / 100]
+    torch.testing.assert_close(out["boxes"][0][0], torch.tensor(expected), atol=1e-4, rtol=0)
+    out = make_views(image, proposal, ViewsConfig(box_jitter=False, flip_prob=1.0), generator(0), color_augment=False)
+    flipped = [224 - expected[2], expected[1], 224 - expected[0], expected[3]]
+    torch.testing.assert_close(out["boxes"][0][0], torch.tensor(flipped), atol=1e-4, rtol=0)
+    assert all(params.flip for params in out["params"])
+
+
+def test_v3_downsample_is_v2_scaled_exactly_with_the_same_flip():
+    image = bright_rectangle_image()
+    proposals = torch.tensor([RECT, [10, 10, 90, 60], [120, 30, 190, 95]], dtype=torch.float32)
+    config = ViewsConfig(box_jitter=False, proposals_per_image=3)
+    seen_flips = set()
+    for seed in range(8):
+        out = make_views(image, proposals, config, generator(seed), color_augment=False)
+        v2, v3 = out["params"][1], out["params"][2]
+        assert (v3.top, v3.left, v3.height, v3.width, v3.flip) == (v2.top, v2.left, v2.height, v2.width, v2.flip)
+        assert torch.equal(out["boxes"][2], out["boxes"][1] * (112 / 224))
+        # The picture is V2's too: V2 averaged over 2x2 blocks is V3 up to uint8 rounding.
+        v2_small = torch.nn.functional.avg_pool2d(denormalize(out["views"][1])[None], 2)[0]
+        assert (v2_small - denormalize(out["views"][2])).abs().mean() < 0.02
+        seen_flips.add(v2.flip)
+    assert seen_flips == {False, True}
+    odd = ViewsConfig(box_jitter=False, v3_size=100, proposals_per_image=3)
+    out = make_views(image, proposals, odd, generator(3), color_augment=False)
+    torch.testing.assert_close(out["boxes"][2], out["boxes"][1] * (100 / 224), atol=1e-4, rtol=0)
+
+
+def test_independent_v3_and_v4_have_their_own_crops_and_every_chosen_box_meets_every_crop():
+    image = bright_rectangle_image(width=300, height=300)
+    # A grid of small proposals: many miss any one crop of scale [0.3, 0.5].
+    proposals = torch.tensor(
+        [[x, y, x + 30, y + 30] for x in range(0, 300, 40) for y in range(0, 300, 40)], dtype=torch.float32
+    )
+    config = ViewsConfig(
+        v3_mode="independent", use_v4=True, box_jitter=False, crop_scale=[0.3, 0.5], proposals_per_image=4
+    )
+    for seed in range(10):
+        out = make_views(image, proposals, config, generator(seed), color_augment=False)
+        v2, v3, v4 = out["params"][1:]
+        assert (v3.top, v3.left, v3.height, v3.width) != (v2.top, v2.left, v2.height, v2.width)
+        assert [v3.size, v4.size] == [112, 192]
+        for row, proposal_id in enumerate(out["proposal_ids"].tolist()):
+            if proposal_id < 0:
+                continue
+            for view_boxes, params in zip(out["boxes"], out["params"]):
+                box = view_boxes[row]
+                assert (box[2] - box[0]) > 0 and (box[3] - box[1]) > 0  # overlaps this view's crop
+                expected = torch.tensor(expected_box(proposals[proposal_id], params))
+                torch.testing.assert_close(box, expected, atol=1e-3, rtol=0)
+
+
+def test_view_sizes_are_configurable_and_boxes_follow():
+    config = ViewsConfig(v1_size=64, v2_size=48, v3_size=20, v4_size=40, use_v4=True, box_jitter=False)
+    proposal = torch.tensor([RECT], dtype=torch.float32)
+    out = make_views(bright_rectangle_image(), proposal, config, generator(1))
+    assert [tuple(v.shape) for v in out["views"]] == [(3, 64, 64), (3, 48, 48), (3, 20, 20), (3, 40, 40)]
+    for boxes, params in zip(out["boxes"], out["params"]):
+        assert boxes.min() >= 0 and boxes.max() <= params.size
+        torch.testing.assert_close(boxes[0], torch.tensor(expected_box(RECT, params)), atol=1e-3, rtol=0)
+
+
+def test_proposals_outside_the_crop_are_never_chosen():
+    proposals = torch.tensor(
+        [[x, y, x + 18, y + 18] for x in range(0, 200, 20) for y in range(0, 100, 20)], dtype=torch.float32
+    )
+    config = ViewsConfig(crop_scale=[0.1, 0.2], box_jitter=False, proposals_per_image=4)
+    dropped_some = False
+    for seed in range(20):
+        out = make_views(bright_rectangle_image(), proposals, config, generator(seed), color_augment=False)
+        left, top, right, bottom = out["params"][1].region
+        overlapping = {
+            i for i, (x1, y1, x2, y2) in enumerate(proposals.tolist())
+            if min(x2, right) > max(x1, left) and min(y2, bottom) > max(y1, top)
+        }
+        chosen = set(out["proposal_ids"].tolist())
+        assert chosen <= overlapping
+        dropped_some |= len(overlapping) < len(proposals)
+        # Enough candidates: K distinct picks, none repeated.
+        if len(overlapping) >= 4:
+            assert len(chosen) == 4
+    assert dropped_some
+
+
+def test_sampling_is_without_replacement_and_padding_cycles_the_picks():
+    image = bright_rectangle_image()
+    many = torch.tensor([[i, 0, WIDTH - i, HEIGHT] for i in range(10)], dtype=torch.float32)
+    config = ViewsConfig(proposals_per_image=4, box_jitter=False)
+    picks = set()
+    for seed in range(30):
+        ids = make_views(image, many, config, generator(seed), color_augment=False)["proposal_ids"].tolist()
+        assert len(set(ids)) == 4
+        picks.update(ids)
+    assert picks == set(range(10))  # every proposal can be drawn
+    two = torch.tensor([[0, 0, WIDTH, HEIGHT], [10, 10, 150, 90]], dtype=torch.float32)
+    five = ViewsConfig(proposals_per_image=5, box_jitter=False)
+    out = make_views(image, two, five, generator(0), color_augment=False)
+    ids = out["proposal_ids"].tolist()
+    assert sorted(set(ids)) == [0, 1] and ids == [ids[0], ids[1]] * 2 + [ids[0]]
+    for view_boxes, params in zip(out["boxes"], out["params"]):
+        assert view_boxes.shape == (5, 4)
+        for row, proposal_id in enumerate(ids):  # row i is the same proposal in every view
+            expected = torch.tensor(expected_box(two[proposal_id], params))
+            torch.testing.assert_close(view_boxes[row], expected, atol=1e-3, rtol=0)
+
+
+def test_no_proposal_falls_back_to_the_crop_region():
+    config = ViewsConfig(proposals_per_image=3, box_jitter=False)
+    out = make_views(bright_rectangle_image(), torch.zeros((0, 4)), config, generator(0), color_augment=False)
+    assert out["proposal_ids"].tolist() == [-1, -1, -1]
+    v1, v2, v3 = out["params"]
+    torch.testing.assert_close(out["boxes"][1], torch.tensor([[0.0, 0.0, 224.0, 224.0]] * 3))
+    torch.testing.assert_close(out["boxes"][2], torch.tensor([[0.0, 0.0, 112.0, 112.0]] * 3))
+    torch.testing.assert_close(out["boxes"][0][0], torch.tensor(expected_box(v2.region, v1)), atol=1e-3, rtol=0)
+
+
+def test_crop_retries_make_a_missed_proposal_rare():
+    # A small proposal in a corner: one crop of scale [0.2, 0.3] seldom covers it.
+    corner = torch.tensor([[0, 0, 30, 20]], dtype=torch.float32)
+    image = bright_rectangle_image()
+
+    def misses(retries: int) -> int:
+        config = ViewsConfig(crop_scale=[0.2, 0.3], crop_retries=retries, box_jitter=False, proposals_per_image=1)
+        return sum(
+            make_views(image, corner, config, generator(seed), color_augment=False)["proposal_ids"].item() < 0
+            for seed in range(40)
+        )
+
+    no_retry, retried = misses(0), misses(8)
+    assert no_retry > 10
+    assert retried < no_retry / 2
+
+
+def test_jitter_stays_within_ratio_of_the_box_size():
+    count = 4000
+    boxes = torch.tensor([[400.0, 300.0, 600.0, 400.0]]).repeat(count, 1)
+    out = jitter_boxes(boxes, 1.0, 0.1, 1000, 1000, generator(0))
+    width, height = 200.0, 100.0
+    dx1 = out[:, 0] - boxes[:, 0]
+    dy1 = out[:, 1] - boxes[:, 1]
+    width_ratio = (out[:, 2] - out[:, 0]) / width
+    height_ratio = (out[:, 3] - out[:, 1]) / height
+    assert dx1.abs().max() <= 0.1 * width + 1e-3 and dy1.abs().max() <= 0.1 * height + 1e-3
+    assert width_ratio.min() >= 0.9 - 1e-5 and width_ratio.max() <= 1.1 + 1e-5
+    assert height_ratio.min() >= 0.9 - 1e-5 and height_ratio.max() <= 1.1 + 1e-5
+    # Uniform draws fill the range, and every box was jittered (p = 1).
+    assert dx1.min() < -0.09 * width and dx1.max() > 0.09 * width
+    assert width_ratio.min() < 0.91 and width_ratio.max() > 1.09
+    assert (out != boxes).any(dim=1).all()
+    half = jitter_boxes(boxes, 0.5, 0.1, 1000, 1000, generator(1))
+    assert 0.45 < (half != boxes).any(dim=1).float().mean() < 0.55
+    edge = jitter_boxes(torch.tensor([[0.0, 0.0, 1000.0, 1000.0]]).repeat(100, 1), 1.0, 0.1, 1000, 1000, generator(2))
+    assert edge.min() >= 0 and edge.max() <= 1000
+
+
+def test_jitter_applies_to_v1_only_and_off_means_exact_resize():
+    proposals = torch.tensor([[40, 20, 120, 70], [60, 30, 150, 90]], dtype=torch.float32)
+    image = bright_rectangle_image()
+    scale = torch.tensor([224 / 200, 224 / 100, 224 / 200, 224 / 100], dtype=torch.float32)
+    plain = ViewsConfig(box_jitter=False, flip_prob=0.0, proposals_per_image=2)
+    jittered = ViewsConfig(box_jitter=True, jitter_prob=1.0, jitter_ratio=0.1, flip_prob=0.0, proposals_per_image=2)
+    for seed in range(5):
+        off = make_views(image, proposals, plain, generator(seed), color_augment=False)
+        assert torch.equal(off["boxes"][0], proposals[off["proposal_ids"]] * scale)
+        on = make_views(image, proposals, jittered, generator(seed), color_augment=False)
+        assert torch.equal(on["proposal_ids"], off["proposal_ids"])
+        assert torch.equal(on["boxes"][1], off["boxes"][1]) and torch.equal(on["boxes"][2], off["boxes"][2])
+        original = proposals[on["proposal_ids"]]
+        width = original[:, 2] - original[:, 0]
+        v1_in_original = on["boxes"][0] / scale
+        assert ((v1_in_original[:, 0] - original[:, 0]).abs() <= 0.1 * width + 1e-3).all()
+        width_ratio = (v1_in_original[:, 2] - v1_in_original[:, 0]) / width
+        assert ((width_ratio >= 0.9 - 1e-4) & (width_ratio <= 1.1 + 1e-4)).all()
+        assert not torch.equal(on["boxes"][0], off["boxes"][0])
+
+
+def test_same_seed_is_bitwise_identical_and_another_seed_differs():
+    image = torch.randint(0, 256, (3, 90, 120), generator=generator(7), dtype=torch.uint8)
+    proposals = torch.tensor([[5, 5, 60, 50], [30, 20, 110, 85], [0, 40, 70, 90]], dtype=torch.float32)
+    config = ViewsConfig(v1_size=64, v2_size=64, v3_size=32, use_v4=True, v4_size=48)
+    global_state = torch.get_rng_state()
+    first = make_views(image, proposals, config, generator(11))
+    assert torch.equal(torch.get_rng_state(), global_state)  # nothing drawn from the global RNG
+    again = make_views(image, proposals, config, generator(11))
+    other = make_views(image, proposals, config, generator(12))
+    for a, b in zip(first["views"] + first["boxes"], again["views"] + again["boxes"]):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(first["views"], other["views"]))
+    # A generator resumed from a saved state continues bitwise the same.
+    running = generator(5)
+    make_views(image, proposals, config, running)
+    state = running.get_state()
+    continued = make_views(image, proposals, config, running)
+    resumed = torch.Generator()
+    resumed.set_state(state)
+    replayed = make_views(image, proposals, config, resumed)
+    assert all(torch.equal(a, b) for a, b in zip(continued["views"], replayed["views"]))
+    # Colour is drawn after the geometry, so switching it off keeps each seed's crops and boxes.
+    grey = make_views(image, proposals, config, generator(11), color_augment=False)
+    assert grey["params"] == first["params"]
+    assert all(torch.equal(a, b) for a, b in zip(grey["boxes"], first["boxes"]))
+
+
+def test_colour_pipeline_changes_pixels_and_output_is_normalised():
+    image = torch.full((3, 50, 50), 128, dtype=torch.uint8)
+    config = ViewsConfig(v1_size=32, v2_size=32, v3_size=16)
+    plain = make_views(image, torch.tensor([[0.0, 0.0, 50.0, 50.0]]), config, generator(0), color_augment=False)
+    for view in plain["views"]:
+        for channel in range(3):
+            expected = (128 / 255 - IMAGENET_MEAN[channel]) / IMAGENET_STD[channel]
+            torch.testing.assert_close(view[channel], torch.full_like(view[channel], expected), atol=1e-5, rtol=0)
+    textured = torch.randint(0, 256, (3, 50, 50), generator=generator(3), dtype=torch.uint8)
+    changed = 0
+    for seed in range(4):
+        off = make_views(textured, torch.tensor([[0.0, 0.0, 50.0, 50.0]]), config, generator(seed), color_augment=False)
+        on = make_views(textured, torch.tensor([[0.0, 0.0, 50.0, 50.0]]), config, generator(seed), color_augment=True)
+        changed += sum(not torch.allclose(a, b) for a, b in zip(off["views"], on["views"]))
+        assert on["views"][0].dtype == torch.float32
+    # V1 is always blurred, so colour on changes at least V1 every time.
+    assert changed >= 4
+    assert [_blur_kernel_size(s) for s in (224, 192, 112, 16)] == [23, 19, 11, 3]
+
+
+def test_whole_image_gives_one_box_equal_to_each_full_view():
+    config = ViewsConfig(box_source="whole_image", proposals_per_image=4, use_v4=True, v4_size=96)
+    out = make_views(bright_rectangle_image(), torch.tensor([RECT], dtype=torch.float32), config, generator(0))
+    assert out["proposal_ids"].tolist() == [-1]
+    for boxes, params in zip(out["boxes"], out["params"]):
+        assert torch.equal(boxes, torch.tensor([[0.0, 0.0, float(params.size), float(params.size)]]))
+
+
+def test_random_boxes_are_k_boxes_within_every_view():
+    config = ViewsConfig(box_source="random", proposals_per_image=6, box_jitter=False, use_v4=True)
+    for seed in range(5):
+        out = make_views(bright_rectangle_image(), torch.zeros((0, 4)), config, generator(seed), color_augment=False)
+        assert out["proposal_ids"].tolist() == [-1] * 6
+        for boxes, params in zip(out["boxes"], out["params"]):
+            assert boxes.shape == (6, 4)
+            assert boxes.min() >= 0 and boxes.max() <= params.size
+            assert ((boxes[:, 2] - boxes[:, 0]) > 0).all() and ((boxes[:, 3] - boxes[:, 1]) > 0).all()
+    region = (20, 10, 180, 90)
+    many = random_boxes(2000, region, generator(0))
+    assert many[:, 0].min() >= 20 and many[:, 2].max() <= 180 and many[:, 1].min() >= 10 and many[:, 3].max() <= 90
+    mean_side = math.sqrt(160 * 80)
+    sides = ((many[:, 2] - many[:, 0]) * (many[:, 3] - many[:, 1])).sqrt()
+    assert sides.max() <= 0.8 * mean_side + 1e-3  # clipping only shrinks
+
+
+def test_crop_parameters_respect_scale_and_ratio():
+    for seed in range(200):
+        top, left, height, width = _random_resized_crop(300, 400, [0.5, 1.0], [0.75, 4 / 3], generator(seed))
+        assert 0 <= top and top + height <= 300 and 0 <= left and left + width <= 400
+        assert 0.5 * 120000 * 0.98 <= height * width <= 120000
+        assert 0.75 * 0.97 <= width / height <= 4 / 3 * 1.03
+
+
+def test_bad_configuration_values_are_refused():
+    image = bright_rectangle_image()
+    with pytest.raises(ConfigError, match="box_source"):
+        make_views(image, torch.zeros((0, 4)), ViewsConfig(box_source="boxes"), generator(0))
+    with pytest.raises(ConfigError, match="v3_mode"):
+        make_views(image, torch.zeros((0, 4)), ViewsConfig(v3_mode="half"), generator(0))
+    with pytest.raises(ConfigError, match="proposals_per_image"):
+        make_views(image, torch.zeros((0, 4)), ViewsConfig(proposals_per_image=0), generator(0))
+
+
+def test_without_v3_there_are_two_views():
+    proposal = torch.tensor([RECT], dtype=torch.float32)
+    out = make_views(bright_rectangle_image(), proposal, ViewsConfig(use_v3=False), generator(0))
+    assert out["view_names"] == ["v1", "v2"] and len(out["views"]) == len(out["boxes"]) == 2
