@@ -13,7 +13,7 @@ DESCRIPTION = "soco: self-supervised pretraining aligned to object detection."
 
 
 OVERRIDE_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")
-CONFIGURABLE_COMMANDS = ("proposals",)
+CONFIGURABLE_COMMANDS = ("proposals", "pretrain", "bench")
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("sources", nargs="+", help="output folders of the shard runs")
     merge.add_argument("-o", "--output", required=True, help="the merged store")
 
+    from soco.cli import pretrain_command
+
+    pretrain = commands.add_parser("pretrain", help="SoCo pretraining (no arguments: a small run on the default photos)")
+    pretrain_command.add_arguments(pretrain)
+
     inspect = commands.add_parser("inspect", help="summary of a proposal store")
     inspect.add_argument("store")
     inspect.add_argument("--json", action="store_true", help="every image's boxes as JSON on stdout")
@@ -86,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
             from soco.cli import data_commands
 
             return data_commands.run(args)
+        if args.command == "pretrain":
+            from soco.cli import pretrain_command
+
+            return pretrain_command.run(args)
         if args.command in ("proposals", "proposals-merge", "inspect", "show"):
             from soco.cli import proposal_commands
 

@@ -51,6 +51,7 @@ class PretrainSummary:
     final_loss: float
     peak_memory_mib: float
     skipped_images: int
+    rank_checksums: list  # a checksum of each process's weights; all equal when the ranks are in sync
 
     def lines(self) -> list[str]:
         """Human-readable summary lines."""
@@ -146,6 +147,23 @@ def build_model(config: Config, context: DistributedContext) -> SoCo:
     if context.is_distributed and context.device.type == "cuda" and config.model.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
+
+
+def gather_weight_checksums(model: SoCo, context: DistributedContext) -> list[float]:
+    """A float64 checksum of the online network and predictor on every process (rank order)."""
+    with torch.no_grad():
+        parameters = [*model.online.parameters(), *model.predictor.parameters()]
+        local = sum(
+            (p.double() * (1.0 + (torch.arange(p.numel(), device=p.device) % 7).view(p.shape).double())).sum()
+            for p in parameters
+        )
+    if not context.is_distributed:
+        return [float(local)]
+    import torch.distributed as dist
+
+    gathered = [torch.zeros((), dtype=torch.float64, device=context.device) for _ in range(context.world_size)]
+    dist.all_gather(gathered, local.reshape(()).to(context.device))
+    return [float(value) for value in gathered]
 
 
 def _batch_to_device(batch: dict, device: torch.device) -> tuple[dict, dict]:
@@ -309,12 +327,16 @@ def pretrain(
         bar.close()
 
     skipped_total = int(all_reduce_sum(torch.tensor(skipped), context))
+    checksums = gather_weight_checksums(model, context)
+    if len(set(checksums)) > 1:
+        log.text(f"warning: the processes' weights differ at the end: {checksums}")
     seconds = time.perf_counter() - started
     steps_this_run = step - start_step
     summary = PretrainSummary(
         run_dir=str(run_dir), steps=step, steps_this_run=steps_this_run, seconds=seconds,
         images_per_second=steps_this_run * schedule.images_per_step / max(data_seconds + model_seconds, 1e-9),
         final_loss=last_loss, peak_memory_mib=peak_memory_mib(context.device), skipped_images=skipped_total,
+        rank_checksums=checksums,
     )
     if context.is_main:
         if (run_dir / "metrics.jsonl").exists():

@@ -1,0 +1,134 @@
+"""The training engine end to end on tiny data: outputs, exact resume after SIGKILL, NaN stop, bad data."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from soco.config.loading import load_config
+from soco.data.proposals.store import ProposalStore
+from soco.engine.trainer import TrainingDiverged, pretrain
+from soco.errors import ImageReadError, ProposalStoreError, SocoError
+from soco.methods.soco import SoCo
+from tests.data.proposals.conftest import make_image_folder
+
+
+def tiny(*overrides):
+    return load_config("soco_tiny", ["train.device=cpu", *overrides])
+
+
+def test_run_writes_everything_a_person_needs(tiny_data, tmp_path):
+    images, store = tiny_data
+    summary = pretrain(tiny("train.steps=4"), tmp_path / "run", images, store, progress=False)
+    run = tmp_path / "run"
+    assert summary.steps == 4 and summary.steps_this_run == 4
+    for name in ("config.yaml", "metrics.jsonl", "train.log", "loss.png", "views.png", "summary.json"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").iterdir())
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 4
+    model = SoCo(tiny().model, tiny().views)
+    model.online.load_state_dict(state["model"])  # the online network's state dict, strictly
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all({"loss", "lr", "ema_momentum", "images_per_second"} <= set(r) for r in records)
+    assert records[0]["ema_momentum"] == pytest.approx(0.99)
+
+
+def test_existing_run_needs_resume(tiny_data, tmp_path):
+    images, store = tiny_data
+    pretrain(tiny("train.steps=2"), tmp_path / "run", images, store, progress=False)
+    with pytest.raises(SocoError, match="--resume"):
+        pretrain(tiny("train.steps=2"), tmp_path / "run", images, store, progress=False)
+    again = pretrain(tiny("train.steps=2"), tmp_path / "run", images, store, resume=True, progress=False)
+    assert again.steps_this_run == 0
+
+
+KILLABLE = """
+import sys
+from soco.config.loading import load_config
+from soco.engine.trainer import pretrain
+config = load_config("soco_tiny", ["train.device=cpu", "train.steps=8", "train.checkpoint_every=1"])
+pretrain(config, sys.argv[3], sys.argv[1], sys.argv[2], resume=True, progress=False)
+"""
+
+
+def test_sigkilled_run_resumes_bitwise_equal(tiny_data, tmp_path):
+    images, store = tiny_data
+    config = tiny("train.steps=8", "train.checkpoint_every=1")
+    pretrain(config, tmp_path / "whole", images, store, progress=False)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-c", KILLABLE, str(images), str(store), str(killed)])
+    last = killed / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 300
+    while True:
+        assert process.poll() is None, "the run finished before it could be killed"
+        assert time.monotonic() < deadline
+        if last.exists():
+            try:
+                if torch.load(last, weights_only=True)["step"] >= 3:
+                    break
+            except Exception:
+                pass
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = torch.load(last, weights_only=True)["step"]
+    assert 3 <= killed_at < 8
+
+    summary = pretrain(config, killed, images, store, resume=True, progress=False)
+    assert summary.steps == 8 and summary.steps_this_run == 8 - killed_at
+    whole_state = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)
+    resumed_state = torch.load(last, weights_only=True)
+    for part in ("model", "predictor", "target"):
+        for name, tensor in whole_state[part].items():
+            assert torch.equal(tensor, resumed_state[part][name]), f"{part}.{name}"
+    for key, value in whole_state["optimizer"]["state"].items():
+        assert torch.equal(value["momentum_buffer"], resumed_state["optimizer"]["state"][key]["momentum_buffer"])
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    images, store = tiny_data
+    real_forward = SoCo.forward
+    calls = {"count": 0}
+
+    def forward_turning_nan(self, views, boxes):
+        calls["count"] += 1
+        loss = real_forward(self, views, boxes)
+        return loss * float("nan") if calls["count"] == 3 else loss
+
+    monkeypatch.setattr(SoCo, "forward", forward_turning_nan)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 2"):
+        pretrain(tiny("train.steps=5", "train.checkpoint_every=1"), tmp_path / "run", images, store, progress=False)
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
+    assert "loss became nan at step 2" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_unreadable_image_during_training_is_skipped_and_counted(tiny_data, tmp_path, monkeypatch):
+    images, store = tiny_data
+    import soco.data.dataset as dataset_module
+
+    real_load = dataset_module.load_rgb
+    bad = ProposalStore(store).path(0)
+
+    def flaky_load(path):
+        if str(path).endswith(bad):
+            raise ImageReadError(str(path), "truncated image")
+        return real_load(path)
+
+    monkeypatch.setattr(dataset_module, "load_rgb", flaky_load)
+    # 12 images, batch 4: three steps see every image once, the bad one included.
+    summary = pretrain(tiny("train.steps=3"), tmp_path / "run", images, store, progress=False)
+    assert summary.steps == 3 and summary.skipped_images == 1
+
+
+def test_store_of_other_images_is_refused(tiny_data, tmp_path):
+    _, store = tiny_data
+    other = make_image_folder(tmp_path / "other", 5)
+    with pytest.raises(ProposalStoreError, match="another image folder"):
+        pretrain(tiny(), tmp_path / "run", other, store, progress=False)
