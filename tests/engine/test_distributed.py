@@ -1,0 +1,47 @@
+"""Two-process DDP on the CPU (gloo): both ranks train and end with identical weights."""
+
+import json
+import socket
+import subprocess
+import sys
+
+import torch
+
+WORKER = """
+import json, sys
+import soco
+from soco.config.loading import load_config
+from soco.engine.distributed import shutdown_distributed
+from soco.engine.trainer import pretrain
+config = load_config("soco_tiny", ["train.device=cpu", "train.steps=3", "train.batch_size=2", "train.accumulate=2"])
+summary = pretrain(config, sys.argv[3], sys.argv[1], sys.argv[2], progress=False)
+import torch.distributed as dist
+print("RESULT " + json.dumps({"rank": dist.get_rank(), "checksums": summary.rank_checksums, "steps": summary.steps}))
+shutdown_distributed()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_cpu_processes_end_with_the_same_weights(tiny_data, tmp_path):
+    images, store = tiny_data
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={free_port()}", str(script), str(images), str(store), str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", **__import__("os").environ},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = [json.loads(line[len("RESULT "):]) for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    checksums = results[0]["checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    assert all(r["steps"] == 3 for r in results)
+    # only rank 0 writes checkpoints
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 3
