@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= outputs/demo
 
-.PHONY: demo test venv clean
+.PHONY: demo proposals-demo test venv clean
 
 venv: $(STAMP)
 
@@ -15,16 +15,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e '.[test]'
 	touch $(STAMP)
 
-# Main job on the built-in default photos: proposals for every photo, then a picture of one.
+# Main job: SoCo pretraining of a small R18-FPN on the built-in default photos (proposals computed
+# first, once). Running it again continues or reports the finished run.
 demo: $(STAMP)
-	$(BIN)/soco data photos
-	$(BIN)/soco proposals "$$($(BIN)/soco data photos --print-path)" -o $(OUT)/proposals
-	$(BIN)/soco inspect $(OUT)/proposals
-	$(BIN)/soco show $(OUT)/proposals --image mvtb/campus/P1070491.png -o $(OUT)/proposals.png
-	@echo "picture of proposals: $(OUT)/proposals.png"
+	$(BIN)/soco pretrain --out $(OUT) --resume
+
+# The proposal stage alone, with a picture of one photo's proposals.
+proposals-demo: $(STAMP)
+	$(BIN)/soco proposals "$$($(BIN)/soco data photos --print-path)" -o $(OUT)-proposals
+	$(BIN)/soco inspect $(OUT)-proposals
+	$(BIN)/soco show $(OUT)-proposals --image mvtb/campus/P1070491.png -o $(OUT)-proposals.png
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) $(OUT)
+	rm -rf $(VENV) $(OUT) $(OUT)-proposals $(OUT)-proposals.png

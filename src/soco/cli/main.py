@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain = commands.add_parser("pretrain", help="SoCo pretraining (no arguments: a small run on the default photos)")
     pretrain_command.add_arguments(pretrain)
 
+    from soco.cli import bench_command
+
+    bench = commands.add_parser("bench", help="images/s and memory of training steps and data loading (JSON)")
+    bench_command.add_arguments(bench)
+
     inspect = commands.add_parser("inspect", help="summary of a proposal store")
     inspect.add_argument("store")
     inspect.add_argument("--json", action="store_true", help="every image's boxes as JSON on stdout")
@@ -91,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             from soco.cli import data_commands
 
             return data_commands.run(args)
+        if args.command == "bench":
+            from soco.cli import bench_command
+
+            return bench_command.run(args)
         if args.command == "pretrain":
             from soco.cli import pretrain_command
 

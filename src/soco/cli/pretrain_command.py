@@ -70,19 +70,25 @@ def ensure_proposals(images_root: Path, store: Path, config: Config, quiet: bool
         print(line)
 
 
+def resolve_data(config: Config, proposals: str | None, quiet: bool) -> tuple[Path, Path]:
+    """The image folder (default: the built-in photos) and its proposal store (computed if needed)."""
+    if config.data.images:
+        images_root = Path(config.data.images).expanduser()
+    else:
+        cache = Path(config.data.cache_dir) / "photos" if config.data.cache_dir else None
+        images_root = assemble_photos(cache, progress=not quiet)
+    store = Path(proposals) if proposals else default_store_for(images_root, config)
+    if not proposals:
+        ensure_proposals(images_root, store, config, quiet)
+    return images_root, store
+
+
 def run(args: argparse.Namespace) -> int:
     """Run `soco pretrain`."""
     from soco.engine.trainer import pretrain
 
     config = resolve_config(args)
-    if config.data.images:
-        images_root = Path(config.data.images).expanduser()
-    else:
-        cache = Path(config.data.cache_dir) / "photos" if config.data.cache_dir else None
-        images_root = assemble_photos(cache, progress=not args.quiet)
-    store = Path(args.proposals) if args.proposals else default_store_for(images_root, config)
-    if not args.proposals:
-        ensure_proposals(images_root, store, config, args.quiet)
+    images_root, store = resolve_data(config, args.proposals, args.quiet)
     preset_name = Path(args.config).stem if args.config else DEFAULT_PRESET
     run_dir = Path(args.out) if args.out else Path("runs") / preset_name
     from soco.engine.distributed import shutdown_distributed

@@ -202,7 +202,7 @@ def pretrain(
         lr=schedule.peak_lr, momentum=config.optim.momentum,
         weight_decay=config.optim.weight_decay, trust_coefficient=config.optim.trust_coefficient,
     )
-    step, skipped = 0, 0
+    step, skipped, resumed_loss = 0, 0, float("nan")
     if resume and last_path.exists():
         state = load_checkpoint(last_path)
         model.online.load_state_dict(state["model"])
@@ -210,6 +210,7 @@ def pretrain(
         model.target.load_state_dict(state["target"])
         optimizer.load_state_dict(state["optimizer"])
         step, skipped = int(state["step"]), int(state.get("skipped_images", 0))
+        resumed_loss = float(state.get("loss", float("nan")))
         restore_rng_state(state["rng"])
         if state.get("total_steps") != schedule.total_steps:
             raise SocoError(
@@ -231,7 +232,7 @@ def pretrain(
     autocast, scaler = autocast_context(config.train.precision, context.device)
     workers = resolve_loader_workers(config.train.workers, context)
     accumulate = config.train.accumulate
-    start_step, last_loss = step, float("nan")
+    start_step, last_loss = step, resumed_loss
     data_seconds = model_seconds = 0.0
     model.train()
     bar = tqdm(total=schedule.total_steps, initial=step, unit="step", disable=not (progress and context.is_main),
@@ -312,6 +313,7 @@ def pretrain(
                         "target": model.target.state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "step": step,
+                        "loss": mean_loss,
                         "total_steps": schedule.total_steps,
                         "skipped_images": skipped,
                         "rng": rng_state(),

@@ -1,0 +1,47 @@
+"""`soco bench`: measure training-step and data-loading throughput on this machine, as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from soco.cli.pretrain_command import resolve_data
+from soco.config.loading import load_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `soco bench`."""
+    parser.add_argument("--config", default="soco_small", help="preset name or YAML file (default: soco_small)")
+    parser.add_argument("--data", default=None, help="image folder (default: the built-in photos)")
+    parser.add_argument("--proposals", default=None, help="proposal store (default: computed and cached)")
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--data-batches", type=int, default=10, help="timed data-loader batches")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=None, help="data-loader workers to time")
+    parser.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--compare-pooling", action="store_true",
+                        help="also time the release's all-level pooling and report the speed-up")
+    parser.add_argument("-o", "--output", default=None, help="also write the JSON to this file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark and print JSON."""
+    from soco.engine.bench import run_bench
+
+    overrides = list(args.overrides)
+    for key, value in (("train.batch_size", args.batch_size), ("train.workers", args.workers),
+                       ("train.device", args.device), ("data.images", args.data)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    config = load_config(args.config, overrides)
+    images_root, store = resolve_data(config, args.proposals, quiet=True)
+    result = run_bench(config, images_root, store, args.steps, args.warmup, args.data_batches, args.compare_pooling)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as handle:
+            handle.write(text + "\n")
+    return 0
