@@ -13,7 +13,7 @@ from soco.data.dataset import SoCoDataset, collate_views
 from soco.data.proposals.store import ProposalStore
 from soco.engine.distributed import DistributedContext, resolve_device
 from soco.engine.lars import LARS, lars_param_groups
-from soco.engine.trainer import _batch_to_device, autocast_context, build_model, peak_memory_mib, resolve_loader_workers
+from soco.engine.trainer import _batch_to_device, apply_gradients, autocast_context, build_model, peak_memory_mib, resolve_loader_workers
 
 
 def time_data_loading(dataset: SoCoDataset, batch_size: int, workers: int, batches: int) -> dict:
@@ -58,12 +58,7 @@ def time_model_steps(config: Config, batch: dict, steps: int, warmup: int, devic
         with autocast:
             loss = model(views, boxes)
         (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        apply_gradients(optimizer, scaler)
         model.update_target(0.99)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -114,6 +114,16 @@ def autocast_context(precision: str, device: torch.device):
     raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, not {precision!r}")
 
 
+def apply_gradients(optimizer: torch.optim.Optimizer, scaler) -> None:
+    """One optimiser step (through the fp16 grad scaler when there is one), then clear the gradients."""
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def peak_memory_mib(device: torch.device) -> float:
     """Peak memory of this process: GPU allocations on CUDA, resident set size on the CPU."""
     if device.type == "cuda":
@@ -284,12 +294,7 @@ def pretrain(
                                f"The last good checkpoint is kept: {last_path if last_path.exists() else 'none yet'}")
                     log.text(message)
                     raise TrainingDiverged(message)
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                apply_gradients(optimizer, scaler)
                 momentum = ema_momentum_at(step, schedule.total_steps, config.optim.ema_base)
                 model.update_target(momentum)
                 step += 1
