@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="images/s and memory of training steps and data loading (JSON)")
     bench_command.add_arguments(bench)
 
+    from soco.cli import export_command
+
+    export = commands.add_parser("export", help="pretrained weights for torchvision, Detectron2, MMDetection")
+    export_command.add_arguments(export)
+
     inspect = commands.add_parser("inspect", help="summary of a proposal store")
     inspect.add_argument("store")
     inspect.add_argument("--json", action="store_true", help="every image's boxes as JSON on stdout")
@@ -96,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
             from soco.cli import data_commands
 
             return data_commands.run(args)
+        if args.command == "export":
+            from soco.cli import export_command
+
+            return export_command.run(args)
         if args.command == "bench":
             from soco.cli import bench_command
 

@@ -93,8 +93,13 @@ class SoCoDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, position: int) -> dict | SkippedSample:
-        """The views of image `position` (among readable ones), or a SkippedSample if it cannot be read."""
+    def __getitem__(self, key: int | tuple[int, int]) -> dict | SkippedSample:
+        """The views of image `position` (among readable ones), or a SkippedSample if it cannot be read.
+
+        `key` is a position (augmented for the epoch chosen by set_epoch) or an (epoch, position) pair,
+        which lets one long-lived loader cross epochs without restarting its workers.
+        """
+        epoch, position = key if isinstance(key, tuple) else (self.epoch, key)
         store = self.store
         index = int(self.indices[position])
         relative = store.path(index)
@@ -111,7 +116,7 @@ class SoCoDataset(Dataset):
             return SkippedSample(
                 index, relative, f"image is {rgb.shape[1]}x{rgb.shape[0]}, the proposal store says {width}x{height}"
             )
-        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
         out = make_views(rgb, store.boxes(index), self.views_config, generator)
         return {
             "views": out["views"],

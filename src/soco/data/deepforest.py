@@ -163,7 +163,7 @@ def parse_voc(text: str | bytes, source: str = "<xml>") -> VocAnnotation:
     if root.tag != "annotation":
         raise DataError(f"{source}: not a Pascal VOC annotation (root element <{root.tag}>)")
 
-    def number(node: ET.Element, path: str) -> float:
+    def _number(node: ET.Element, path: str) -> float:
         found = node.find(path)
         if found is None or found.text is None:
             raise DataError(f"{source}: missing <{path}>")
@@ -174,15 +174,15 @@ def parse_voc(text: str | bytes, source: str = "<xml>") -> VocAnnotation:
 
     boxes, labels = [], []
     for obj in root.iter("object"):
-        box = [number(obj, f"bndbox/{k}") for k in ("xmin", "ymin", "xmax", "ymax")]
+        box = [_number(obj, f"bndbox/{k}") for k in ("xmin", "ymin", "xmax", "ymax")]
         if box[2] <= box[0] or box[3] <= box[1]:
             continue  # degenerate box: nothing to learn from or to find
         boxes.append(box)
         name = obj.find("name")
         labels.append(name.text.strip() if name is not None and name.text else "")
     filename = root.findtext("filename") or ""
-    width = int(number(root, "size/width")) if root.find("size/width") is not None else 0
-    height = int(number(root, "size/height")) if root.find("size/height") is not None else 0
+    width = int(_number(root, "size/width")) if root.find("size/width") is not None else 0
+    height = int(_number(root, "size/height")) if root.find("size/height") is not None else 0
     array = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     return VocAnnotation(filename.strip(), width, height, array, labels)
 
@@ -343,7 +343,7 @@ def _split_markdown(record: dict) -> str:
         f"- A box is kept in a tile, clipped, when at least {p['min_visible']:.0%} of its area is inside the tile's "
         "real pixels and both clipped sides are at least 1 px; a box in the overlap of two tiles is in both.",
         "- Tiles without any box are dropped.",
-        f"- `images/train/` (training tiles only) can serve as unlabeled pretraining data without leaking validation "
+        "- `images/train/` (training tiles only) can serve as unlabeled pretraining data without leaking validation "
         "pixels.",
         "",
         "## Regions (source pixels x0, y0, x1, y1; x1, y1 exclusive)",
@@ -371,7 +371,7 @@ def build_tiled_dataset(
     source_note: str = "",
     extra: dict | None = None,
 ) -> dict:
-    """Tile, split and write `sources` into dest (train.json, val.json, images/, split.json, SPLIT.md); returns split.json's dict."""
+    """Tile, split and write sources into dest (train/val.json, images/, split.json, SPLIT.md); returns split.json."""
     if tile_size < 16:
         raise DataError(f"tile size {tile_size} is too small (at least 16 px)")
     if not 0.0 < min_visible <= 1.0:

@@ -40,3 +40,34 @@ def batches_per_epoch(dataset_size: int, batch_size: int, world_size: int) -> in
             "processes: lower train.batch_size"
         )
     return count
+
+
+class RunBatchSampler:
+    """Batches of (epoch, index) pairs from a given step to the end of training, across epochs.
+
+    One loader then serves the whole run: its workers start once instead of at every epoch. Each
+    epoch yields its first `batches_used_per_epoch` batches of EpochBatchSampler's order.
+    """
+
+    def __init__(self, dataset_size: int, batch_size: int, seed: int, rank: int, world_size: int,
+                 batches_used_per_epoch: int, start_batch: int, total_batches: int):
+        self.dataset_size, self.batch_size, self.seed = dataset_size, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.batches_used_per_epoch = batches_used_per_epoch
+        self.start_batch, self.total_batches = start_batch, total_batches
+
+    def __iter__(self):
+        batch = self.start_batch
+        while batch < self.total_batches:
+            epoch, within = divmod(batch, self.batches_used_per_epoch)
+            epoch_batches = EpochBatchSampler(self.dataset_size, self.batch_size, self.seed, epoch, self.rank,
+                                              self.world_size, start_batch=within)
+            for indices in epoch_batches:
+                if within >= self.batches_used_per_epoch or batch >= self.total_batches:
+                    break
+                yield [(epoch, index) for index in indices]
+                within += 1
+                batch += 1
+
+    def __len__(self) -> int:
+        return max(0, self.total_batches - self.start_batch)

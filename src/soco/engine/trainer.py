@@ -27,7 +27,7 @@ from soco.engine.checkpoint import load_checkpoint, prune_checkpoints, save_chec
 from soco.engine.distributed import DistributedContext, all_reduce_mean, all_reduce_sum, init_distributed
 from soco.engine.lars import LARS, lars_param_groups
 from soco.engine.run_log import RunLog, plot_loss_curve
-from soco.engine.sampler import EpochBatchSampler, batches_per_epoch
+from soco.engine.sampler import RunBatchSampler, batches_per_epoch
 from soco.engine.schedules import ema_momentum_at, learning_rate_at, scaled_learning_rate
 from soco.errors import ConfigError, SocoError
 from soco.methods.soco import SoCo
@@ -248,88 +248,85 @@ def pretrain(
     bar = tqdm(total=schedule.total_steps, initial=step, unit="step", disable=not (progress and context.is_main),
                dynamic_ncols=True, desc="pretrain")
     try:
+        sampler = RunBatchSampler(
+            len(dataset), config.train.batch_size, config.train.seed, context.rank, context.world_size,
+            batches_used_per_epoch=schedule.steps_per_epoch * accumulate, start_batch=step * accumulate,
+            total_batches=schedule.total_steps * accumulate,
+        )
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_views,
+            pin_memory=context.device.type == "cuda", prefetch_factor=2 if workers else None,
+        )
+        batches = iter(loader)
         while step < schedule.total_steps:
             epoch = step // schedule.steps_per_epoch
-            dataset.set_epoch(epoch)
-            sampler = EpochBatchSampler(
-                len(dataset), config.train.batch_size, config.train.seed, epoch, context.rank,
-                context.world_size, start_batch=(step - epoch * schedule.steps_per_epoch) * accumulate,
-            )
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_views,
-                pin_memory=context.device.type == "cuda", persistent_workers=False,
-            )
-            batches = iter(loader)
-            for _ in range(schedule.steps_per_epoch - (step - epoch * schedule.steps_per_epoch)):
-                if step >= schedule.total_steps:
-                    break
-                lr = learning_rate_at(step, schedule.total_steps, schedule.warmup_steps, schedule.peak_lr,
-                                      config.optim.final_lr, config.optim.warmup_start_factor)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                step_started = time.perf_counter()
-                loss_sum = torch.zeros((), device=context.device)
-                step_data_seconds = 0.0
-                for micro in range(accumulate):
-                    waited = time.perf_counter()
-                    batch = next(batches)
-                    step_data_seconds += time.perf_counter() - waited
-                    skipped += int(batch["skipped"])
-                    if not batch["views"]:  # every image of this micro-batch was unreadable
-                        continue
-                    if step == 0 and micro == 0 and context.is_main:
-                        draw_batch_views(batch, run_dir / "views.png")
-                    views, boxes = _batch_to_device(batch, context.device)
-                    sync = contextlib.nullcontext()
-                    if context.is_distributed and micro < accumulate - 1:
-                        sync = trained.no_sync()
-                    with sync:
-                        with autocast:
-                            loss = trained(views, boxes) / accumulate
-                        (scaler.scale(loss) if scaler else loss).backward()
-                    loss_sum += loss.detach()
-                mean_loss = float(all_reduce_mean(loss_sum, context))
-                if not math.isfinite(mean_loss):
-                    message = (f"loss became {mean_loss} at step {step} (lr {lr:.4g}); stopped. "
-                               f"The last good checkpoint is kept: {last_path if last_path.exists() else 'none yet'}")
-                    log.text(message)
-                    raise TrainingDiverged(message)
-                apply_gradients(optimizer, scaler)
-                momentum = ema_momentum_at(step, schedule.total_steps, config.optim.ema_base)
-                model.update_target(momentum)
-                step += 1
-                last_loss = mean_loss
-                step_seconds = time.perf_counter() - step_started
-                data_seconds += step_data_seconds
-                model_seconds += step_seconds - step_data_seconds
-                images_per_second = schedule.images_per_step / max(step_seconds, 1e-9)
-                bar.update(1)
-                bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{images_per_second:.1f}")
-                if step % config.train.log_every == 0 or step == schedule.total_steps or step == start_step + 1:
-                    log.metrics(step, {
-                        "epoch": epoch, "loss": mean_loss, "lr": lr, "ema_momentum": momentum,
-                        "images_per_second": images_per_second, "data_seconds": step_data_seconds,
-                        "step_seconds": step_seconds, "skipped_images": skipped,
-                    })
-                if context.is_main and (step % config.train.checkpoint_every == 0 or step == schedule.total_steps):
-                    state = {
-                        "model": model.online.state_dict(),
-                        "predictor": model.predictor.state_dict(),
-                        "target": model.target.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "step": step,
-                        "loss": mean_loss,
-                        "total_steps": schedule.total_steps,
-                        "skipped_images": skipped,
-                        "rng": rng_state(),
-                        "config": config_to_dict(config),
-                        "soco_version": soco.__version__,
-                    }
-                    save_checkpoint(state, last_path)
-                    if step % config.train.checkpoint_every == 0:
-                        save_checkpoint(state, checkpoint_dir / f"step-{step:08d}.pt")
-                        prune_checkpoints(checkpoint_dir, config.train.keep_checkpoints)
-            del batches, loader
+            lr = learning_rate_at(step, schedule.total_steps, schedule.warmup_steps, schedule.peak_lr,
+                                  config.optim.final_lr, config.optim.warmup_start_factor)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_started = time.perf_counter()
+            loss_sum = torch.zeros((), device=context.device)
+            step_data_seconds = 0.0
+            for micro in range(accumulate):
+                waited = time.perf_counter()
+                batch = next(batches)
+                step_data_seconds += time.perf_counter() - waited
+                skipped += int(batch["skipped"])
+                if not batch["views"]:  # every image of this micro-batch was unreadable
+                    continue
+                if step == 0 and micro == 0 and context.is_main:
+                    draw_batch_views(batch, run_dir / "views.png")
+                views, boxes = _batch_to_device(batch, context.device)
+                sync = contextlib.nullcontext()
+                if context.is_distributed and micro < accumulate - 1:
+                    sync = trained.no_sync()
+                with sync:
+                    with autocast:
+                        loss = trained(views, boxes) / accumulate
+                    (scaler.scale(loss) if scaler else loss).backward()
+                loss_sum += loss.detach()
+            mean_loss = float(all_reduce_mean(loss_sum, context))
+            if not math.isfinite(mean_loss):
+                message = (f"loss became {mean_loss} at step {step} (lr {lr:.4g}); stopped. "
+                           f"The last good checkpoint is kept: {last_path if last_path.exists() else 'none yet'}")
+                log.text(message)
+                raise TrainingDiverged(message)
+            apply_gradients(optimizer, scaler)
+            momentum = ema_momentum_at(step, schedule.total_steps, config.optim.ema_base)
+            model.update_target(momentum)
+            step += 1
+            last_loss = mean_loss
+            step_seconds = time.perf_counter() - step_started
+            data_seconds += step_data_seconds
+            model_seconds += step_seconds - step_data_seconds
+            images_per_second = schedule.images_per_step / max(step_seconds, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{images_per_second:.1f}")
+            if step % config.train.log_every == 0 or step == schedule.total_steps or step == start_step + 1:
+                log.metrics(step, {
+                    "epoch": epoch, "loss": mean_loss, "lr": lr, "ema_momentum": momentum,
+                    "images_per_second": images_per_second, "data_seconds": step_data_seconds,
+                    "step_seconds": step_seconds, "skipped_images": skipped,
+                })
+            if context.is_main and (step % config.train.checkpoint_every == 0 or step == schedule.total_steps):
+                state = {
+                    "model": model.online.state_dict(),
+                    "predictor": model.predictor.state_dict(),
+                    "target": model.target.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "step": step,
+                    "loss": mean_loss,
+                    "total_steps": schedule.total_steps,
+                    "skipped_images": skipped,
+                    "rng": rng_state(),
+                    "config": config_to_dict(config),
+                    "soco_version": soco.__version__,
+                }
+                save_checkpoint(state, last_path)
+                if step % config.train.checkpoint_every == 0:
+                    save_checkpoint(state, checkpoint_dir / f"step-{step:08d}.pt")
+                    prune_checkpoints(checkpoint_dir, config.train.keep_checkpoints)
+        del batches, loader
     finally:
         bar.close()
 

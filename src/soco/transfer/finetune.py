@@ -1,0 +1,551 @@
+"""Fine-tuning a detector on a COCO-format set (the paper's recipe scaled to the data), resumable, then COCO AP."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import platform
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+import soco
+from soco.engine.checkpoint import load_checkpoint, save_checkpoint
+from soco.errors import ConfigError, SocoError
+from soco.transfer.coco_data import CocoDetection, collate, has_masks, plain_target
+from soco.transfer.detector import ARCHITECTURES, build_detector, convert_sync_bn, load_pretrained
+from soco.transfer.evaluate import coco_evaluate, detections_to_coco, summary_line
+
+__all__ = [
+    "TransferConfig",
+    "TransferDiverged",
+    "config_keys",
+    "apply_overrides",
+    "validate_config",
+    "lr_factor",
+    "finetune",
+    "predict",
+    "draw_predictions",
+    "detector_options",
+    "CHECKPOINT_NAME",
+    "METRICS_NAME",
+    "PICTURE_NAME",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.json"
+PICTURE_NAME = "predictions.png"
+REFERENCE_BATCH = 16  # the batch at which the paper's lr 0.02 is given
+
+
+@dataclass
+class TransferConfig:
+    """Fine-tuning settings; the defaults suit 400x400 tiles (e.g. DeepForest) on a CPU."""
+
+    model: str = "auto"  # faster_rcnn, mask_rcnn, or auto: mask_rcnn when the training annotations have masks
+    depth: int = 50  # ResNet depth of the backbone: 18, 34, 50, 101, 152
+    min_size: int = 400  # the detector's resize: shorter side to min_size ...
+    max_size: int = 667  # ... unless the longer side would exceed max_size (800/1333 ratio)
+    epochs: int = 24
+    batch_size: int = 4  # images per process and step
+    base_lr: float = 0.02  # lr at a total batch of 16 (the paper's); scaled linearly with the batch
+    lr: float = 0.0  # if > 0, used as is instead of the scaled base_lr
+    momentum: float = 0.9
+    weight_decay: float = 2.5e-5
+    weight_decay_norm: float = 0.0  # BN weights and biases (Detectron2's default)
+    warmup_fraction: float = 0.05  # linear warm-up over this share of the iterations (at least one)
+    warmup_factor: float = 0.001  # the warm-up starts at lr * warmup_factor
+    steps: list[float] = field(default_factory=lambda: [2.0 / 3.0, 8.0 / 9.0])  # lr x gamma at these shares
+    gamma: float = 0.1
+    flip_prob: float = 0.5  # horizontal flip during training
+    workers: int = 0  # data-loader processes (0: load in the training process)
+    eval_every: int = 0  # also evaluate every N epochs (0: only after training)
+    eval_batch_size: int = 4
+    detections_per_img: int = 100
+    # Proposal and RoI sampling (torchvision's and Detectron2's defaults). The 4conv1fc head costs about
+    # 0.12 GFLOP per RoI forward, so on a CPU these numbers, not the backbone, set the speed.
+    rpn_pre_nms_train: int = 2000
+    rpn_post_nms_train: int = 2000
+    rpn_pre_nms_test: int = 1000
+    rpn_post_nms_test: int = 1000
+    roi_batch_per_image: int = 512
+    seed: int = 0
+    device: str = "auto"  # auto, cpu or cuda
+    sync_bn: bool = True  # SyncBatchNorm when several GPU processes train together
+    picture_images: int = 4  # validation images drawn in predictions.png
+    picture_score: float = 0.5  # predictions drawn from this score up
+
+
+# Settings that change the trained weights: a resume must not change them.
+_RESUME_KEYS = ("model", "depth", "min_size", "max_size", "epochs", "batch_size", "base_lr", "lr", "momentum",
+                "weight_decay", "weight_decay_norm", "warmup_fraction", "warmup_factor", "steps", "gamma",
+                "flip_prob", "rpn_pre_nms_train", "rpn_post_nms_train", "roi_batch_per_image", "seed")
+
+
+class TransferDiverged(SocoError):
+    """The fine-tuning loss became NaN or infinite."""
+
+
+def config_keys() -> list[str]:
+    """Names of the TransferConfig fields (the valid override keys)."""
+    return [f.name for f in dataclasses.fields(TransferConfig)]
+
+
+def _coerce(value: Any, expected: Any, key: str) -> Any:
+    """Check a value against a field annotation (int widens to float; lists of numbers for list[float])."""
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(expected):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} matches none of {expected}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(expected) or (Any,)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if expected is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if expected is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if expected is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def apply_overrides(config: TransferConfig, overrides: list[str] | tuple[str, ...]) -> TransferConfig:
+    """A copy of config with 'key=value' overrides (YAML values; 'transfer.' prefix allowed), strictly checked."""
+    import yaml
+
+    hints = typing.get_type_hints(TransferConfig)
+    values = dataclasses.asdict(config)
+    for text in overrides:
+        if "=" not in text:
+            raise ConfigError(f"override '{text}' is not of the form key=value")
+        key, raw = (part.strip() for part in text.split("=", 1))
+        name = key[len("transfer."):] if key.startswith("transfer.") else key
+        if name not in hints:
+            close = difflib.get_close_matches(name, list(hints), n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown transfer key '{key}'{hint} (valid: {', '.join(hints)})")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from None
+        values[name] = _coerce(value, hints[name], name)
+    result = TransferConfig(**values)
+    validate_config(result)
+    return result
+
+
+def validate_config(config: TransferConfig) -> None:
+    """ConfigError naming the first setting that is out of range."""
+    from soco.models.backbone import RESNET_BUILDERS
+
+    checks = [
+        (config.model in ("auto", *ARCHITECTURES), f"model must be auto, {' or '.join(ARCHITECTURES)}"),
+        (config.depth in RESNET_BUILDERS, f"depth must be one of {sorted(RESNET_BUILDERS)}"),
+        (config.min_size >= 32 and config.max_size >= config.min_size, "need 32 <= min_size <= max_size"),
+        (config.epochs >= 1, "epochs must be at least 1"),
+        (config.batch_size >= 1 and config.eval_batch_size >= 1, "batch sizes must be at least 1"),
+        (config.base_lr > 0 and config.lr >= 0, "base_lr must be > 0 and lr >= 0"),
+        (0 <= config.momentum < 1, "momentum must be in [0, 1)"),
+        (config.weight_decay >= 0 and config.weight_decay_norm >= 0, "weight decays must be >= 0"),
+        (0 <= config.warmup_fraction < 1 and 0 < config.warmup_factor <= 1,
+         "need 0 <= warmup_fraction < 1 and 0 < warmup_factor <= 1"),
+        (all(0 < s <= 1 for s in config.steps) and list(config.steps) == sorted(config.steps),
+         "steps must be increasing shares of training in (0, 1]"),
+        (0 < config.gamma <= 1, "gamma must be in (0, 1]"),
+        (0 <= config.flip_prob <= 1, "flip_prob must be in [0, 1]"),
+        (config.workers >= 0 and config.eval_every >= 0, "workers and eval_every must be >= 0"),
+        (min(config.detections_per_img, config.rpn_pre_nms_train, config.rpn_post_nms_train,
+             config.rpn_pre_nms_test, config.rpn_post_nms_test, config.roi_batch_per_image) >= 1,
+         "detections_per_img, rpn_*_nms_* and roi_batch_per_image must be at least 1"),
+        (config.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
+        (config.picture_images >= 0, "picture_images must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"transfer settings: {message}")
+
+
+def lr_factor(iteration: int, total: int, warmup: int, warmup_factor: float, milestones: list[int],
+              gamma: float) -> float:
+    """Multiplier of the lr at an iteration: linear warm-up from warmup_factor, then x gamma at each milestone."""
+    factor = gamma ** sum(1 for m in milestones if iteration >= m)
+    if iteration < warmup:
+        alpha = iteration / warmup
+        factor *= warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+@dataclass
+class _Plan:
+    """Numbers derived from the config and the data: iterations, lr, milestones."""
+
+    world_size: int
+    iters_per_epoch: int
+    total_iters: int
+    lr: float
+    warmup_iters: int
+    milestones: list[int]
+
+
+def _plan(config: TransferConfig, train_images: int, world_size: int) -> _Plan:
+    total_batch = config.batch_size * world_size
+    iters_per_epoch = max(1, math.ceil(train_images / total_batch))
+    total = iters_per_epoch * config.epochs
+    lr = config.lr if config.lr > 0 else config.base_lr * total_batch / REFERENCE_BATCH
+    warmup = max(1, round(config.warmup_fraction * total)) if config.warmup_fraction > 0 else 0
+    milestones = [round(share * total) for share in config.steps]
+    return _Plan(world_size, iters_per_epoch, total, lr, warmup, milestones)
+
+
+def _param_groups(model: nn.Module, config: TransferConfig) -> list[dict]:
+    """Norm-layer parameters get weight_decay_norm, all others weight_decay."""
+    norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+    norm_ids = {id(p) for m in model.modules() if isinstance(m, norm_types) for p in m.parameters(recurse=False)}
+    norm = [p for p in model.parameters() if p.requires_grad and id(p) in norm_ids]
+    other = [p for p in model.parameters() if p.requires_grad and id(p) not in norm_ids]
+    return [{"params": other, "weight_decay": config.weight_decay},
+            {"params": norm, "weight_decay": config.weight_decay_norm}]
+
+
+def _epoch_batches(n: int, batch: int, seed: int, epoch: int, rank: int, world_size: int) -> list[list[int]]:
+    """This process's batches of one epoch: a permutation drawn from (seed, epoch), cut into global batches."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
+    global_batch = batch * world_size
+    if world_size > 1 and len(order) % global_batch:
+        # Every process must take part in every step (DDP), so the last global batch is topped up.
+        order += order[: global_batch - len(order) % global_batch]
+    batches = []
+    for start in range(0, len(order), global_batch):
+        chunk = order[start:start + global_batch]
+        batches.append(chunk[rank::world_size])
+    return batches
+
+
+def detector_options(config: TransferConfig) -> dict:
+    """torchvision keyword arguments of the proposal and RoI sampling settings."""
+    return {
+        "rpn_pre_nms_top_n_train": config.rpn_pre_nms_train, "rpn_post_nms_top_n_train": config.rpn_post_nms_train,
+        "rpn_pre_nms_top_n_test": config.rpn_pre_nms_test, "rpn_post_nms_top_n_test": config.rpn_post_nms_test,
+        "box_batch_size_per_image": config.roi_batch_per_image,
+    }
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: CocoDetection, device: torch.device, batch_size: int = 4,
+            progress: bool = False) -> dict[int, dict]:
+    """Detector outputs (on the CPU) for every image of a dataset, keyed by COCO image id."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    outputs: dict[int, dict] = {}
+    indices = list(range(len(dataset)))
+    with tqdm(total=len(indices), unit="img", desc="evaluate", disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(indices), batch_size):
+            batch = [dataset[i] for i in indices[start:start + batch_size]]
+            images = [image.as_subclass(torch.Tensor).to(device) for image, _ in batch]
+            for (_, target), output in zip(batch, model(images)):
+                outputs[int(target["image_id"])] = {k: v.cpu() for k, v in output.items()}
+            bar.update(len(batch))
+    return outputs
+
+
+def evaluate_outputs(dataset: CocoDetection, outputs: dict[int, dict], masks: bool) -> dict[str, dict]:
+    """COCO metrics of predictions on a dataset: {'bbox': {...}} plus {'segm': {...}} for masks."""
+    detections = []
+    for image_id, output in outputs.items():
+        detections += detections_to_coco(image_id, output, dataset.label_to_category, masks=masks)
+    metrics = {"bbox": coco_evaluate(dataset.data, [{k: v for k, v in d.items() if k != "segmentation"}
+                                                    for d in detections], "bbox")}
+    if masks:
+        metrics["segm"] = coco_evaluate(dataset.data, detections, "segm")
+    return metrics
+
+
+def draw_predictions(dataset: CocoDetection, outputs: dict[int, dict], path: str | Path, count: int = 4,
+                     min_score: float = 0.5) -> Path | None:
+    """A PNG of `count` validation images: ground truth in green, predictions (score >= min_score) in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    # Images with objects first: an empty picture says little about the detector.
+    chosen = [i for i in range(len(dataset)) if dataset.annotations[dataset.image_id(i)]][:count]
+    chosen += [i for i in range(len(dataset)) if i not in chosen][: count - len(chosen)]
+    if not chosen:
+        return None
+    figure, axes = plt.subplots(1, len(chosen), figsize=(4.2 * len(chosen), 4.6), squeeze=False)
+    for axis, index in zip(axes[0], chosen):
+        image, target = dataset[index]
+        axis.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
+        for x1, y1, x2, y2 in target["boxes"].as_subclass(torch.Tensor).tolist():
+            axis.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="lime", linewidth=1.2))
+        output = outputs.get(dataset.image_id(index))
+        shown = 0
+        if output is not None:
+            for box, score in zip(output["boxes"].tolist(), output["scores"].tolist()):
+                if score < min_score:
+                    continue
+                x1, y1, x2, y2 = box
+                axis.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="red",
+                                         linewidth=1.0, linestyle="--"))
+                axis.text(x1, y1, f"{score:.2f}", color="red", fontsize=6, va="bottom")
+                shown += 1
+        name = Path(dataset.images[index]["file_name"]).name
+        axis.set_title(f"{name}\n{len(target['boxes'])} true (green), {shown} predicted (red)", fontsize=8)
+        axis.axis("off")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(tmp, dpi=110)
+    plt.close(figure)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _resolve_device(requested: str) -> str:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA device is available; use --device cpu or auto")
+    return requested
+
+
+def finetune(
+    config: TransferConfig,
+    train_annotations: str | Path,
+    train_images: str | Path,
+    val_annotations: str | Path,
+    val_images: str | Path,
+    out_dir: str | Path,
+    weights: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after_epochs: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Fine-tune and evaluate; writes checkpoint.pt (each epoch), metrics.json and predictions.png in out_dir.
+
+    `weights`: a torchvision-keyed state dict (None: from scratch). `resume` continues the run in out_dir.
+    `stop_after_epochs` ends this call after that many epochs (the checkpoint lets a later call go on);
+    metrics.json is then written without final AP. Returns the metrics dict.
+    """
+    from soco.engine.distributed import init_distributed
+
+    validate_config(config)
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    context = init_distributed(_resolve_device(config.device))
+    checkpoint_path = out_dir / CHECKPOINT_NAME
+    if not resume and checkpoint_path.exists():
+        raise SocoError(f"{out_dir} already holds a fine-tuning run ({CHECKPOINT_NAME}): pass --resume to "
+                        "continue it, or choose another --out")
+
+    train_set = CocoDetection(train_annotations, train_images, train=True, flip_prob=config.flip_prob,
+                              seed=config.seed)
+    masks_available = has_masks(train_set.data)
+    architecture = config.model
+    if architecture == "auto":
+        architecture = "mask_rcnn" if masks_available else "faster_rcnn"
+    if architecture == "mask_rcnn" and not masks_available:
+        raise SocoError(f"--model mask_rcnn needs masks, and {train_set.annotation_file} has no 'segmentation'")
+    with_masks = architecture == "mask_rcnn"
+    train_set.masks = with_masks
+    val_set = CocoDetection(val_annotations, val_images, train=False, masks=with_masks,
+                            categories=train_set.category_ids)
+    if len(train_set) == 0:
+        raise SocoError(f"{train_set.annotation_file} lists no image")
+    if len(val_set) == 0:
+        raise SocoError(f"{val_set.annotation_file} lists no image")
+
+    plan = _plan(config, len(train_set), context.world_size)
+    torch.manual_seed(config.seed)
+    model = build_detector(architecture, num_classes=len(train_set.category_ids) + 1, depth=config.depth,
+                           min_size=config.min_size, max_size=config.max_size,
+                           detections_per_img=config.detections_per_img,
+                           **detector_options(config))
+    weights_report = None
+    if weights is not None:
+        report = load_pretrained(model, weights)
+        weights_report = {"loaded": report.loaded, "random": report.random}
+        if context.is_main:
+            log(report.line())
+    elif context.is_main:
+        log("weights: none (training from scratch: random init, zero-init residual BN)")
+    model.to(context.device)
+    if config.sync_bn:
+        model = convert_sync_bn(model, context.world_size, context.device)
+    optimizer = torch.optim.SGD(_param_groups(model, config), lr=plan.lr, momentum=config.momentum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda it: lr_factor(it, plan.total_iters, plan.warmup_iters, config.warmup_factor, plan.milestones,
+                             config.gamma),
+    )
+    settings = dataclasses.asdict(config)
+    epoch, history = 0, []
+    if resume and checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path)
+        changed = [k for k in _RESUME_KEYS if state["config"].get(k) != settings[k]]
+        if changed or state.get("total_iters") != plan.total_iters or state.get("model_type") != architecture:
+            raise SocoError(f"{checkpoint_path} was made with other settings ({', '.join(changed) or 'data size'} "
+                            "differ): resume with the same data and settings")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        epoch, history = int(state["epoch"]), list(state["history"])
+        _restore_rng(state["rng"])
+        if context.is_main:
+            log(f"resuming {out_dir} after epoch {epoch} of {config.epochs}")
+    elif resume and context.is_main:
+        log(f"nothing to resume in {out_dir}; starting a new run")
+
+    trained = model
+    if context.is_distributed:
+        device_ids = [context.device.index] if context.device.type == "cuda" else None
+        trained = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if context.is_main:
+        log(f"fine-tuning {architecture} R{config.depth}-FPN on {len(train_set)} images "
+            f"({train_set.num_boxes()} boxes, {len(train_set.category_ids)} categories); "
+            f"{config.epochs} epochs x {plan.iters_per_epoch} iterations of {config.batch_size * plan.world_size} "
+            f"images; lr {plan.lr:.4g}, warm-up {plan.warmup_iters} it, decay at {plan.milestones}; "
+            f"{context.world_size} process(es) on {context.device}")
+
+    from tqdm.auto import tqdm
+
+    last_epoch = config.epochs if stop_after_epochs is None else min(config.epochs, epoch + stop_after_epochs)
+    bar = tqdm(total=plan.total_iters, initial=epoch * plan.iters_per_epoch, unit="it", desc="transfer",
+               disable=not (progress and context.is_main), dynamic_ncols=True)
+    try:
+        while epoch < last_epoch:
+            trained.train()
+            train_set.set_epoch(epoch)
+            batches = _epoch_batches(len(train_set), config.batch_size, config.seed, epoch, context.rank,
+                                     context.world_size)
+            loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, num_workers=config.workers,
+                                                 collate_fn=collate, pin_memory=context.device.type == "cuda")
+            sums: dict[str, float] = {}
+            epoch_started = time.perf_counter()
+            for iteration, (images, targets) in enumerate(loader):
+                images = [image.as_subclass(torch.Tensor).to(context.device) for image in images]
+                targets = [plain_target(t, context.device) for t in targets]
+                losses = trained(images, targets)
+                loss = sum(losses.values())
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise TransferDiverged(
+                        f"loss became {value} at epoch {epoch + 1}, iteration {iteration + 1} "
+                        f"(lr {scheduler.get_last_lr()[0]:.4g}); lower the lr. The last good checkpoint is kept: "
+                        f"{checkpoint_path if checkpoint_path.exists() else 'none yet'}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                for name, part in losses.items():
+                    sums[name] = sums.get(name, 0.0) + float(part.detach())
+                sums["loss"] = sums.get("loss", 0.0) + value
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.3g}")
+            epoch += 1
+            steps = max(1, len(batches))
+            record = {"epoch": epoch, **{k: v / steps for k, v in sums.items()},
+                      "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - epoch_started}
+            if config.eval_every and epoch % config.eval_every == 0 and epoch < config.epochs and context.is_main:
+                record["val"] = evaluate_outputs(val_set, predict(model, val_set, context.device,
+                                                                  config.eval_batch_size), with_masks)
+                log(f"epoch {epoch}: loss {record['loss']:.4f}; val bbox {summary_line(record['val']['bbox'])}")
+            history.append(record)
+            if context.is_main:
+                save_checkpoint({
+                    "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": _rng_state(), "history": history,
+                    "config": settings, "total_iters": plan.total_iters, "model_type": architecture,
+                    "soco_version": soco.__version__,
+                }, checkpoint_path)
+            if context.is_distributed:
+                torch.distributed.barrier()
+    finally:
+        bar.close()
+
+    finished = epoch >= config.epochs
+    metrics: dict[str, Any] = {
+        "finished": finished,
+        "epochs_done": epoch,
+        "model": architecture,
+        "weights": str(weights) if weights is not None else "none",
+        "weights_loaded": weights_report,
+        "seed": config.seed,
+        "settings": settings,
+        "plan": dataclasses.asdict(plan),
+        "train": {"annotations": str(train_set.annotation_file), "images": len(train_set),
+                  "boxes": train_set.num_boxes()},
+        "val": {"annotations": str(val_set.annotation_file), "images": len(val_set), "boxes": val_set.num_boxes()},
+        "categories": {str(cid): name for cid, name in val_set.category_names.items()},
+        "history": history,
+        "device": str(context.device),
+        "world_size": context.world_size,
+        "versions": {"soco": soco.__version__, "torch": torch.__version__, "python": platform.python_version()},
+    }
+    if context.is_main:
+        if finished:
+            outputs = predict(model, val_set, context.device, config.eval_batch_size, progress=progress)
+            evaluation = evaluate_outputs(val_set, outputs, with_masks)
+            metrics.update(evaluation)
+            if config.picture_images:
+                picture = draw_predictions(val_set, outputs, out_dir / PICTURE_NAME, config.picture_images,
+                                           config.picture_score)
+                metrics["picture"] = str(picture) if picture else None
+            log(f"val bbox: {summary_line(evaluation['bbox'])}"
+                + (f"; segm: {summary_line(evaluation['segm'])}" if "segm" in evaluation else ""))
+        else:
+            log(f"stopped after epoch {epoch} of {config.epochs}; continue with --resume")
+        metrics["seconds_this_call"] = time.perf_counter() - started
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(out_dir / METRICS_NAME, metrics)
+    if context.is_distributed:
+        torch.distributed.barrier()
+    return metrics

@@ -1,0 +1,249 @@
+"""Tests of soco.transfer.detector and finetune: the v2 architecture, weight loading, recipe, tiny resumable runs."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.detection import fasterrcnn_resnet50_fpn_v2, maskrcnn_resnet50_fpn_v2
+
+pytest.importorskip("pycocotools")
+
+from soco.cli.transfer_commands import add_transfer_arguments, resolve_transfer_config, run_transfer  # noqa: E402
+from soco.errors import ConfigError, SocoError  # noqa: E402
+from soco.transfer.detector import build_detector, convert_sync_bn, load_pretrained  # noqa: E402
+from soco.transfer.finetune import (  # noqa: E402
+    CHECKPOINT_NAME,
+    METRICS_NAME,
+    PICTURE_NAME,
+    TransferConfig,
+    _epoch_batches,
+    apply_overrides,
+    finetune,
+    lr_factor,
+)
+from tests.transfer import make_coco_set  # noqa: E402
+
+# Small enough for two slow shared cores: the 4conv1fc head costs ~0.12 GFLOP per RoI.
+TINY = TransferConfig(
+    depth=18, min_size=64, max_size=64, epochs=2, batch_size=2, eval_batch_size=2, roi_batch_per_image=16,
+    rpn_pre_nms_train=200, rpn_post_nms_train=64, rpn_pre_nms_test=100, rpn_post_nms_test=32,
+    detections_per_img=20, picture_images=2,
+)
+TINY_OVERRIDES = [f"{f.name}={json.dumps(getattr(TINY, f.name))}" for f in dataclasses.fields(TINY)
+                  if getattr(TINY, f.name) != getattr(TransferConfig(), f.name)]
+
+
+def _state(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("builder,name", [(fasterrcnn_resnet50_fpn_v2, "faster_rcnn"),
+                                          (maskrcnn_resnet50_fpn_v2, "mask_rcnn")])
+def test_depth_50_is_torchvisions_v2_detector(builder, name):
+    ours = build_detector(name, num_classes=3, depth=50)
+    reference = builder(weights=None, weights_backbone=None, num_classes=3)
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    assert [type(m) for m in ours.modules()] == [type(m) for m in reference.modules()]
+    assert all(p.requires_grad for p in ours.parameters())  # nothing frozen
+    # Zero-initialised residual BN, as in pretraining (torchvision's builder leaves gamma at 1).
+    assert not ours.backbone.body.layer1[0].bn3.weight.detach().any()
+
+
+def test_smaller_depth_keeps_the_architecture():
+    model = build_detector("faster_rcnn", depth=18, min_size=96, max_size=128)
+    assert model.transform.min_size == (96,) and model.transform.max_size == 128
+    assert isinstance(model.roi_heads.box_head[0][1], nn.BatchNorm2d)
+    assert not any(type(m).__name__ == "FrozenBatchNorm2d" for m in model.modules())
+    synced = convert_sync_bn(model, world_size=2, device=torch.device("cuda"))
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in synced.modules())
+    alone = build_detector("faster_rcnn", depth=18)
+    assert convert_sync_bn(alone, world_size=1, device=torch.device("cuda")) is alone
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in alone.modules())
+
+
+def _weights_file(path, depth=18, seed=123):
+    """What `soco export --to torchvision` writes: backbone.* and roi_heads.box_head.* of a detector."""
+    torch.manual_seed(seed)
+    source = build_detector("faster_rcnn", depth=depth)
+    for p in source.parameters():  # not the init values, so that loading is visible
+        p.data.normal_()
+    subset = {**_state(source, "backbone."), **_state(source, "roi_heads.box_head.")}
+    torch.save(subset, path)
+    return source, subset
+
+
+def test_load_pretrained_takes_backbone_fpn_and_box_head_strictly(tmp_path):
+    source, subset = _weights_file(tmp_path / "w.pt")
+    torch.manual_seed(0)
+    model = build_detector("faster_rcnn", depth=18)
+    rpn_before = _state(model, "rpn.")
+    report = load_pretrained(model, tmp_path / "w.pt")
+    assert set(report.loaded) == {"backbone.body", "backbone.fpn", "roi_heads.box_head"}
+    assert sum(report.loaded.values()) == len(subset)
+    assert report.random == ["rpn.head", "roi_heads.box_predictor"]
+    for key, value in subset.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    for key, value in rpn_before.items():
+        assert torch.equal(model.state_dict()[key], value)
+    assert "loaded backbone.body" in report.line()
+
+
+def test_load_pretrained_errors_name_the_file(tmp_path):
+    model = build_detector("faster_rcnn", depth=18)
+    _, subset = _weights_file(tmp_path / "ok.pt")
+    torch.save({**subset, "projector.linear1.weight": torch.zeros(2, 2)}, tmp_path / "extra.pt")
+    with pytest.raises(SocoError, match="extra.pt: 1 key.*projector.linear1.weight"):
+        load_pretrained(model, tmp_path / "extra.pt")
+    torch.save({k: v for k, v in subset.items() if k != "backbone.fpn.inner_blocks.0.0.weight"},
+               tmp_path / "missing.pt")
+    with pytest.raises(SocoError, match="missing.pt does not fit the detector's backbone.fpn.*missing 1"):
+        load_pretrained(model, tmp_path / "missing.pt")
+    _weights_file(tmp_path / "r34.pt", depth=34)
+    with pytest.raises(SocoError, match="r34.pt does not fit the detector's backbone.body.*unexpected"):
+        load_pretrained(model, tmp_path / "r34.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(SocoError, match="junk.pt cannot be read"):
+        load_pretrained(model, tmp_path / "junk.pt")
+    # BN counters may be left out: they do not change the network.
+    torch.save({k: v for k, v in subset.items() if not k.endswith("num_batches_tracked")}, tmp_path / "nbt.pt")
+    assert load_pretrained(model, tmp_path / "nbt.pt").loaded
+
+
+def test_overrides_are_strict():
+    config = apply_overrides(TransferConfig(), ["lr=0.01", "transfer.epochs=3", "steps=[0.5, 0.75]"])
+    assert config.lr == 0.01 and config.epochs == 3 and config.steps == [0.5, 0.75]
+    with pytest.raises(ConfigError, match="unknown transfer key 'weight_decai'; did you mean 'weight_decay'"):
+        apply_overrides(TransferConfig(), ["weight_decai=1e-4"])
+    with pytest.raises(ConfigError, match="epochs: expected an integer"):
+        apply_overrides(TransferConfig(), ["epochs=1.5"])
+    with pytest.raises(ConfigError, match="steps must be increasing"):
+        apply_overrides(TransferConfig(), ["steps=[0.9, 0.5]"])
+    with pytest.raises(ConfigError, match="model must be"):
+        apply_overrides(TransferConfig(), ["model=retinanet"])
+
+
+def test_lr_schedule_warmup_and_steps():
+    # 90 iterations, warm-up 10 from 0.001, x0.1 at 60 and 80 (Detectron2's 1x shape).
+    def f(i):
+        return lr_factor(i, 90, 10, 0.001, [60, 80], 0.1)
+
+    assert f(0) == pytest.approx(0.001)
+    assert f(5) == pytest.approx(0.001 * 0.5 + 0.5)
+    assert f(10) == f(59) == 1.0
+    assert f(60) == pytest.approx(0.1) and f(79) == pytest.approx(0.1)
+    assert f(80) == pytest.approx(0.01) and f(89) == pytest.approx(0.01)
+
+
+def test_epoch_batches_are_seeded_and_cover_the_set():
+    first = _epoch_batches(10, 4, seed=1, epoch=0, rank=0, world_size=1)
+    assert [len(b) for b in first] == [4, 4, 2]
+    assert sorted(i for b in first for i in b) == list(range(10))
+    assert first == _epoch_batches(10, 4, seed=1, epoch=0, rank=0, world_size=1)
+    assert first != _epoch_batches(10, 4, seed=1, epoch=1, rank=0, world_size=1)
+    # Two processes: the same number of non-empty batches each, together the whole set.
+    ranks = [_epoch_batches(10, 2, seed=1, epoch=0, rank=r, world_size=2) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 3 and all(b for r in ranks for b in r)
+    assert set(i for r in ranks for b in r for i in b) == set(range(10))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """(train annotations, train images, val annotations, val images) of tiny synthetic sets."""
+    root = tmp_path_factory.mktemp("coco")
+    train = make_coco_set(root / "train", count=2, size=(64, 64), seed=0)
+    val = make_coco_set(root / "val", count=2, size=(64, 64), seed=1)
+    return (*train, *val)
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory):
+    """An uninterrupted 2-epoch run from scratch: (run folder, metrics)."""
+    out = tmp_path_factory.mktemp("straight")
+    metrics = finetune(TINY, *data, out, weights=None, progress=False, log=lambda _: None)
+    return out, metrics
+
+
+def test_run_from_scratch_writes_metrics_picture_and_checkpoint(straight):
+    out, metrics = straight
+    saved = json.loads((out / METRICS_NAME).read_text())
+    assert saved["finished"] and saved["weights"] == "none" and saved["seed"] == 0
+    assert {"AP", "AP50", "AP75"} <= set(saved["bbox"]) and 0.0 <= saved["bbox"]["AP"] <= 1.0
+    assert [h["epoch"] for h in saved["history"]] == [1, 2]
+    assert all(h["loss"] > 0 for h in saved["history"])
+    assert saved["settings"]["depth"] == 18 and saved["model"] == "faster_rcnn"
+    assert saved["plan"]["total_iters"] == 2 and saved["plan"]["lr"] == pytest.approx(0.02 * 2 / 16)
+    assert (out / PICTURE_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    state = torch.load(out / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
+    assert state["epoch"] == 2 and {"model", "optimizer", "scheduler", "rng"} <= set(state)
+
+
+def test_resume_after_epoch_one_equals_the_straight_run(data, straight, tmp_path):
+    out, metrics = straight
+    first = finetune(TINY, *data, tmp_path, progress=False, stop_after_epochs=1, log=lambda _: None)
+    assert not first["finished"] and "bbox" not in first
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["epoch"] == 1
+    with pytest.raises(SocoError, match="already holds a fine-tuning run"):
+        finetune(TINY, *data, tmp_path, progress=False, log=lambda _: None)
+    with pytest.raises(SocoError, match="other settings \\(seed"):
+        finetune(dataclasses.replace(TINY, seed=5), *data, tmp_path, resume=True, progress=False,
+                 log=lambda _: None)
+    resumed = finetune(TINY, *data, tmp_path, resume=True, progress=False, log=lambda _: None)
+    straight_state = torch.load(out / CHECKPOINT_NAME, weights_only=True)["model"]
+    resumed_state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["model"]
+    assert straight_state.keys() == resumed_state.keys()
+    for key in straight_state:
+        assert torch.equal(straight_state[key], resumed_state[key]), key
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in metrics["history"]]
+    assert resumed["bbox"] == metrics["bbox"]
+
+
+def test_cli_run_with_a_weights_file(data, tmp_path, capsys):
+    _weights_file(tmp_path / "soco.pt")
+    train_ann, train_images, val_ann, val_images = data
+    parser = argparse.ArgumentParser()
+    add_transfer_arguments(parser)
+    args = parser.parse_args([
+        "--weights", str(tmp_path / "soco.pt"), "--train", str(train_ann), "--val", str(val_ann),
+        "--epochs", "1", "--seed", "7", "--out", str(tmp_path / "run"), "--quiet", *TINY_OVERRIDES,
+    ])
+    assert resolve_transfer_config(args).epochs == 1  # the flag wins over the key=value
+    assert run_transfer(args) == 0
+    printed = capsys.readouterr().out
+    assert "loaded backbone.body" in printed and "box AP on 2 validation images" in printed
+    saved = json.loads((tmp_path / "run" / METRICS_NAME).read_text())
+    assert saved["weights"] == str(tmp_path / "soco.pt") and saved["seed"] == 7
+    assert set(saved["weights_loaded"]["loaded"]) == {"backbone.body", "backbone.fpn", "roi_heads.box_head"}
+    assert {"AP", "AP50", "AP75"} <= set(saved["bbox"])
+    assert (tmp_path / "run" / PICTURE_NAME).is_file() and (tmp_path / "run" / CHECKPOINT_NAME).is_file()
+
+
+def test_cli_errors(data, tmp_path):
+    train_ann, _, val_ann, _ = data
+    parser = argparse.ArgumentParser()
+    add_transfer_arguments(parser)
+    args = parser.parse_args(["--weights", str(tmp_path / "absent.pt"), "--train", str(train_ann),
+                              "--val", str(val_ann)])
+    with pytest.raises(SocoError, match="absent.pt does not exist"):
+        run_transfer(args)
+    args = parser.parse_args(["--weights", "none", "--train", str(train_ann), "--val", str(val_ann), "epoch=3"])
+    with pytest.raises(ConfigError, match="did you mean 'epochs'"):
+        run_transfer(args)
+
+
+def test_mask_annotations_select_mask_rcnn_and_mask_ap(tmp_path):
+    train = make_coco_set(tmp_path / "train", count=2, size=(64, 64), seed=0, masks=True)
+    val = make_coco_set(tmp_path / "val", count=1, size=(64, 64), seed=1, masks=True)
+    config = dataclasses.replace(TINY, epochs=1, picture_images=0)
+    metrics = finetune(config, *train, *val, tmp_path / "run", progress=False, log=lambda _: None)
+    assert metrics["model"] == "mask_rcnn"
+    assert {"AP", "AP50", "AP75"} <= set(metrics["bbox"]) and {"AP", "AP50", "AP75"} <= set(metrics["segm"])
+    boxes_only = make_coco_set(tmp_path / "boxes", count=1, size=(64, 64), seed=2)
+    with pytest.raises(SocoError, match="mask_rcnn needs masks"):
+        finetune(dataclasses.replace(config, model="mask_rcnn"), *boxes_only, *val, tmp_path / "run2",
+                 progress=False, log=lambda _: None)
