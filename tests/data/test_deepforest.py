@@ -210,6 +210,24 @@ def test_prepare_from_a_cached_wheel_is_idempotent(tmp_path, monkeypatch):
     assert names and all(Image.open(dest / "images" / "train" / n).size == (200, 200) for n in names)
 
 
+def test_cli_builds_and_reports_counts(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from soco.cli.transfer_commands import add_deepforest_arguments, run_deepforest
+
+    cache = tmp_path / "cache"
+    _fake_wheel(cache)
+    monkeypatch.setenv("SOCO_CACHE", str(cache))
+    parser = argparse.ArgumentParser()
+    add_deepforest_arguments(parser)
+    assert run_deepforest(parser.parse_args([])) == 0
+    printed = capsys.readouterr().out
+    assert "train: 2 tiles, 3 boxes" in printed and "val: 2 tiles, 2 boxes" in printed
+    assert str(cache / "deepforest" / "images" / "train") in printed
+    assert run_deepforest(parser.parse_args(["--print-path"])) == 0
+    assert capsys.readouterr().out.strip() == str(cache / "deepforest")
+
+
 def test_prepare_refuses_a_foreign_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("SOCO_CACHE", str(tmp_path / "cache"))
     (tmp_path / "mine").mkdir()

@@ -94,6 +94,22 @@ def test_load_pretrained_takes_backbone_fpn_and_box_head_strictly(tmp_path):
     assert "loaded backbone.body" in report.line()
 
 
+def test_load_pretrained_reads_safetensors_and_bare_resnets(tmp_path):
+    from safetensors.torch import save_file
+
+    _, subset = _weights_file(tmp_path / "w.pt")
+    save_file({k: v.contiguous() for k, v in subset.items()}, str(tmp_path / "w.safetensors"))
+    model = build_detector("faster_rcnn", depth=18)
+    report = load_pretrained(model, tmp_path / "w.safetensors")
+    assert set(report.loaded) == {"backbone.body", "backbone.fpn", "roi_heads.box_head"}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in subset.items())
+    body = {k[len("backbone.body."):]: v for k, v in subset.items() if k.startswith("backbone.body.")}
+    torch.save(body, tmp_path / "resnet.pt")  # what `soco export --to backbone` writes
+    report = load_pretrained(build_detector("faster_rcnn", depth=18), tmp_path / "resnet.pt")
+    assert report.loaded == {"backbone.body": len(body)}
+    assert report.random == ["backbone.fpn", "rpn.head", "roi_heads.box_head", "roi_heads.box_predictor"]
+
+
 def test_load_pretrained_errors_name_the_file(tmp_path):
     model = build_detector("faster_rcnn", depth=18)
     _, subset = _weights_file(tmp_path / "ok.pt")
@@ -131,7 +147,7 @@ def test_overrides_are_strict():
 def test_lr_schedule_warmup_and_steps():
     # 90 iterations, warm-up 10 from 0.001, x0.1 at 60 and 80 (Detectron2's 1x shape).
     def f(i):
-        return lr_factor(i, 90, 10, 0.001, [60, 80], 0.1)
+        return lr_factor(i, 10, 0.001, [60, 80], 0.1)
 
     assert f(0) == pytest.approx(0.001)
     assert f(5) == pytest.approx(0.001 * 0.5 + 0.5)
@@ -193,6 +209,10 @@ def test_resume_after_epoch_one_equals_the_straight_run(data, straight, tmp_path
     with pytest.raises(SocoError, match="other settings \\(seed"):
         finetune(dataclasses.replace(TINY, seed=5), *data, tmp_path, resume=True, progress=False,
                  log=lambda _: None)
+    torch.save({}, tmp_path / "other.pt")
+    with pytest.raises(SocoError, match="started from weights none"):
+        finetune(TINY, *data, tmp_path, weights=tmp_path / "other.pt", resume=True, progress=False,
+                 log=lambda _: None)
     resumed = finetune(TINY, *data, tmp_path, resume=True, progress=False, log=lambda _: None)
     straight_state = torch.load(out / CHECKPOINT_NAME, weights_only=True)["model"]
     resumed_state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["model"]
@@ -247,3 +267,23 @@ def test_mask_annotations_select_mask_rcnn_and_mask_ap(tmp_path):
     with pytest.raises(SocoError, match="mask_rcnn needs masks"):
         finetune(dataclasses.replace(config, model="mask_rcnn"), *boxes_only, *val, tmp_path / "run2",
                  progress=False, log=lambda _: None)
+
+
+def test_loads_what_soco_export_writes(tmp_path):
+    pytest.importorskip("soco.export")
+    from soco.export import export_checkpoint
+    from tests.export.test_export import randomised_encoder, write_run
+
+    model_settings = dict(depth=18, projector_hidden=64, projection_dim=32)
+    encoder = randomised_encoder(3, **model_settings)
+    write_run(tmp_path / "run", encoder, **model_settings)
+    export_checkpoint(tmp_path / "run", "torchvision", tmp_path / "tv.pt")
+    detector = build_detector("faster_rcnn", depth=18)
+    report = load_pretrained(detector, tmp_path / "tv.pt")
+    assert set(report.loaded) == {"backbone.body", "backbone.fpn", "roi_heads.box_head"}
+    ours = detector.state_dict()
+    for name, value in encoder.state_dict().items():
+        if name.startswith("backbone."):
+            assert torch.equal(ours[name], value), name
+        elif name.startswith("box_head."):
+            assert torch.equal(ours["roi_heads." + name], value), name

@@ -13,7 +13,7 @@ DESCRIPTION = "soco: self-supervised pretraining aligned to object detection."
 
 
 OVERRIDE_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")
-CONFIGURABLE_COMMANDS = ("proposals", "pretrain", "bench")
+CONFIGURABLE_COMMANDS = ("proposals", "pretrain", "bench", "transfer")
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     photos = data_sets.add_parser("photos", help="the default unlabeled photos, from installed packages")
     photos.add_argument("--dest", default=None, help="folder to assemble into (default: the cache folder)")
     photos.add_argument("--print-path", action="store_true", help="only print the folder (assembling it if needed)")
+    from soco.cli import transfer_commands
+
+    deepforest = data_sets.add_parser("deepforest", help="DeepForest's labeled aerial trees as COCO 400x400 tiles")
+    transfer_commands.add_deepforest_arguments(deepforest)
 
     proposals = commands.add_parser(
         "proposals",
@@ -75,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="pretrained weights for torchvision, Detectron2, MMDetection")
     export_command.add_arguments(export)
 
+    transfer = commands.add_parser("transfer", help="fine-tune a torchvision detector and measure COCO AP")
+    transfer_commands.add_transfer_arguments(transfer)
+
     inspect = commands.add_parser("inspect", help="summary of a proposal store")
     inspect.add_argument("store")
     inspect.add_argument("--json", action="store_true", help="every image's boxes as JSON on stdout")
@@ -97,6 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(args, "overrides"):
         args.overrides = [*args.overrides, *overrides]
     try:
+        if args.command == "data" and args.data_set == "deepforest":
+            from soco.cli import transfer_commands
+
+            return transfer_commands.run_deepforest(args)
+        if args.command == "transfer":
+            from soco.cli import transfer_commands
+
+            return transfer_commands.run_transfer(args)
         if args.command == "data":
             from soco.cli import data_commands
 

@@ -93,14 +93,29 @@ class LoadReport:
         return f"weights {self.path}: loaded {parts}; random init: {', '.join(self.random) or 'nothing'}"
 
 
+RESNET_PREFIXES = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")
+SAFETENSORS_SUFFIX = ".safetensors"
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A flat {name: tensor} dict from a torch file (also accepted: such a dict under 'model' or 'state_dict')."""
+    """A flat {name: tensor} dict from a torch or safetensors file (also: such a dict under 'model'/'state_dict')."""
     if not path.is_file():
         raise SocoError(f"weights file {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the file is unusable
-        raise SocoError(f"weights file {path} cannot be read with torch.load(weights_only=True): {exc}") from None
+    if path.suffix == SAFETENSORS_SUFFIX:
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise SocoError(f"weights file {path}: .safetensors files need the 'safetensors' package "
+                            "(pip install safetensors)") from None
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - any decoding failure means the file is unusable
+            raise SocoError(f"weights file {path} cannot be read as safetensors: {exc}") from None
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure means the file is unusable
+            raise SocoError(f"weights file {path} cannot be read with torch.load(weights_only=True): {exc}") from None
     if isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
         for key in ("model", "state_dict"):
             if isinstance(state.get(key), dict):
@@ -111,6 +126,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     ):
         raise SocoError(f"weights file {path} is not a state dict of tensors (write it with "
                         "`soco export --to torchvision`)")
+    if all(k.startswith(RESNET_PREFIXES) for k in state):
+        # A bare torchvision ResNet (`soco export --to backbone`, or resnet50().state_dict() without fc):
+        # it is the detector's backbone.body.
+        state = {f"backbone.body.{k}": v for k, v in state.items()}
     return state
 
 
@@ -124,6 +143,8 @@ def _submodule(model: nn.Module, dotted: str) -> nn.Module:
 def load_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
     """Load every part of LOADABLE_PARTS found in a torchvision-keyed state dict, each with strict=True.
 
+    The file is a `soco export --to torchvision` state dict (.pt or .safetensors); a bare ResNet state dict
+    (`--to backbone`) is taken as backbone.body.
     Keys outside those parts, missing keys and shape mismatches are errors naming the file. Only BN's
     `num_batches_tracked` counters may be absent: they do not affect the network (the BN momentum is fixed).
     """

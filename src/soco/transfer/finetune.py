@@ -190,8 +190,7 @@ def validate_config(config: TransferConfig) -> None:
             raise ConfigError(f"transfer settings: {message}")
 
 
-def lr_factor(iteration: int, total: int, warmup: int, warmup_factor: float, milestones: list[int],
-              gamma: float) -> float:
+def lr_factor(iteration: int, warmup: int, warmup_factor: float, milestones: list[int], gamma: float) -> float:
     """Multiplier of the lr at an iteration: linear warm-up from warmup_factor, then x gamma at each milestone."""
     factor = gamma ** sum(1 for m in milestones if iteration >= m)
     if iteration < warmup:
@@ -404,13 +403,27 @@ def finetune(
         raise SocoError(f"{val_set.annotation_file} lists no image")
 
     plan = _plan(config, len(train_set), context.world_size)
+    settings = dataclasses.asdict(config)
+    weights_id = str(Path(weights).expanduser().resolve()) if weights is not None else "none"
+    state = load_checkpoint(checkpoint_path) if resume and checkpoint_path.exists() else None
+    if state is not None:
+        changed = [k for k in _RESUME_KEYS if state["config"].get(k) != settings[k]]
+        if changed or state.get("total_iters") != plan.total_iters or state.get("model_type") != architecture:
+            raise SocoError(f"{checkpoint_path} was made with other settings ({', '.join(changed) or 'data size'} "
+                            "differ): resume with the same data and settings")
+        if state.get("weights") != weights_id:
+            # The metrics would name weights that did not start this run.
+            raise SocoError(f"{checkpoint_path} started from weights {state.get('weights')}, not {weights_id}")
+
     torch.manual_seed(config.seed)
     model = build_detector(architecture, num_classes=len(train_set.category_ids) + 1, depth=config.depth,
                            min_size=config.min_size, max_size=config.max_size,
                            detections_per_img=config.detections_per_img,
                            **detector_options(config))
     weights_report = None
-    if weights is not None:
+    if state is not None:
+        weights_report = state.get("weights_loaded")  # the checkpoint replaces every weight anyway
+    elif weights is not None:
         report = load_pretrained(model, weights)
         weights_report = {"loaded": report.loaded, "random": report.random}
         if context.is_main:
@@ -423,17 +436,10 @@ def finetune(
     optimizer = torch.optim.SGD(_param_groups(model, config), lr=plan.lr, momentum=config.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda it: lr_factor(it, plan.total_iters, plan.warmup_iters, config.warmup_factor, plan.milestones,
-                             config.gamma),
+        lambda it: lr_factor(it, plan.warmup_iters, config.warmup_factor, plan.milestones, config.gamma),
     )
-    settings = dataclasses.asdict(config)
     epoch, history = 0, []
-    if resume and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
-        changed = [k for k in _RESUME_KEYS if state["config"].get(k) != settings[k]]
-        if changed or state.get("total_iters") != plan.total_iters or state.get("model_type") != architecture:
-            raise SocoError(f"{checkpoint_path} was made with other settings ({', '.join(changed) or 'data size'} "
-                            "differ): resume with the same data and settings")
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -504,6 +510,7 @@ def finetune(
                     "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": _rng_state(), "history": history,
                     "config": settings, "total_iters": plan.total_iters, "model_type": architecture,
+                    "weights": weights_id, "weights_loaded": weights_report,
                     "soco_version": soco.__version__,
                 }, checkpoint_path)
             if context.is_distributed:
