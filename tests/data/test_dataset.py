@@ -123,7 +123,8 @@ def test_unreadable_image_is_skipped_and_counted(folder_and_store):
     with pytest.raises(ProposalStoreError, match="changed"):
         SoCoDataset(images, store, SMALL_VIEWS)
     dataset = SoCoDataset(images, store, SMALL_VIEWS, check_images=False)
-    assert isinstance(dataset[2], SkippedSample) and dataset[2].path == "img_2.png"
+    # The unreadable image is replaced by the next one, so batches stay full.
+    assert dataset[2]["path"] == "img_3.png" and [r.path for r in dataset[2]["replaced"]] == ["img_2.png"]
     total_images = 0
     for workers in (0, 2):
         counted = SoCoDataset(images, store, SMALL_VIEWS, check_images=False)
@@ -132,7 +133,7 @@ def test_unreadable_image_is_skipped_and_counted(folder_and_store):
             total_images += len(batch["paths"])
         assert counted.skipped == 1
         assert list(counted.skipped_paths) == ["img_2.png"]
-    assert total_images == 2 * 3
+    assert total_images == 2 * 4
 
 
 def test_truncated_and_missing_files_are_skipped(folder_and_store):
@@ -142,7 +143,9 @@ def test_truncated_and_missing_files_are_skipped(folder_and_store):
     (images / "img_3.png").unlink()
     dataset = SoCoDataset(images, store, SMALL_VIEWS, check_images=False)
     batch = collate_views([dataset[i] for i in range(len(dataset))])
-    assert batch["skipped"] == 2 and batch["paths"] == ["img_1.png", "img_2.png"]
+    # img_0 -> img_1; img_3 -> img_0 (also unreadable) -> img_1: every encounter is counted.
+    assert batch["paths"] == ["img_1.png", "img_1.png", "img_2.png", "img_1.png"]
+    assert batch["skipped"] == 3 and set(batch["skipped_paths"]) == {"img_0.png", "img_3.png"}
     assert "truncated" in batch["skipped_paths"]["img_0.png"]
     assert "not found" in batch["skipped_paths"]["img_3.png"]
 
@@ -151,7 +154,7 @@ def test_image_of_another_size_is_skipped(folder_and_store):
     images, store = folder_and_store
     Image.new("RGB", (30, 30), (200, 10, 10)).save(images / "img_1.png")
     sample = SoCoDataset(images, store, SMALL_VIEWS, check_images=False)[1]
-    assert isinstance(sample, SkippedSample) and "30x30" in sample.reason
+    assert sample["path"] == "img_2.png" and "30x30" in sample["replaced"][0].reason
 
 
 def test_collate_of_only_skipped_samples_is_an_empty_batch():
@@ -190,3 +193,11 @@ def test_draw_batch_views_writes_a_grid(folder_and_store, tmp_path):
     assert kind == "PNG" and width == 780 and height == 520  # 3 views of 2.6 in, 2 images, 100 dpi
     with pytest.raises(ValueError):
         draw_batch_views(collate_views([None]), tmp_path / "empty.png")
+
+
+def test_a_run_of_unreadable_images_gives_a_skipped_sample(folder_and_store):
+    images, store = folder_and_store
+    for number in range(4):
+        (images / f"img_{number}.png").write_bytes(b"not an image")
+    sample = SoCoDataset(images, store, SMALL_VIEWS, check_images=False)[1]
+    assert isinstance(sample, SkippedSample) and sample.path == "img_1.png"

@@ -132,3 +132,24 @@ def test_store_of_other_images_is_refused(tiny_data, tmp_path):
     other = make_image_folder(tmp_path / "other", 5)
     with pytest.raises(ProposalStoreError, match="another image folder"):
         pretrain(tiny(), tmp_path / "run", other, store, progress=False)
+
+
+def test_non_finite_gradient_with_finite_loss_stops_before_the_update(tiny_data, tmp_path, monkeypatch):
+    images, store = tiny_data
+    real_forward = SoCo.forward
+    calls = {"count": 0}
+
+    def forward_with_exploding_gradient(self, views, boxes):
+        calls["count"] += 1
+        loss = real_forward(self, views, boxes)
+        if calls["count"] == 2:
+            weight = self.predictor.linear2.weight
+            weight.register_hook(lambda grad: grad * float("inf"))
+        return loss
+
+    monkeypatch.setattr(SoCo, "forward", forward_with_exploding_gradient)
+    with pytest.raises(TrainingDiverged, match=r"gradient became non-finite .* at step 1"):
+        pretrain(tiny("train.steps=4", "train.checkpoint_every=1"), tmp_path / "run", images, store, progress=False)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 1
+    assert all(torch.isfinite(tensor).all() for tensor in state["model"].values() if tensor.is_floating_point())

@@ -94,12 +94,26 @@ class SoCoDataset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict | SkippedSample:
-        """The views of image `position` (among readable ones), or a SkippedSample if it cannot be read.
+        """The views of image `position`; an unreadable image is replaced by the next readable one.
 
         `key` is a position (augmented for the epoch chosen by set_epoch) or an (epoch, position) pair,
-        which lets one long-lived loader cross epochs without restarting its workers.
+        which lets one long-lived loader cross epochs without restarting its workers. Replacing keeps
+        every batch full, so processes training together never disagree on whether a batch exists;
+        the unreadable images travel with the sample ("replaced") to be counted. A SkippedSample comes
+        back only if MAX_REPLACEMENTS images in a row are unreadable.
         """
         epoch, position = key if isinstance(key, tuple) else (self.epoch, key)
+        unreadable = []
+        for offset in range(MAX_REPLACEMENTS + 1):
+            sample = self._load(epoch, (position + offset) % len(self.indices))
+            if isinstance(sample, dict):
+                sample["replaced"] = unreadable
+                return sample
+            unreadable.append(sample)
+        return unreadable[0]
+
+    def _load(self, epoch: int, position: int) -> dict | SkippedSample:
+        """The views of one image, or a SkippedSample saying why it cannot be used."""
         store = self.store
         index = int(self.indices[position])
         relative = store.path(index)
@@ -137,6 +151,9 @@ class SoCoDataset(Dataset):
         return batch
 
 
+MAX_REPLACEMENTS = 8
+
+
 def collate_views(samples: list[dict | SkippedSample | None]) -> dict:
     """Stack samples into a batch, dropping skipped ones and counting them.
 
@@ -146,6 +163,7 @@ def collate_views(samples: list[dict | SkippedSample | None]) -> dict:
     """
     kept = [s for s in samples if isinstance(s, dict)]
     dropped = [s for s in samples if not isinstance(s, dict)]
+    dropped += [replaced for s in kept for replaced in s.get("replaced", [])]
     names = kept[0]["view_names"] if kept else []
     return {
         "views": [torch.stack([s["views"][v] for s in kept]) for v in range(len(names))],

@@ -381,8 +381,10 @@ def make_views(
         size = {"v2": config.v2_size, "v3": config.v3_size, "v4": config.v4_size}[name]
         params[name] = ViewParams(name, top, left, crop_h, crop_w, flips[name], size)
     if config.use_v3 and config.v3_mode == "downsample":
+        # V3 is V2 downsampled, with its own flip: every view is flipped independently (BYOL pipeline).
         v2 = params["v2"]
-        params["v3"] = ViewParams("v3", v2.top, v2.left, v2.height, v2.width, v2.flip, config.v3_size)
+        v3_flip = _bernoulli(generator, config.flip_prob)
+        params["v3"] = ViewParams("v3", v2.top, v2.left, v2.height, v2.width, v3_flip, config.v3_size)
 
     if config.box_source == "proposals":
         candidates = torch.nonzero(overlapping).flatten()
@@ -414,11 +416,15 @@ def make_views(
         wrapped = tv_tensors.BoundingBoxes(source_boxes, format="XYXY", canvas_size=canvas, clamping_mode="hard")
         geometric[name] = _geometry(image, wrapped, params[name])
     if "v3" in names and config.v3_mode == "downsample":
-        # The paper's V3 is V2 itself downsampled: same crop, same flip, boxes scaled by v3/v2.
+        # The paper's V3 is V2 itself downsampled: same crop, boxes scaled by v3/v2, mirrored when
+        # V3's own flip differs from V2's.
         v2_image, v2_boxes = geometric["v2"]
         size = [config.v3_size, config.v3_size]
+        v3_image = F.resize(v2_image, size, antialias=True)
         v3_boxes = F.clamp_bounding_boxes(F.resize(v2_boxes, size))
-        geometric["v3"] = (F.resize(v2_image, size, antialias=True), v3_boxes)
+        if params["v3"].flip != params["v2"].flip:
+            v3_image, v3_boxes = F.horizontal_flip(v3_image), F.horizontal_flip(v3_boxes)
+        geometric["v3"] = (v3_image, v3_boxes)
 
     views, view_boxes = [], []
     for name in names:

@@ -114,6 +114,14 @@ def autocast_context(precision: str, device: torch.device):
     raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, not {precision!r}")
 
 
+def gradients_finite(model: nn.Module) -> bool:
+    """Whether every gradient is finite (after DDP's all-reduce the answer is the same on every rank)."""
+    gradients = [p.grad for p in model.parameters() if p.grad is not None]
+    if not gradients:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(gradients))).all())
+
+
 def apply_gradients(optimizer: torch.optim.Optimizer, scaler) -> None:
     """One optimiser step (through the fp16 grad scaler when there is one), then clear the gradients."""
     if scaler:
@@ -212,7 +220,7 @@ def pretrain(
         lr=schedule.peak_lr, momentum=config.optim.momentum,
         weight_decay=config.optim.weight_decay, trust_coefficient=config.optim.trust_coefficient,
     )
-    step, skipped, resumed_loss = 0, 0, float("nan")
+    step, skipped, resumed_loss, resumed_scaler_state = 0, 0, float("nan"), None
     if resume and last_path.exists():
         state = load_checkpoint(last_path)
         model.online.load_state_dict(state["model"])
@@ -222,6 +230,7 @@ def pretrain(
         step, skipped = int(state["step"]), int(state.get("skipped_images", 0))
         resumed_loss = float(state.get("loss", float("nan")))
         restore_rng_state(state["rng"])
+        resumed_scaler_state = state.get("grad_scaler")
         if state.get("total_steps") != schedule.total_steps:
             raise SocoError(
                 f"{last_path} was made for {state.get('total_steps')} steps, this configuration gives "
@@ -240,6 +249,8 @@ def pretrain(
         device_ids = [context.device.index] if context.device.type == "cuda" else None
         trained = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     autocast, scaler = autocast_context(config.train.precision, context.device)
+    if scaler is not None and resumed_scaler_state:
+        scaler.load_state_dict(resumed_scaler_state)
     workers = resolve_loader_workers(config.train.workers, context)
     accumulate = config.train.accumulate
     start_step, last_loss = step, resumed_loss
@@ -273,6 +284,9 @@ def pretrain(
                 step_data_seconds += time.perf_counter() - waited
                 skipped += int(batch["skipped"])
                 if not batch["views"]:  # every image of this micro-batch was unreadable
+                    if context.is_distributed:  # the other processes would wait for this one forever
+                        raise SocoError(f"every image of a micro-batch at step {step} is unreadable: "
+                                        f"{batch['skipped_paths']}")
                     continue
                 if step == 0 and micro == 0 and context.is_main:
                     draw_batch_views(batch, run_dir / "views.png")
@@ -286,8 +300,13 @@ def pretrain(
                     (scaler.scale(loss) if scaler else loss).backward()
                 loss_sum += loss.detach()
             mean_loss = float(all_reduce_mean(loss_sum, context))
+            problem = None
             if not math.isfinite(mean_loss):
-                message = (f"loss became {mean_loss} at step {step} (lr {lr:.4g}); stopped. "
+                problem = f"loss became {mean_loss}"
+            elif scaler is None and not gradients_finite(model):
+                problem = f"a gradient became non-finite (loss {mean_loss:.4f})"
+            if problem:
+                message = (f"{problem} at step {step} (lr {lr:.4g}); stopped. "
                            f"The last good checkpoint is kept: {last_path if last_path.exists() else 'none yet'}")
                 log.text(message)
                 raise TrainingDiverged(message)
@@ -319,6 +338,7 @@ def pretrain(
                     "total_steps": schedule.total_steps,
                     "skipped_images": skipped,
                     "rng": rng_state(),
+                    "grad_scaler": scaler.state_dict() if scaler is not None else {},
                     "config": config_to_dict(config),
                     "soco_version": soco.__version__,
                 }
@@ -330,7 +350,7 @@ def pretrain(
     finally:
         bar.close()
 
-    skipped_total = int(all_reduce_sum(torch.tensor(skipped), context))
+    skipped_total = int(all_reduce_sum(torch.tensor(skipped, device=context.device), context))
     checksums = gather_weight_checksums(model, context)
     if len(set(checksums)) > 1:
         log.text(f"warning: the processes' weights differ at the end: {checksums}")
