@@ -3,14 +3,52 @@
 import pytest
 import yaml
 
-from soco.config.loading import config_to_dict, list_presets, load_config, parse_override, save_config
-from soco.config.schema import Config
+from soco.config.loading import (
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    list_presets,
+    load_config,
+    parse_override,
+    save_config,
+)
+from soco.config.schema import Config, OptimConfig, TrainConfig
 from soco.errors import ConfigError
+from soco.methods.soco import SoCoConfig
 
 
 def test_defaults_and_default_preset_agree():
-    assert load_config("default") == Config()
+    default = load_config("default")
+    assert default == config_from_dict({})
+    schema = Config()
+    for section in ("data", "proposals", "optim", "train"):
+        assert getattr(default, section) == getattr(schema, section)
+    assert default.method == SoCoConfig()  # no method named: SoCo, with its own defaults
     assert "default" in list_presets()
+
+
+def test_method_section_is_the_named_methods_own_and_strict():
+    config = load_config("soco_tiny", ["method.views.v1_size=80", "method.ema_base=0.98"])
+    assert isinstance(config.method, SoCoConfig)
+    assert config.method.views.v1_size == 80 and config.method.ema_base == 0.98
+    with pytest.raises(ConfigError, match=r"unknown method 'scoo'; did you mean 'soco'"):
+        load_config("default", ["method.name=scoo"])
+    with pytest.raises(ConfigError, match=r"unknown key 'method.views.v1_sise'.*did you mean 'method.views.v1_size'"):
+        load_config("default", ["method.views.v1_sise=96"])
+    # a key given without the method section, as older soco versions spelled it
+    with pytest.raises(ConfigError, match=r"unknown key 'views'.*did you mean 'method.views'"):
+        load_config("default", ["views.v1_size=96"])
+    with pytest.raises(ConfigError, match=r"unknown key 'v1_size'.*did you mean 'method.views.v1_size'"):
+        load_config("default", ["v1_size=96"])
+
+
+def test_apply_overrides_works_on_any_config_dataclass():
+    train = apply_overrides(TrainConfig(), ["train.steps=7", "seed=3"], prefix="train")
+    assert train.steps == 7 and train.seed == 3 and train.batch_size == TrainConfig().batch_size
+    with pytest.raises(ConfigError, match=r"unknown key 'optim.lr_base'.*did you mean 'optim.base_lr'"):
+        apply_overrides(OptimConfig(), ["lr_base=0.3"], prefix="optim")
+    with pytest.raises(ConfigError, match=r"optim.momentum: expected a number"):
+        apply_overrides(OptimConfig(), ["momentum=fast"], prefix="optim")
 
 
 def test_overrides_are_typed_and_applied_in_order():
@@ -60,8 +98,8 @@ def test_yaml_file_with_base_preset_and_typo(tmp_path):
     good.write_text("base: default\nproposals:\n  workers: 7\n")
     assert load_config(str(good)).proposals.workers == 7
     bad = tmp_path / "bad.yaml"
-    bad.write_text("proposals:\n  chunk_szie: 7\n")
-    with pytest.raises(ConfigError, match="did you mean 'proposals.chunk_size'"):
+    bad.write_text("proposals:\n  min_sied: 7\n")
+    with pytest.raises(ConfigError, match="did you mean 'proposals.min_side'"):
         load_config(str(bad))
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "missing.yaml"))

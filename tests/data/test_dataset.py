@@ -1,4 +1,5 @@
-"""The pretraining dataset: reproducible across worker counts, unreadable images skipped and counted."""
+"""The pretraining data set through a method's transform (SoCo's here): reproducible across worker counts,
+unreadable images skipped and counted, other images readable by a transform."""
 
 import pickle
 from pathlib import Path
@@ -9,14 +10,22 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from soco.config.schema import ViewsConfig
-from soco.data.dataset import SkippedSample, SoCoDataset, collate_views, draw_batch_views, sample_seed
+from soco.data.dataset import BatchCollate, ImageDataset, SampleSource, SkippedSample, sample_seed
+from soco.data.pictures import draw_views
 from soco.data.images import file_fingerprint
 from soco.data.proposals.store import FAILED_LEVEL, ImageRecord, ProposalStore, write_store
-from soco.errors import ProposalStoreError
+from soco.errors import DataError, ProposalStoreError
+from soco.methods.soco_transform import SoCoTransform
+from soco.methods.soco_transform import SoCoViewsConfig as ViewsConfig
 
 SMALL_VIEWS = ViewsConfig(v1_size=48, v2_size=48, v3_size=24, proposals_per_image=3)
 SIZES = [(64, 80), (96, 64), (72, 72), (80, 96)]
+collate_views = BatchCollate(SoCoTransform(SMALL_VIEWS))
+
+
+def SoCoDataset(images, store, views, seed=0, check_images=True):  # noqa: N802 - reads like the old class
+    """The generic data set with SoCo's transform."""
+    return ImageDataset(images, store, SoCoTransform(views), seed=seed, check_images=check_images)
 
 
 def write_images(root: Path) -> list[str]:
@@ -72,7 +81,7 @@ def assert_same_batches(first: list[dict], second: list[dict]) -> None:
     for a, b in zip(first, second):
         assert a["paths"] == b["paths"] and a["skipped"] == b["skipped"]
         assert torch.equal(a["indices"], b["indices"]) and torch.equal(a["proposal_ids"], b["proposal_ids"])
-        for x, y in zip(a["views"] + a["boxes"], b["views"] + b["boxes"]):
+        for x, y in zip([*a["views"].values(), *a["boxes"].values()], [*b["views"].values(), *b["boxes"].values()]):
             assert torch.equal(x, y)
 
 
@@ -85,12 +94,12 @@ def test_batches_are_identical_with_zero_and_two_workers(folder_and_store):
     with_workers = batches(dataset, workers=2)
     assert_same_batches(in_process, with_workers)
     batch = in_process[0]
-    assert [tuple(v.shape) for v in batch["views"]] == [(2, 3, 48, 48), (2, 3, 48, 48), (2, 3, 24, 24)]
-    assert [tuple(b.shape) for b in batch["boxes"]] == [(2, 3, 4)] * 3
-    assert batch["view_names"] == ["v1", "v2", "v3"] and batch["skipped"] == 0
+    assert [tuple(v.shape) for v in batch["views"].values()] == [(2, 3, 48, 48), (2, 3, 48, 48), (2, 3, 24, 24)]
+    assert [tuple(b.shape) for b in batch["boxes"].values()] == [(2, 3, 4)] * 3
+    assert list(batch["views"]) == ["v1", "v2", "v3"] and batch["skipped"] == 0
     # A sample does not depend on its batch or on the order of access.
     single = dataset[1]
-    assert all(torch.equal(single["views"][v], in_process[0]["views"][v][1]) for v in range(3))
+    assert all(torch.equal(single["data"]["views"][v], in_process[0]["views"][v][1]) for v in ("v1", "v2", "v3"))
 
 
 def test_epoch_and_seed_change_the_views_and_return_to_them(folder_and_store):
@@ -102,16 +111,16 @@ def test_epoch_and_seed_change_the_views_and_return_to_them(folder_and_store):
     dataset.set_epoch(0)
     again = dataset[0]
     other_seed = SoCoDataset(images, store, SMALL_VIEWS, seed=1, check_images=False)[0]
-    assert all(torch.equal(a, b) for a, b in zip(epoch0["views"], again["views"]))
-    assert not torch.equal(epoch0["views"][1], epoch1["views"][1])
-    assert not torch.equal(epoch0["views"][1], other_seed["views"][1])
+    assert all(torch.equal(epoch0["data"]["views"][v], again["data"]["views"][v]) for v in ("v1", "v2", "v3"))
+    assert not torch.equal(epoch0["data"]["views"]["v2"], epoch1["data"]["views"]["v2"])
+    assert not torch.equal(epoch0["data"]["views"]["v2"], other_seed["data"]["views"]["v2"])
     assert len({sample_seed(0, e, i) for e in range(5) for i in range(5)}) == 25
 
 
 def test_boxes_lie_within_each_view(folder_and_store):
     images, store = folder_and_store
     batch = batches(SoCoDataset(images, store, SMALL_VIEWS), workers=0, batch_size=4)[0]
-    for boxes, side in zip(batch["boxes"], (48, 48, 24)):
+    for boxes, side in zip(batch["boxes"].values(), (48, 48, 24)):
         assert boxes.min() >= 0 and boxes.max() <= side
         assert ((boxes[..., 2] - boxes[..., 0]) > 0).all()
 
@@ -159,7 +168,7 @@ def test_image_of_another_size_is_skipped(folder_and_store):
 
 def test_collate_of_only_skipped_samples_is_an_empty_batch():
     batch = collate_views([SkippedSample(0, "a.png", "truncated image"), None])
-    assert batch["views"] == [] and batch["boxes"] == [] and len(batch["indices"]) == 0
+    assert "views" not in batch and "boxes" not in batch and len(batch["indices"]) == 0
     assert batch["skipped"] == 2 and batch["skipped_paths"] == {"a.png": "truncated image"}
 
 
@@ -180,19 +189,19 @@ def test_dataset_pickles_without_the_store_arrays(folder_and_store):
     payload = pickle.dumps(dataset)
     assert len(payload) < 5000
     copy = pickle.loads(payload)
-    assert all(torch.equal(a, b) for a, b in zip(dataset[3]["views"], copy[3]["views"]))
+    assert all(torch.equal(dataset[3]["data"]["views"][v], copy[3]["data"]["views"][v]) for v in ("v1", "v2", "v3"))
 
 
 def test_draw_batch_views_writes_a_grid(folder_and_store, tmp_path):
     images, store = folder_and_store
     batch = batches(SoCoDataset(images, store, SMALL_VIEWS), workers=0, batch_size=4)[0]
-    path = draw_batch_views(batch, tmp_path / "out" / "views.png", max_images=2)
+    path = draw_views(batch["views"], batch["boxes"], tmp_path / "out" / "views.png", batch["paths"], max_images=2)
     with Image.open(path) as picture:
         width, height = picture.size
         kind = picture.format
     assert kind == "PNG" and width == 780 and height == 520  # 3 views of 2.6 in, 2 images, 100 dpi
     with pytest.raises(ValueError):
-        draw_batch_views(collate_views([None]), tmp_path / "empty.png")
+        draw_views({}, None, tmp_path / "empty.png")
 
 
 def test_a_run_of_unreadable_images_gives_a_skipped_sample(folder_and_store):
@@ -201,3 +210,61 @@ def test_a_run_of_unreadable_images_gives_a_skipped_sample(folder_and_store):
         (images / f"img_{number}.png").write_bytes(b"not an image")
     sample = SoCoDataset(images, store, SMALL_VIEWS, check_images=False)[1]
     assert isinstance(sample, SkippedSample) and sample.path == "img_1.png"
+
+
+class ReadsAnotherImage:
+    """A transform that, like InsLoc's, reads a second image of the data set through the source."""
+
+    needs_proposals = True
+
+    def __call__(self, image, proposals, generator, source):
+        other, other_boxes, other_index = source.draw(generator)
+        return {"shape": torch.tensor(image.shape), "other_shape": torch.tensor(other.shape),
+                "other_index": other_index, "other_boxes": torch.from_numpy(np.array(other_boxes))}
+
+    def collate(self, samples):
+        return {"other_index": torch.tensor([s["other_index"] for s in samples]),
+                "other_shape": torch.stack([s["other_shape"] for s in samples])}
+
+
+def test_a_transform_reads_other_images_reproducibly_and_never_an_unreadable_one(folder_and_store):
+    images, store = folder_and_store
+    (images / "img_2.png").write_bytes(b"not an image")
+    dataset = ImageDataset(images, store, ReadsAnotherImage(), seed=1, check_images=False)
+    drawn = [dataset.relative_path(dataset[(epoch, position)]["data"]["other_index"])
+             for epoch in range(6) for position in range(4)]
+    again = [dataset.relative_path(dataset[(epoch, position)]["data"]["other_index"])
+             for epoch in range(6) for position in range(4)]
+    assert drawn == again  # drawn with the sample's own generator
+    # the unreadable image is redrawn, the failed store entry never drawn, the others all come up
+    assert set(drawn) == {"img_0.png", "img_1.png", "img_3.png"}
+    sample = dataset[(0, 0)]["data"]
+    index = sample["other_index"]
+    width, height = SIZES[int(dataset.relative_path(index)[4])]
+    assert sample["other_shape"].tolist() == [height, width, 3]
+    assert torch.equal(sample["other_boxes"], torch.from_numpy(np.array(store.boxes(index))))
+    batch = dataset.collate([dataset[i] for i in range(4)])
+    assert batch["other_index"].shape == (4,) and batch["paths"][0] == "img_0.png"
+
+
+def test_a_method_without_proposals_reads_the_folder_and_one_that_needs_them_is_refused(tmp_path):
+    images = tmp_path / "images"
+    write_images(images)
+
+    class WholeImages:
+        needs_proposals = False
+
+        def __call__(self, image, proposals, generator, source):
+            assert proposals.shape == (0, 4)
+            return {"pixels": torch.tensor(image.shape)}
+
+        def collate(self, samples):
+            return {"pixels": torch.stack([s["pixels"] for s in samples])}
+
+    dataset = ImageDataset(images, None, WholeImages())
+    assert len(dataset) == 4 and dataset[1]["path"] == "img_1.png"
+    with pytest.raises(DataError, match="needs object proposals"):
+        ImageDataset(images, None, SoCoTransform(SMALL_VIEWS))
+    with pytest.raises(ValueError, match="keys"):
+        BatchCollate(type("Clash", (), {"collate": lambda self, s: {"paths": []}})())([dataset[0]])
+    assert isinstance(SampleSource(dataset), SampleSource) and len(SampleSource(dataset)) == 4

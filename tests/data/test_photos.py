@@ -127,6 +127,11 @@ def test_interrupted_run_is_completed(assembled, monkeypatch, capsys):
     stale.write_bytes(b"partial")
     old = time.time() - 7200
     os.utime(stale, (old, old))
+    stale_atomic = dest / "mvtb" / ".castle.4242.tmp.png"  # soco.files.atomic_write's temp name
+    stale_atomic.write_bytes(b"partial")
+    os.utime(stale_atomic, (old, old))
+    in_use = dest / "mvtb" / ".roof.4343.tmp.png"  # a young one may belong to another rank's copy
+    in_use.write_bytes(b"partial")
 
     copied = []
     real_copy = photos._copy
@@ -136,7 +141,9 @@ def test_interrupted_run_is_completed(assembled, monkeypatch, capsys):
     assert sorted(copied) == sorted([removed, cut])
     assert (dest / removed).read_bytes() == original_removed
     assert (dest / cut).read_bytes() == original_cut
-    assert not stale.exists()
+    assert not stale.exists() and not stale_atomic.exists()
+    assert in_use.read_bytes() == b"partial"
+    in_use.unlink()
     after = _snapshot(dest)
     assert set(after) == set(before)
     unchanged = set(before) - {removed, cut}

@@ -31,8 +31,10 @@ def test_run_writes_everything_a_person_needs(tiny_data, tmp_path):
     assert list((run / "tensorboard").iterdir())
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert state["step"] == 4
-    model = SoCo(tiny().model, tiny().views)
-    model.online.load_state_dict(state["model"])  # the online network's state dict, strictly
+    model = SoCo(tiny().method)
+    model.load_state_dict(state["method_state"])  # the whole method, strictly
+    model.encoder().load_state_dict(state["encoder"])  # the online encoder, strictly
+    assert state["method"] == "soco" and state["encoder_layout"]["parts"] == ["backbone", "fpn", "box_head"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all({"loss", "lr", "ema_momentum", "images_per_second"} <= set(r) for r in records)
@@ -85,7 +87,7 @@ def test_sigkilled_run_resumes_bitwise_equal(tiny_data, tmp_path):
     assert summary.steps == 8 and summary.steps_this_run == 8 - killed_at
     whole_state = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)
     resumed_state = torch.load(last, weights_only=True)
-    for part in ("model", "predictor", "target"):
+    for part in ("method_state", "encoder", "encoder_target"):
         for name, tensor in whole_state[part].items():
             assert torch.equal(tensor, resumed_state[part][name]), f"{part}.{name}"
     for key, value in whole_state["optimizer"]["state"].items():
@@ -94,15 +96,15 @@ def test_sigkilled_run_resumes_bitwise_equal(tiny_data, tmp_path):
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
     images, store = tiny_data
-    real_forward = SoCo.forward
+    real_step = SoCo.training_step
     calls = {"count": 0}
 
-    def forward_turning_nan(self, views, boxes):
+    def step_turning_nan(self, batch):
         calls["count"] += 1
-        loss = real_forward(self, views, boxes)
-        return loss * float("nan") if calls["count"] == 3 else loss
+        loss = real_step(self, batch)["loss"]
+        return {"loss": loss * float("nan") if calls["count"] == 3 else loss}
 
-    monkeypatch.setattr(SoCo, "forward", forward_turning_nan)
+    monkeypatch.setattr(SoCo, "training_step", step_turning_nan)
     with pytest.raises(TrainingDiverged, match=r"loss became nan at step 2"):
         pretrain(tiny("train.steps=5", "train.checkpoint_every=1"), tmp_path / "run", images, store, progress=False)
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
@@ -136,20 +138,20 @@ def test_store_of_other_images_is_refused(tiny_data, tmp_path):
 
 def test_non_finite_gradient_with_finite_loss_stops_before_the_update(tiny_data, tmp_path, monkeypatch):
     images, store = tiny_data
-    real_forward = SoCo.forward
+    real_step = SoCo.training_step
     calls = {"count": 0}
 
-    def forward_with_exploding_gradient(self, views, boxes):
+    def step_with_exploding_gradient(self, batch):
         calls["count"] += 1
-        loss = real_forward(self, views, boxes)
+        outputs = real_step(self, batch)
         if calls["count"] == 2:
             weight = self.predictor.linear2.weight
             weight.register_hook(lambda grad: grad * float("inf"))
-        return loss
+        return outputs
 
-    monkeypatch.setattr(SoCo, "forward", forward_with_exploding_gradient)
+    monkeypatch.setattr(SoCo, "training_step", step_with_exploding_gradient)
     with pytest.raises(TrainingDiverged, match=r"gradient became non-finite .* at step 1"):
         pretrain(tiny("train.steps=4", "train.checkpoint_every=1"), tmp_path / "run", images, store, progress=False)
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert state["step"] == 1
-    assert all(torch.isfinite(tensor).all() for tensor in state["model"].values() if tensor.is_floating_point())
+    assert all(torch.isfinite(tensor).all() for tensor in state["method_state"].values() if tensor.is_floating_point())

@@ -12,11 +12,8 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from torch import nn
 
 from soco.cli import export_command
-from soco.config.loading import config_to_dict
-from soco.config.schema import Config
 from soco.errors import SocoError
 from soco.export import (
     FORMAT_NAMES,
@@ -30,7 +27,7 @@ from soco.export import (
     load_source,
 )
 from soco.export.formats import NETWORKS, formats
-from soco.models.encoder import ObjectEncoder
+from tests.export.checkpoints import randomised_encoder, write_run
 
 REFERENCE = Path(__file__).parent / "reference_keys"
 
@@ -38,40 +35,6 @@ REFERENCE = Path(__file__).parent / "reference_keys"
 def reference(name: str) -> dict:
     """One reference key list (see reference_keys/README.md)."""
     return json.loads((REFERENCE / name).read_text())
-
-
-def randomised_encoder(seed: int = 0, **model) -> ObjectEncoder:
-    """An ObjectEncoder whose BN affine weights and running statistics differ from their defaults, as after training."""
-    torch.manual_seed(seed)
-    config = Config()
-    for key, value in model.items():
-        setattr(config.model, key, value)
-    encoder = ObjectEncoder(config.model)
-    with torch.no_grad():
-        for module in encoder.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(0.0, 0.1)
-                module.running_mean.normal_(0.0, 0.1)
-                module.running_var.uniform_(0.5, 2.0)
-                module.num_batches_tracked.fill_(7)
-    return encoder
-
-
-def write_run(run_dir: Path, encoder: ObjectEncoder, **model) -> dict[str, torch.Tensor]:
-    """A fake `soco pretrain` run folder: checkpoints/last.pt with the entries the trainer writes."""
-    config = Config()
-    for key, value in model.items():
-        setattr(config.model, key, value)
-    state = encoder.state_dict()
-    target = {k: v.clone() + 1 if v.is_floating_point() else v.clone() for k, v in state.items()}
-    (run_dir / "checkpoints").mkdir(parents=True)
-    torch.save({
-        "model": state, "predictor": {"0.weight": torch.zeros(2, 2)}, "target": target,
-        "optimizer": {"state": {}, "param_groups": []}, "step": 12, "total_steps": 12,
-        "config": config_to_dict(config),
-    }, run_dir / "checkpoints" / "last.pt")
-    return state
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from torchvision.models.detection import fasterrcnn_resnet50_fpn_v2
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
 
-from soco.config.schema import ModelConfig
 from soco.errors import ConfigError
 from soco.models.backbone import (
     FPN_STRIDES,
@@ -18,7 +17,7 @@ from soco.models.backbone import (
     fpn_levels,
     zero_initialised_norms,
 )
-from soco.models.encoder import ObjectEncoder
+from soco.methods.soco import PAPER_THRESHOLDS, SoCoModelConfig, build_encoder
 
 
 def parameter_count(*modules: torch.nn.Module) -> int:
@@ -35,7 +34,7 @@ def torchvision_detector():
 @pytest.fixture(scope="module")
 def r50_encoder():
     """The default (R50-FPN, 4conv1fc) object encoder."""
-    return ObjectEncoder(ModelConfig(depth=50))
+    return build_encoder(SoCoModelConfig(depth=50), PAPER_THRESHOLDS)
 
 
 def test_r50_fpn_backbone_and_box_head_load_strictly_into_torchvision(torchvision_detector, r50_encoder):

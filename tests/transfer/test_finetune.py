@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 from torchvision.models.detection import fasterrcnn_resnet50_fpn_v2, maskrcnn_resnet50_fpn_v2
+from torchvision.ops import MultiScaleRoIAlign
 
 pytest.importorskip("pycocotools")
 
@@ -26,6 +27,7 @@ from soco.transfer.finetune import (  # noqa: E402
     finetune,
     lr_factor,
 )
+from soco.transfer.pooler import AlignedMultiScaleRoIAlign  # noqa: E402
 from tests.transfer import make_coco_set  # noqa: E402
 
 # Small enough for two slow shared cores: the 4conv1fc head costs ~0.12 GFLOP per RoI.
@@ -49,7 +51,9 @@ def test_depth_50_is_torchvisions_v2_detector(builder, name):
     reference = builder(weights=None, weights_backbone=None, num_classes=3)
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
         {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    assert [type(m) for m in ours.modules()] == [type(m) for m in reference.modules()]
+    # The same modules, except that the RoI poolers pool as pretraining did (aligned, adaptive sampling).
+    assert [type(m) for m in ours.modules()] == [
+        AlignedMultiScaleRoIAlign if type(m) is MultiScaleRoIAlign else type(m) for m in reference.modules()]
     assert all(p.requires_grad for p in ours.parameters())  # nothing frozen
     # Zero-initialised residual BN, as in pretraining (torchvision's builder leaves gamma at 1).
     assert not ours.backbone.body.layer1[0].bn3.weight.detach().any()

@@ -6,13 +6,15 @@ import argparse
 import json
 import sys
 
-from soco.cli.pretrain_command import resolve_data
+from soco.cli.pretrain_command import method_overrides, preset_for, resolve_data
 from soco.config.loading import load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `soco bench`."""
-    parser.add_argument("--config", default="soco_small", help="preset name or YAML file (default: soco_small)")
+    parser.add_argument("--config", default=None, help="preset name or YAML file (default: soco_small, or the "
+                        "--method's small preset)")
+    parser.add_argument("--method", default=None, help="method to time (sets method.name)")
     parser.add_argument("--data", default=None, help="image folder (default: the built-in photos)")
     parser.add_argument("--proposals", default=None, help="proposal store (default: computed and cached)")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps")
@@ -21,8 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None, help="data-loader workers to time")
     parser.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--compare", default=None, metavar="KEY=VALUE",
+                        help="also time the step with this override and report the speed-up, "
+                             "e.g. method.model.pool_all_levels=true")
     parser.add_argument("--compare-pooling", action="store_true",
-                        help="also time the release's all-level pooling and report the speed-up")
+                        help="shorthand for --compare method.model.pool_all_levels=true (SoCo)")
     parser.add_argument("-o", "--output", default=None, help="also write the JSON to this file")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
 
@@ -31,14 +36,17 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print JSON."""
     from soco.engine.bench import run_bench
 
-    overrides = list(args.overrides)
+    overrides = method_overrides(args) + list(args.overrides)
     for key, value in (("train.batch_size", args.batch_size), ("train.workers", args.workers),
                        ("train.device", args.device), ("data.images", args.data)):
         if value is not None:
             overrides.append(f"{key}={value}")
-    config = load_config(args.config, overrides)
+    preset = preset_for(args)
+    config = load_config(preset, overrides)
+    change = "method.model.pool_all_levels=true" if args.compare_pooling else args.compare
+    compare = (change, load_config(preset, [*overrides, change])) if change else None
     images_root, store = resolve_data(config, args.proposals, quiet=True)
-    result = run_bench(config, images_root, store, args.steps, args.warmup, args.data_batches, args.compare_pooling)
+    result = run_bench(config, images_root, store, args.steps, args.warmup, args.data_batches, compare)
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:

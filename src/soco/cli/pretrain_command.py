@@ -19,7 +19,9 @@ DEFAULT_PRESET = "soco_small"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `soco pretrain`."""
-    parser.add_argument("--config", default=None, help=f"preset name or YAML file (default: {DEFAULT_PRESET})")
+    parser.add_argument("--config", default=None,
+                        help=f"preset name or YAML file (default: {DEFAULT_PRESET}, or the --method's small preset)")
+    parser.add_argument("--method", default=None, help="pretraining method (sets method.name; see `soco methods`)")
     parser.add_argument("--data", default=None, help="image folder (default: the built-in photos)")
     parser.add_argument("--proposals", default=None, help="proposal store (default: computed and cached)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/<preset>)")
@@ -35,9 +37,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.batch_size=32")
 
 
+def preset_for(args: argparse.Namespace) -> str:
+    """The preset to start from: --config, else the --method's own small preset, else the default."""
+    if args.config:
+        return args.config
+    if getattr(args, "method", None):
+        from soco.methods.registry import method_class
+
+        return method_class(args.method).default_preset
+    return DEFAULT_PRESET
+
+
+def method_overrides(args: argparse.Namespace) -> list[str]:
+    """`method.name=NAME` for --method (first, so that later overrides of the section apply to it)."""
+    return [f"method.name={args.method}"] if getattr(args, "method", None) else []
+
+
 def resolve_config(args: argparse.Namespace) -> Config:
     """The preset, then key=value overrides, then the dedicated flags."""
-    overrides = list(args.overrides)
+    overrides = method_overrides(args) + list(args.overrides)
     flags = {
         "train.epochs": args.epochs, "train.steps": args.steps, "train.batch_size": args.batch_size,
         "train.workers": args.workers, "train.device": args.device, "train.seed": args.seed,
@@ -46,7 +64,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if args.epochs is not None:
         overrides.append("train.steps=0")
     overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
-    return load_config(args.config or DEFAULT_PRESET, overrides)
+    return load_config(preset_for(args), overrides)
 
 
 def default_store_for(images_root: Path, config: Config) -> Path:
@@ -70,13 +88,17 @@ def ensure_proposals(images_root: Path, store: Path, config: Config, quiet: bool
         print(line)
 
 
-def resolve_data(config: Config, proposals: str | None, quiet: bool) -> tuple[Path, Path]:
-    """The image folder (default: the built-in photos) and its proposal store (computed if needed)."""
+def resolve_data(config: Config, proposals: str | None, quiet: bool) -> tuple[Path, Path | None]:
+    """The image folder (default: the built-in photos) and its proposal store (computed if the method uses one)."""
     if config.data.images:
         images_root = Path(config.data.images).expanduser()
     else:
         cache = Path(config.data.cache_dir) / "photos" if config.data.cache_dir else None
         images_root = assemble_photos(cache, progress=not quiet)
+    from soco.methods.registry import method_class
+
+    if not method_class(config.method.name).uses_proposals:
+        return images_root, (Path(proposals) if proposals else None)
     store = Path(proposals) if proposals else default_store_for(images_root, config)
     if not proposals:
         ensure_proposals(images_root, store, config, quiet)
@@ -89,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = resolve_config(args)
     images_root, store = resolve_data(config, args.proposals, args.quiet)
-    preset_name = Path(args.config).stem if args.config else DEFAULT_PRESET
+    preset_name = Path(preset_for(args)).stem
     run_dir = Path(args.out) if args.out else Path("runs") / preset_name
     from soco.engine.distributed import shutdown_distributed
 

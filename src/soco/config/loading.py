@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from soco.config.schema import Config
+from soco.config.schema import DEFAULT_METHOD, Config
 from soco.errors import ConfigError
 
 PRESET_PACKAGE = "soco.config.presets"
@@ -36,13 +36,13 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _coerce(value: Any, expected: Any, key: str) -> Any:
+def _coerce(value: Any, expected: Any, key: str, known_keys: list[str] | None = None) -> Any:
     """Check `value` against the annotation `expected`; allow the lossless int -> float widening."""
     origin = typing.get_origin(expected)
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(expected):
             try:
-                return _coerce(value, option, key)
+                return _coerce(value, option, key, known_keys)
             except ConfigError:
                 continue
         raise ConfigError(f"{key}: {value!r} matches none of {expected}")
@@ -55,7 +55,7 @@ def _coerce(value: Any, expected: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         args = typing.get_args(expected)
         item_type = args[0] if args else Any
-        items = [_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+        items = [_coerce(item, item_type, f"{key}[{i}]", known_keys) for i, item in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if expected is Any:
         return value
@@ -76,33 +76,69 @@ def _coerce(value: Any, expected: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
         return value
     if dataclasses.is_dataclass(expected):
-        return _build(expected, value, key)
+        return _build(expected, value, key, known_keys)
     raise ConfigError(f"{key}: unsupported type {expected}")
 
 
-def _build(cls: type, values: Any, prefix: str) -> Any:
-    """Instantiate dataclass `cls` from a mapping, naming any unknown key and its closest valid one."""
+def _build(cls: type, values: Any, prefix: str, known_keys: list[str] | None = None) -> Any:
+    """Instantiate dataclass `cls` from a mapping, naming any unknown key and its closest valid one.
+
+    `known_keys` are every dotted key of the whole configuration, for hints about a key given in the
+    wrong section; by default those of `cls` itself.
+    """
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {values!r}")
+    if known_keys is None:
+        known_keys = dataclass_keys(cls, prefix)
     types_by_name = _field_types(cls)
     kwargs = {}
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else str(name)
         if name not in types_by_name:
             valid = [f"{prefix}.{n}" if prefix else n for n in types_by_name]
-            same_leaf = [k for k in all_keys() if k.rsplit(".", 1)[-1] == name and k != key]
+            same_leaf = [k for k in known_keys if k.rsplit(".", 1)[-1] == name and k != key]
+            sections = sorted({k.rsplit(".", 1)[0] for k in known_keys if "." in k})
+            same_section = [s for s in sections if s.rsplit(".", 1)[-1] == name and s != key]
             if same_leaf:  # a key given without (or with the wrong) section
                 hint = "; did you mean " + " or ".join(f"'{k}'" for k in same_leaf) + "?"
+            elif same_section:  # a section given without the section it sits in (views -> method.views)
+                hint = "; did you mean " + " or ".join(f"'{k}'" for k in same_section) + "?"
             else:
-                hint = _suggest(key, valid) or _suggest(key, all_keys())
+                hint = _suggest(key, valid) or _suggest(key, known_keys)
             raise ConfigError(f"unknown key '{key}'{hint} (valid here: {', '.join(valid)})")
-        kwargs[name] = _coerce(value, types_by_name[name], key)
+        kwargs[name] = _coerce(value, types_by_name[name], key, known_keys)
     return cls(**kwargs)
 
 
+def build_dataclass(cls: type, values: dict, prefix: str = "") -> Any:
+    """Any configuration dataclass from a nested mapping, strictly: unknown keys and wrong types are errors."""
+    return _build(cls, values or {}, prefix)
+
+
+def _method_config_class(values: dict) -> type:
+    """The config dataclass of the method named in a raw `method` section (default: SoCo)."""
+    from soco.methods.registry import method_config_class  # the registry, not a method: looked up by name
+
+    section = values.get("method") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"method: expected a mapping of keys, got {section!r}")
+    name = section.get("name", DEFAULT_METHOD)
+    if not isinstance(name, str):
+        raise ConfigError(f"method.name: expected a string, got {name!r}")
+    return method_config_class(name)
+
+
 def config_from_dict(values: dict) -> Config:
-    """A Config from a nested mapping; missing keys take their defaults."""
-    return _build(Config, values or {}, "")
+    """A Config from a nested mapping; missing keys take their defaults, the method section its method's."""
+    if not isinstance(values or {}, dict):
+        raise ConfigError("config: expected a mapping of sections")
+    values = dict(values or {})
+    method_class = _method_config_class(values)
+    keys = all_keys(method_class=method_class)
+    method_values = values.pop("method", None) or {}
+    config = _build(Config, values, "", keys)
+    config.method = _build(method_class, method_values, "method", keys)
+    return config
 
 
 def config_to_dict(config: Any) -> dict:
@@ -118,13 +154,26 @@ def config_to_dict(config: Any) -> dict:
     return plain(dataclasses.asdict(config))
 
 
-def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
-    """Every dotted key of the schema, e.g. 'proposals.workers'."""
+def dataclass_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of a configuration dataclass, e.g. 'proposals.workers'."""
     keys = []
     for name, annotation in _field_types(cls).items():
         key = f"{prefix}.{name}" if prefix else name
         if dataclasses.is_dataclass(annotation):
-            keys.extend(all_keys(annotation, key))
+            keys.extend(dataclass_keys(annotation, key))
+        else:
+            keys.append(key)
+    return keys
+
+
+def all_keys(method_class: type | None = None) -> list[str]:
+    """Every dotted key of a pretraining configuration, the method section's included (SoCo's by default)."""
+    if method_class is None:
+        method_class = _method_config_class({})
+    keys = []
+    for key in dataclass_keys(Config):
+        if key == "method":
+            keys.extend(dataclass_keys(method_class, "method"))
         else:
             keys.append(key)
     return keys
@@ -217,3 +266,17 @@ def save_config(config: Config, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
     return path
+
+
+def apply_overrides(instance: Any, overrides: list[str] | tuple[str, ...], prefix: str = "") -> Any:
+    """A copy of a configuration dataclass with `key=value` overrides applied, strictly checked.
+
+    Keys may carry the section name `prefix` (e.g. 'transfer.epochs=12' as well as 'epochs=12').
+    """
+    values = config_to_dict(instance)
+    for text in overrides:
+        path, value = parse_override(text)
+        if prefix and path[0] == prefix and len(path) > 1:
+            path = path[1:]
+        _set_path(values, path, value, text)
+    return build_dataclass(type(instance), values, prefix)

@@ -1,11 +1,16 @@
-"""The pretraining dataset: images of a folder with their stored proposals, turned into SoCo's views.
+"""The pretraining data set: images of a folder (with their stored proposals) through a method's sample transform.
 
-Each sample's augmentation comes from its own torch.Generator seeded from (seed, epoch, image index),
-so what an image becomes in an epoch does not depend on the order, the batch or the number of
-data-loader workers. An image that cannot be read during training is not fatal: `__getitem__` returns
-a `SkippedSample`, `collate_views` drops it and reports it in the batch (workers are separate
-processes, so the batch is how the count reaches the training loop), and
-`SoCoDataset.count_skipped(batch)` adds it to the dataset's tally in the parent process.
+The data set knows no method. A method hands in its transform: a picklable object with
+`__call__(image, proposals, generator, source) -> sample` and `collate(samples) -> batch`, and a
+`needs_proposals` flag. `image` is the decoded HxWx3 uint8 RGB array, `proposals` the image's (N, 4)
+boxes in original pixels (empty without a store), `generator` a torch.Generator seeded from (seed,
+epoch, image index), and `source` a `SampleSource` that reads other images of the data set with that
+generator (InsLoc pastes crops onto two other images).
+
+Because every sample draws only from its own generator, what an image becomes in an epoch does not
+depend on the order, the batch or the number of data-loader workers. An image that cannot be read is
+not fatal: it is replaced by the next readable one and counted; `collate` reports it in the batch
+(workers are separate processes, so the batch is how the count reaches the training loop).
 """
 
 from __future__ import annotations
@@ -13,28 +18,52 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from soco.config.schema import ViewsConfig
-from soco.data.images import load_rgb
+from soco.data.images import list_images, load_rgb
 from soco.data.proposals.store import ProposalStore
-from soco.data.views import check_views_config, denormalize, make_views
-from soco.errors import ImageReadError
+from soco.errors import DataError, ImageReadError
 
-__all__ = ["SkippedSample", "SoCoDataset", "sample_seed", "collate_views", "draw_batch_views"]
+__all__ = [
+    "SampleTransform",
+    "SampleSource",
+    "SkippedSample",
+    "ImageDataset",
+    "BatchCollate",
+    "sample_seed",
+    "MAX_REPLACEMENTS",
+    "RESERVED_BATCH_KEYS",
+]
 
 _log = logging.getLogger(__name__)
 _UINT64 = 2**64
+MAX_REPLACEMENTS = 8
+# Keys the data set adds to every batch; a method's collate must not use them.
+RESERVED_BATCH_KEYS = ("indices", "paths", "skipped", "skipped_paths")
+
+
+class SampleTransform(Protocol):
+    """What a method gives the data set: how one image becomes a sample, and how samples become a batch."""
+
+    needs_proposals: bool
+
+    def __call__(self, image: np.ndarray, proposals: np.ndarray, generator: torch.Generator,
+                 source: SampleSource) -> dict:
+        """The sample of one image."""
+
+    def collate(self, samples: list[dict]) -> dict:
+        """A batch of samples."""
 
 
 @dataclass(frozen=True)
 class SkippedSample:
-    """The marker `SoCoDataset` returns for an image it could not use, and why."""
+    """The marker the data set returns for an image it could not use, and why."""
 
-    index: int  # index in the proposal store
+    index: int  # index in the proposal store (or in the folder listing)
     path: str  # relative to the image folder
     reason: str
 
@@ -45,34 +74,64 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
 
 
-class SoCoDataset(Dataset):
-    """Every readable image of a proposal store, as a dict of SoCo views with their boxes."""
+class SampleSource:
+    """Read access to other images of the data set for a transform, drawn with the sample's generator."""
+
+    def __init__(self, dataset: ImageDataset):
+        self._dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def draw(self, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray, int]:
+        """(image, proposals, store index) of a uniformly drawn readable image; unreadable ones are redrawn."""
+        for _ in range(MAX_REPLACEMENTS + 1):
+            position = int(torch.randint(0, len(self._dataset), (1,), generator=generator)[0])
+            loaded = self._dataset.read(position)
+            if not isinstance(loaded, SkippedSample):
+                return loaded
+        raise DataError(f"{MAX_REPLACEMENTS + 1} images drawn in a row from {self._dataset.images_root} "
+                        "are unreadable")
+
+
+class ImageDataset(Dataset):
+    """Every readable image of a folder (those of its proposal store, when the method needs proposals)."""
 
     def __init__(
         self,
         images_root: str | Path,
-        store: ProposalStore | str | Path,
-        views_config: ViewsConfig,
+        store: ProposalStore | str | Path | None,
+        transform: SampleTransform,
         seed: int = 0,
         check_images: bool = True,
     ):
         self.images_root = Path(images_root)
-        self._store = store if isinstance(store, ProposalStore) else ProposalStore(store)
-        self._store_folder = self._store.folder
-        check_views_config(views_config)
-        self.views_config = views_config
+        self.transform = transform
         self.seed = int(seed)
         self.epoch = 0
-        if check_images:
-            self._store.check_images(self.images_root)
-        self.indices = np.asarray(self._store.valid_indices(), dtype=np.int64)
+        if store is None:
+            if getattr(transform, "needs_proposals", False):
+                raise DataError("this method needs object proposals: give a proposal store")
+            self._store = None
+            self._store_folder = None
+            self._paths = list_images(self.images_root)
+            if not self._paths:
+                raise DataError(f"image folder {self.images_root} holds no image")
+            self.indices = np.arange(len(self._paths), dtype=np.int64)
+        else:
+            self._store = store if isinstance(store, ProposalStore) else ProposalStore(store)
+            self._store_folder = self._store.folder
+            self._paths = None
+            if check_images:
+                self._store.check_images(self.images_root)
+            self.indices = np.asarray(self._store.valid_indices(), dtype=np.int64)
         self.skipped = 0
         self.skipped_paths: dict[str, str] = {}
 
     @property
-    def store(self) -> ProposalStore:
-        """The proposal store (re-opened after the dataset was sent to a spawned worker)."""
-        if self._store is None:
+    def store(self) -> ProposalStore | None:
+        """The proposal store (re-opened after the data set was sent to a spawned worker), or None."""
+        if self._store is None and self._store_folder is not None:
             self._store = ProposalStore(self._store_folder)
         return self._store
 
@@ -83,18 +142,19 @@ class SoCoDataset(Dataset):
         return state
 
     def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose augmentations `__getitem__` draws.
-
-        Call it before creating the DataLoader iterator: workers copy the dataset when an iterator
-        starts, so persistent workers keep the epoch they started with.
-        """
+        """Choose the epoch whose augmentations `__getitem__` draws for plain integer keys."""
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.indices)
 
+    @property
+    def collate(self) -> BatchCollate:
+        """The collate function for a DataLoader over this data set (picklable for workers)."""
+        return BatchCollate(self.transform)
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict | SkippedSample:
-        """The views of image `position`; an unreadable image is replaced by the next readable one.
+        """The sample of the image at `position`; an unreadable image is replaced by the next readable one.
 
         `key` is a position (augmented for the epoch chosen by set_epoch) or an (epoch, position) pair,
         which lets one long-lived loader cross epochs without restarting its workers. Replacing keeps
@@ -112,11 +172,14 @@ class SoCoDataset(Dataset):
             unreadable.append(sample)
         return unreadable[0]
 
-    def _load(self, epoch: int, position: int) -> dict | SkippedSample:
-        """The views of one image, or a SkippedSample saying why it cannot be used."""
-        store = self.store
+    def relative_path(self, index: int) -> str:
+        """The path, relative to the image folder, of store (or listing) index `index`."""
+        return self._paths[index] if self._paths is not None else self.store.path(index)
+
+    def read(self, position: int) -> tuple[np.ndarray, np.ndarray, int] | SkippedSample:
+        """(RGB image, proposals, index) of the image at `position`, or a SkippedSample saying why not."""
         index = int(self.indices[position])
-        relative = store.path(index)
+        relative = self.relative_path(index)
         path = self.images_root / relative
         try:
             rgb = load_rgb(path)  # decode_rgb of the file's bytes, with clear reasons for unreadable files
@@ -124,22 +187,26 @@ class SoCoDataset(Dataset):
             return SkippedSample(index, relative, error.reason)
         except OSError as error:
             return SkippedSample(index, relative, f"cannot read file ({error.strerror or error})")
+        store = self.store
+        if store is None:
+            return rgb, np.zeros((0, 4), dtype=np.float32), index
         width, height = (int(v) for v in store.sizes[index])
         if rgb.shape[:2] != (height, width):
             # Boxes of another picture would teach the wrong objects; the file changed after the store.
             return SkippedSample(
                 index, relative, f"image is {rgb.shape[1]}x{rgb.shape[0]}, the proposal store says {width}x{height}"
             )
+        return rgb, store.boxes(index), index
+
+    def _load(self, epoch: int, position: int) -> dict | SkippedSample:
+        """The transformed sample of one image, or a SkippedSample saying why it cannot be used."""
+        loaded = self.read(position)
+        if isinstance(loaded, SkippedSample):
+            return loaded
+        rgb, proposals, index = loaded
         generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
-        out = make_views(rgb, store.boxes(index), self.views_config, generator)
-        return {
-            "views": out["views"],
-            "boxes": out["boxes"],
-            "view_names": out["view_names"],
-            "proposal_ids": out["proposal_ids"],
-            "index": index,
-            "path": relative,
-        }
+        data = self.transform(rgb, proposals, generator, SampleSource(self))
+        return {"data": data, "index": index, "path": self.relative_path(index)}
 
     def count_skipped(self, batch: dict) -> dict:
         """Add a collated batch's skipped images to `skipped` (call in the training process); returns the batch."""
@@ -151,70 +218,34 @@ class SoCoDataset(Dataset):
         return batch
 
 
-MAX_REPLACEMENTS = 8
+class BatchCollate:
+    """Collate for a DataLoader: the method's batch of the kept samples, plus indices, paths and skips.
 
-
-def collate_views(samples: list[dict | SkippedSample | None]) -> dict:
-    """Stack samples into a batch, dropping skipped ones and counting them.
-
-    Returns {"views": [(B, 3, S, S) per view], "boxes": [(B, K, 4) per view], "view_names",
-    "proposal_ids": (B, K), "indices": (B,), "paths", "skipped": int, "skipped_paths": {path: reason}}.
-    When every sample was skipped, B is 0 and "views" and "boxes" are empty lists.
+    Returns the method's batch (its own keys) with "indices" (B,), "paths", "skipped" (count of
+    unreadable images met) and "skipped_paths" {path: reason}. When every sample was skipped, B is 0
+    and the method's keys are absent.
     """
-    kept = [s for s in samples if isinstance(s, dict)]
-    dropped = [s for s in samples if not isinstance(s, dict)]
-    dropped += [replaced for s in kept for replaced in s.get("replaced", [])]
-    names = kept[0]["view_names"] if kept else []
-    return {
-        "views": [torch.stack([s["views"][v] for s in kept]) for v in range(len(names))],
-        "boxes": [torch.stack([s["boxes"][v] for s in kept]) for v in range(len(names))],
-        "view_names": list(names),
-        "proposal_ids": (
-            torch.stack([s["proposal_ids"] for s in kept]) if kept else torch.zeros((0, 0), dtype=torch.int64)
-        ),
-        "indices": torch.tensor([s["index"] for s in kept], dtype=torch.int64),
-        "paths": [s["path"] for s in kept],
-        "skipped": len(dropped),
-        "skipped_paths": {s.path: s.reason for s in dropped if isinstance(s, SkippedSample)},
-    }
+
+    def __init__(self, transform: SampleTransform):
+        self.transform = transform
+
+    def __call__(self, samples: list[dict | SkippedSample | None]) -> dict[str, Any]:
+        kept = [s for s in samples if isinstance(s, dict)]
+        dropped = [s for s in samples if not isinstance(s, dict)]
+        dropped += [replaced for s in kept for replaced in s.get("replaced", [])]
+        batch: dict[str, Any] = self.transform.collate([s["data"] for s in kept]) if kept else {}
+        clash = [key for key in RESERVED_BATCH_KEYS if key in batch]
+        if clash:
+            raise ValueError(f"a method's batch may not use the data set's keys {clash}")
+        batch.update({
+            "indices": torch.tensor([s["index"] for s in kept], dtype=torch.int64),
+            "paths": [s["path"] for s in kept],
+            "skipped": len(dropped),
+            "skipped_paths": {s.path: s.reason for s in dropped if isinstance(s, SkippedSample)},
+        })
+        return batch
 
 
-def draw_batch_views(batch: dict, path: str | Path, max_images: int = 4) -> Path:
-    """Save a PNG grid of a collated batch: a row per image, a column per view, box k in colour k."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
-    if not batch["views"] or len(batch["views"][0]) == 0:
-        raise ValueError("the batch holds no image to draw (every sample was skipped)")
-    rows = min(len(batch["views"][0]), max_images)
-    columns = len(batch["views"])
-    figure, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.6 * rows), dpi=100, squeeze=False)
-    colours = plt.get_cmap("tab10")
-    for row in range(rows):
-        for column in range(columns):
-            view = batch["views"][column][row]
-            side_h, side_w = view.shape[-2:]
-            ax = axes[row][column]
-            # extent puts pixel i on [i, i+1], the convention of the boxes' coordinates
-            ax.imshow(denormalize(view).permute(1, 2, 0).numpy(), extent=(0, side_w, side_h, 0))
-            for number, (x1, y1, x2, y2) in enumerate(batch["boxes"][column][row].tolist()):
-                ax.add_patch(
-                    Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, linewidth=1.8, edgecolor=colours(number % 10))
-                )
-            ax.set_xlim(0, side_w)
-            ax.set_ylim(side_h, 0)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(f"{batch['view_names'][column]} ({side_w}x{side_h})", fontsize=9)
-            if column == 0 and batch.get("paths"):
-                ax.set_ylabel(Path(batch["paths"][row]).name, fontsize=8)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+def batch_size_of(batch: dict) -> int:
+    """Images in a collated batch."""
+    return len(batch["paths"])

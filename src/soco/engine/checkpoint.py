@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from soco.errors import SocoError
+from soco.files import atomic_write
+
+# 1: SoCo-only entries (model, predictor, target). 2: any method (method, method_state, encoder,
+# encoder_target, encoder_layout); export still reads format 1.
+CHECKPOINT_FORMAT = 2
 
 
 def save_checkpoint(state: dict, path: str | Path) -> Path:
     """Write `state` to a temporary file, sync it, then rename: a kill never leaves a torn checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -62,7 +62,7 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
-def plot_loss_curve(metrics_path: Path, output: Path) -> Path:
+def plot_loss_curve(metrics_path: Path, output: Path, title: str = "pretraining loss") -> Path:
     """PNG of loss and learning rate against step."""
     import matplotlib
 
@@ -79,7 +79,7 @@ def plot_loss_curve(metrics_path: Path, output: Path) -> Path:
     lr_axes = loss_axes.twinx()
     lr_axes.plot(steps, [latest[s]["lr"] for s in steps], color="tab:orange", linewidth=1.0, alpha=0.7)
     lr_axes.set_ylabel("learning rate", color="tab:orange")
-    loss_axes.set_title("SoCo pretraining loss")
+    loss_axes.set_title(title)
     figure.tight_layout()
     figure.savefig(output)
     plt.close(figure)

@@ -1,14 +1,17 @@
-"""The pretraining loop: one process or many (torchrun), resumable to the bit, stopping on NaN.
+"""The pretraining loop of any method: one process or many (torchrun), resumable to the bit, stopping on NaN.
 
-The run folder holds config.yaml, metrics.jsonl, train.log, tensorboard/, checkpoints/last.pt (and
-periodic step-N.pt), views.png (one batch's views and boxes), loss.png and summary.json.
+The engine knows no method by name: it builds the method named by `method.name` from the registry,
+the data set from the method's sample transform, and runs every step through the Method contract
+(`soco.engine.step`). The run folder holds config.yaml, metrics.jsonl, train.log, tensorboard/,
+checkpoints/last.pt (and periodic step-N.pt), views.png (one batch as the method sees it), loss.png
+and summary.json.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
+import os
 import resource
 import time
 from dataclasses import asdict, dataclass
@@ -21,22 +24,21 @@ from tqdm import tqdm
 import soco
 from soco.config.loading import config_to_dict, save_config
 from soco.config.schema import Config
-from soco.data.dataset import SoCoDataset, collate_views, draw_batch_views
+from soco.data.dataset import ImageDataset
 from soco.data.proposals.store import ProposalStore
-from soco.engine.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
-from soco.engine.distributed import DistributedContext, all_reduce_mean, all_reduce_sum, init_distributed
-from soco.engine.lars import LARS, lars_param_groups
+from soco.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, prune_checkpoints, save_checkpoint
+from soco.engine.distributed import DistributedContext, all_reduce_sum, init_distributed
+from soco.engine.optimizers import build_optimizer
+from soco.engine.rng import restore_rng_state, rng_state
 from soco.engine.run_log import RunLog, plot_loss_curve
 from soco.engine.sampler import RunBatchSampler, batches_per_epoch
-from soco.engine.schedules import ema_momentum_at, learning_rate_at, scaled_learning_rate
+from soco.engine.schedules import learning_rate_at, scaled_learning_rate
+from soco.engine.step import StepRunner, TrainingDiverged, autocast_context, gradients_finite  # noqa: F401
 from soco.errors import ConfigError, SocoError
-from soco.methods.soco import SoCo
+from soco.methods.base import Method
+from soco.methods.registry import build_method
 
 LAST_CHECKPOINT = "last.pt"
-
-
-class TrainingDiverged(SocoError):
-    """The loss became NaN or infinite."""
 
 
 @dataclass
@@ -93,43 +95,8 @@ def resolve_loader_workers(requested: int, context: DistributedContext) -> int:
     """Data-loader workers per process: the request, or the cores left per process (at least 1)."""
     if requested >= 0:
         return requested
-    import os
-
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // context.world_size)
-
-
-def autocast_context(precision: str, device: torch.device):
-    """Mixed precision: bf16 on GPU by default, fp32 on CPU unless asked."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp32":
-        return contextlib.nullcontext(), None
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16), None
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on the CPU")
-        return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
-    raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, not {precision!r}")
-
-
-def gradients_finite(model: nn.Module) -> bool:
-    """Whether every gradient is finite (after DDP's all-reduce the answer is the same on every rank)."""
-    gradients = [p.grad for p in model.parameters() if p.grad is not None]
-    if not gradients:
-        return True
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(gradients))).all())
-
-
-def apply_gradients(optimizer: torch.optim.Optimizer, scaler) -> None:
-    """One optimiser step (through the fp16 grad scaler when there is one), then clear the gradients."""
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -139,42 +106,27 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def rng_state() -> dict:
-    """Global random states (the data pipeline seeds its own generators; these cover everything else)."""
-    import random
-
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def build_model(config: Config, context: DistributedContext) -> Method:
+    """The configured method on its device, with SyncBN when several GPUs train together."""
+    method = build_method(config.method).to(context.device)
+    if context.is_distributed and context.device.type == "cuda" and config.train.sync_bn:
+        method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    return method
 
 
-def restore_rng_state(state: dict) -> None:
-    """Undo rng_state()."""
-    import random
-
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def build_model(config: Config, context: DistributedContext) -> SoCo:
-    """The SoCo model on its device, with SyncBN when several GPUs train together."""
-    model = SoCo(config.model, config.views).to(context.device)
-    if context.is_distributed and context.device.type == "cuda" and config.model.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model
-
-
-def gather_weight_checksums(model: SoCo, context: DistributedContext) -> list[float]:
-    """A float64 checksum of the online network and predictor on every process (rank order)."""
+def weight_checksum(method: nn.Module) -> torch.Tensor:
+    """A float64 checksum of the trainable weights, position-weighted so that swapped values change it."""
     with torch.no_grad():
-        parameters = [*model.online.parameters(), *model.predictor.parameters()]
-        local = sum(
+        parameters = [p for p in method.parameters() if p.requires_grad]
+        return sum(
             (p.double() * (1.0 + (torch.arange(p.numel(), device=p.device) % 7).view(p.shape).double())).sum()
             for p in parameters
         )
+
+
+def gather_weight_checksums(method: nn.Module, context: DistributedContext) -> list[float]:
+    """The trainable weights' checksum on every process (rank order); all equal when the ranks are in sync."""
+    local = weight_checksum(method)
     if not context.is_distributed:
         return [float(local)]
     import torch.distributed as dist
@@ -184,23 +136,63 @@ def gather_weight_checksums(model: SoCo, context: DistributedContext) -> list[fl
     return [float(value) for value in gathered]
 
 
-def _batch_to_device(batch: dict, device: torch.device) -> tuple[dict, dict]:
-    """Views and boxes of a collated batch on the training device."""
-    names = batch["view_names"]
-    views = {name: tensor.to(device, non_blocking=True) for name, tensor in zip(names, batch["views"])}
-    boxes = {name: tensor.to(device, non_blocking=True) for name, tensor in zip(names, batch["boxes"])}
-    return views, boxes
+def build_dataset(method: Method, images_root: str | Path, store_dir: str | Path | None, seed: int) -> ImageDataset:
+    """The data set of a folder (and its proposal store, when given) through the method's sample transform."""
+    store = ProposalStore(store_dir) if store_dir is not None else None
+    return ImageDataset(images_root, store, method.sample_transform(), seed=seed)
+
+
+def checkpoint_state(method: Method, optimizer, runner: StepRunner, config: Config, step: int, loss: float,
+                     total_steps: int, skipped: int) -> dict:
+    """Everything a resume and an export need, loadable with torch.load(weights_only=True).
+
+    The encoder entries share their tensors with method_state, so torch.save stores them once.
+    """
+    target = method.target_encoder()
+    state = {
+        "format_version": CHECKPOINT_FORMAT,
+        "method": method.name,
+        "method_state": method.state_dict(),
+        "encoder": method.encoder().state_dict(),
+        "encoder_layout": method.encoder_layout(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "loss": loss,
+        "total_steps": total_steps,
+        "skipped_images": skipped,
+        "rng": rng_state(),
+        "grad_scaler": runner.scaler.state_dict() if runner.scaler is not None else {},
+        "config": config_to_dict(config),
+        "soco_version": soco.__version__,
+    }
+    if target is not None:
+        state["encoder_target"] = target.state_dict()
+    return state
+
+
+def restore_checkpoint(path: Path, method: Method, optimizer) -> dict:
+    """Load a checkpoint of this run into the method and optimiser; returns the checkpoint."""
+    state = load_checkpoint(path)
+    if "method_state" not in state:
+        raise SocoError(f"{path} was written by soco before the Method redesign (format 1): it cannot be resumed, "
+                        "but `soco export` still reads it")
+    if state.get("method") != method.name:
+        raise SocoError(f"{path} is a {state.get('method')!r} run, this configuration trains {method.name!r}")
+    method.load_state_dict(state["method_state"])
+    optimizer.load_state_dict(state["optimizer"])
+    restore_rng_state(state["rng"])
+    return state
 
 
 def pretrain(
     config: Config,
     run_dir: str | Path,
     images_root: str | Path,
-    store_dir: str | Path,
+    store_dir: str | Path | None,
     resume: bool = False,
     progress: bool = True,
 ) -> PretrainSummary:
-    """Train SoCo on the images of `images_root` with the proposals of `store_dir`."""
+    """Train the configured method on the images of `images_root` (with the proposals of `store_dir`)."""
     started = time.perf_counter()
     run_dir = Path(run_dir)
     context = init_distributed(config.train.device)
@@ -210,27 +202,25 @@ def pretrain(
         raise SocoError(f"{run_dir} already holds a run (checkpoints/last.pt): pass --resume to continue it, "
                         "or choose another --out")
 
+    # The order of seeding, model construction and loader creation fixes every random stream.
     torch.manual_seed(config.train.seed)
-    store = ProposalStore(store_dir)
-    dataset = SoCoDataset(images_root, store, config.views, seed=config.train.seed)
+    method = build_model(config, context)
+    dataset = build_dataset(method, images_root, store_dir, config.train.seed)
     schedule = make_schedule(config, len(dataset), context.world_size)
-    model = build_model(config, context)
-    optimizer = LARS(
-        lars_param_groups(model, config.optim.weight_decay),
-        lr=schedule.peak_lr, momentum=config.optim.momentum,
-        weight_decay=config.optim.weight_decay, trust_coefficient=config.optim.trust_coefficient,
-    )
-    step, skipped, resumed_loss, resumed_scaler_state = 0, 0, float("nan"), None
+    optimizer = build_optimizer(config.optim, method.parameter_groups(config.optim.weight_decay), schedule.peak_lr)
+    trained = method
+    if context.is_distributed:
+        device_ids = [context.device.index] if context.device.type == "cuda" else None
+        trained = nn.parallel.DistributedDataParallel(method, device_ids=device_ids)
+    runner = StepRunner(method, trained, optimizer, context, config.train.precision, config.train.accumulate)
+
+    step, skipped, resumed_loss = 0, 0, float("nan")
     if resume and last_path.exists():
-        state = load_checkpoint(last_path)
-        model.online.load_state_dict(state["model"])
-        model.predictor.load_state_dict(state["predictor"])
-        model.target.load_state_dict(state["target"])
-        optimizer.load_state_dict(state["optimizer"])
+        state = restore_checkpoint(last_path, method, optimizer)
         step, skipped = int(state["step"]), int(state.get("skipped_images", 0))
         resumed_loss = float(state.get("loss", float("nan")))
-        restore_rng_state(state["rng"])
-        resumed_scaler_state = state.get("grad_scaler")
+        if runner.scaler is not None and state.get("grad_scaler"):
+            runner.scaler.load_state_dict(state["grad_scaler"])
         if state.get("total_steps") != schedule.total_steps:
             raise SocoError(
                 f"{last_path} was made for {state.get('total_steps')} steps, this configuration gives "
@@ -240,24 +230,17 @@ def pretrain(
     log = RunLog(run_dir, enabled=context.is_main)
     if context.is_main:
         save_config(config, run_dir / "config.yaml")
-        log.text(f"soco {soco.__version__}; {context.world_size} process(es) on {context.device}; "
-                 f"{len(dataset)} images; {schedule.total_steps} steps of {schedule.images_per_step} images; "
-                 f"peak lr {schedule.peak_lr:.4g}; starting at step {step}")
+        log.text(f"soco {soco.__version__}; method {method.name}; {context.world_size} process(es) on "
+                 f"{context.device}; {len(dataset)} images; {schedule.total_steps} steps of "
+                 f"{schedule.images_per_step} images; peak lr {schedule.peak_lr:.4g}; starting at step {step}")
 
-    trained = model
-    if context.is_distributed:
-        device_ids = [context.device.index] if context.device.type == "cuda" else None
-        trained = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    autocast, scaler = autocast_context(config.train.precision, context.device)
-    if scaler is not None and resumed_scaler_state:
-        scaler.load_state_dict(resumed_scaler_state)
     workers = resolve_loader_workers(config.train.workers, context)
     accumulate = config.train.accumulate
     start_step, last_loss = step, resumed_loss
     data_seconds = model_seconds = 0.0
-    model.train()
+    method.train()
     bar = tqdm(total=schedule.total_steps, initial=step, unit="step", disable=not (progress and context.is_main),
-               dynamic_ncols=True, desc="pretrain")
+               dynamic_ncols=True, desc=f"pretrain {method.name}")
     try:
         sampler = RunBatchSampler(
             len(dataset), config.train.batch_size, config.train.seed, context.rank, context.world_size,
@@ -265,7 +248,7 @@ def pretrain(
             total_batches=schedule.total_steps * accumulate,
         )
         loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_views,
+            dataset, batch_sampler=sampler, num_workers=workers, collate_fn=dataset.collate,
             pin_memory=context.device.type == "cuda", prefetch_factor=2 if workers else None,
         )
         batches = iter(loader)
@@ -273,75 +256,44 @@ def pretrain(
             epoch = step // schedule.steps_per_epoch
             lr = learning_rate_at(step, schedule.total_steps, schedule.warmup_steps, schedule.peak_lr,
                                   config.optim.final_lr, config.optim.warmup_start_factor)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             step_started = time.perf_counter()
-            loss_sum = torch.zeros((), device=context.device)
-            step_data_seconds = 0.0
+            micro_batches = []
             for micro in range(accumulate):
-                waited = time.perf_counter()
                 batch = next(batches)
-                step_data_seconds += time.perf_counter() - waited
                 skipped += int(batch["skipped"])
-                if not batch["views"]:  # every image of this micro-batch was unreadable
+                if not batch["paths"]:  # every image of this micro-batch was unreadable
                     if context.is_distributed:  # the other processes would wait for this one forever
                         raise SocoError(f"every image of a micro-batch at step {step} is unreadable: "
                                         f"{batch['skipped_paths']}")
                     continue
                 if step == 0 and micro == 0 and context.is_main:
-                    draw_batch_views(batch, run_dir / "views.png")
-                views, boxes = _batch_to_device(batch, context.device)
-                sync = contextlib.nullcontext()
-                if context.is_distributed and micro < accumulate - 1:
-                    sync = trained.no_sync()
-                with sync:
-                    with autocast:
-                        loss = trained(views, boxes) / accumulate
-                    (scaler.scale(loss) if scaler else loss).backward()
-                loss_sum += loss.detach()
-            mean_loss = float(all_reduce_mean(loss_sum, context))
-            problem = None
-            if not math.isfinite(mean_loss):
-                problem = f"loss became {mean_loss}"
-            elif scaler is None and not gradients_finite(model):
-                problem = f"a gradient became non-finite (loss {mean_loss:.4f})"
-            if problem:
-                message = (f"{problem} at step {step} (lr {lr:.4g}); stopped. "
-                           f"The last good checkpoint is kept: {last_path if last_path.exists() else 'none yet'}")
+                    method.draw_batch(batch, run_dir / "views.png")
+                micro_batches.append(batch)
+            step_data_seconds = time.perf_counter() - step_started
+            try:
+                result = runner.run(micro_batches, step, schedule.total_steps, lr)
+            except TrainingDiverged as error:
+                message = (f"{error}; stopped. The last good checkpoint is kept: "
+                           f"{last_path if last_path.exists() else 'none yet'}")
                 log.text(message)
-                raise TrainingDiverged(message)
-            apply_gradients(optimizer, scaler)
-            momentum = ema_momentum_at(step, schedule.total_steps, config.optim.ema_base)
-            model.update_target(momentum)
+                raise TrainingDiverged(message) from None
             step += 1
-            last_loss = mean_loss
+            last_loss = result.loss
             step_seconds = time.perf_counter() - step_started
             data_seconds += step_data_seconds
             model_seconds += step_seconds - step_data_seconds
             images_per_second = schedule.images_per_step / max(step_seconds, 1e-9)
             bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{images_per_second:.1f}")
+            bar.set_postfix(loss=f"{result.loss:.3f}", img_s=f"{images_per_second:.1f}")
             if step % config.train.log_every == 0 or step == schedule.total_steps or step == start_step + 1:
                 log.metrics(step, {
-                    "epoch": epoch, "loss": mean_loss, "lr": lr, "ema_momentum": momentum,
+                    "epoch": epoch, "loss": result.loss, "lr": lr, **result.metrics,
                     "images_per_second": images_per_second, "data_seconds": step_data_seconds,
                     "step_seconds": step_seconds, "skipped_images": skipped,
                 })
             if context.is_main and (step % config.train.checkpoint_every == 0 or step == schedule.total_steps):
-                state = {
-                    "model": model.online.state_dict(),
-                    "predictor": model.predictor.state_dict(),
-                    "target": model.target.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "step": step,
-                    "loss": mean_loss,
-                    "total_steps": schedule.total_steps,
-                    "skipped_images": skipped,
-                    "rng": rng_state(),
-                    "grad_scaler": scaler.state_dict() if scaler is not None else {},
-                    "config": config_to_dict(config),
-                    "soco_version": soco.__version__,
-                }
+                state = checkpoint_state(method, optimizer, runner, config, step, result.loss,
+                                         schedule.total_steps, skipped)
                 save_checkpoint(state, last_path)
                 if step % config.train.checkpoint_every == 0:
                     save_checkpoint(state, checkpoint_dir / f"step-{step:08d}.pt")
@@ -351,7 +303,7 @@ def pretrain(
         bar.close()
 
     skipped_total = int(all_reduce_sum(torch.tensor(skipped, device=context.device), context))
-    checksums = gather_weight_checksums(model, context)
+    checksums = gather_weight_checksums(method, context)
     if len(set(checksums)) > 1:
         log.text(f"warning: the processes' weights differ at the end: {checksums}")
     seconds = time.perf_counter() - started
@@ -364,7 +316,7 @@ def pretrain(
     )
     if context.is_main:
         if (run_dir / "metrics.jsonl").exists():
-            plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
+            plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{method.name} pretraining loss")
         (run_dir / "summary.json").write_text(json.dumps(
             {**asdict(summary), "data_seconds": data_seconds, "model_seconds": model_seconds}, indent=2))
         for line in summary.lines():

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from soco.export.formats import (
-    FPN_PREFIX,
-    HEAD_PREFIX,
-    Conversion,
-    ExportFormat,
-    SourceWeights,
-    note_leftovers,
-)
-from soco.export.torchvision_format import save_state_dict
+from soco.export.conversion import Conversion, ExportFormat, note_leftovers
+from soco.export.source import SourceWeights
+from soco.export.writing import provenance, save_state_dict
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -22,12 +16,11 @@ def convert(source: SourceWeights) -> Conversion:
     conversion = Conversion()
     for name, tensor in source.body().items():
         conversion.add("backbone", name, tensor)
-    conversion.drop(FPN_PREFIX + "*", len(source.fpn()))
-    if source.layout != "c4":
-        conversion.drop(HEAD_PREFIX + "*", len(source.box_head()))
+    conversion.drop(source.prefixes["fpn"] + "*", len(source.fpn()))
+    conversion.drop(source.prefixes["box_head"] + "*", len(source.box_head()))
     missing = [stage for stage in STAGES if not any(k.startswith(stage + ".") for k in conversion.weights)]
     if missing:
-        conversion.notes.append(f"the model has no {', '.join(missing)} (C4 with model.head=false): "
+        conversion.notes.append(f"the model has no {', '.join(missing)} (C4 with {source.absent_because('res5')}): "
                                 "load with strict=False and train those from scratch")
     note_leftovers(source, conversion)
     return conversion
@@ -35,8 +28,7 @@ def convert(source: SourceWeights) -> Conversion:
 
 def write(conversion: Conversion, source: SourceWeights, path: Path) -> None:
     """Save as a plain state dict (.pt/.pth) or safetensors (.safetensors)."""
-    save_state_dict(conversion.weights, path, {"format": "torchvision-resnet", "producer": "soco",
-                                               "source": str(source.path), "network": source.network})
+    save_state_dict(conversion.weights, path, provenance(source, "torchvision-resnet"))
 
 
 FORMAT = ExportFormat(

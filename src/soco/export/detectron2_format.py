@@ -14,19 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from soco.export.formats import (
-    BLOCK_KEY,
-    Conversion,
-    ExportError,
-    ExportFormat,
-    SourceWeights,
-    atomic_write,
-    note_leftovers,
-    split_box_head,
-    split_fpn,
-)
+from soco.export.conversion import BLOCK_KEY, Conversion, ExportFormat, note_leftovers, split_box_head, split_fpn
+from soco.export.source import ExportError, SourceWeights
+from soco.export.writing import PRODUCER
+from soco.files import atomic_write
 
-AUTHOR = "soco"
 C4_RES5_PREFIX = "roi_heads."  # Res5ROIHeads keeps res5 as roi_heads.res5
 NORM_FIELD = re.compile(r"^bn(?P<index>\d)\.(?P<field>.+)$")
 DOWNSAMPLE_FIELD = re.compile(r"^downsample\.(?P<sub>[01])\.(?P<field>.+)$")
@@ -78,14 +70,15 @@ def convert(source: SourceWeights) -> Conversion:
         if any(k.startswith(C4_RES5_PREFIX) for k in conversion.weights):
             conversion.notes.append("res5 (the C4 head) is written as roi_heads.res5.*, Res5ROIHeads' own names")
         else:
-            conversion.notes.append("the model has no res5 head (model.head=false): Detectron2's res5 starts untrained")
+            conversion.notes.append(f"the model has no res5 head ({source.absent_because('res5')}): "
+                                    "Detectron2's res5 starts untrained")
     for (kind, index), block in split_fpn(source.fpn()).items():
         base = f"{'fpn_lateral' if kind == 'inner_blocks' else 'fpn_output'}{index + 2}"
         for sub_name, tensor in block.items():
             add("fpn", _conv_norm_name(base, sub_name), tensor)
     head = source.box_head()
     if source.layout == "c5" and head:
-        conversion.drop("box_head.* (pooled on C5: no Detectron2 model has that head)", len(head))
+        conversion.drop(f"{source.prefixes['box_head']}* (pooled on C5: no Detectron2 model has that head)", len(head))
     elif head:
         convs, linears = split_box_head(head)
         for k, conv in enumerate(convs, start=1):
@@ -106,7 +99,7 @@ def write(conversion: Conversion, source: SourceWeights, path: Path) -> None:
     if path.suffix != ".pkl":
         # Detectron2 unpickles only .pkl names; any other name goes to torch.load, which cannot read numpy arrays.
         raise ExportError(f"a Detectron2 checkpoint must be named *.pkl (got {path.name})")
-    payload = {"model": dict(conversion.weights), "__author__": AUTHOR, "matching_heuristics": True}
+    payload = {"model": dict(conversion.weights), "__author__": PRODUCER, "matching_heuristics": True}
 
     def dump(tmp: Path) -> None:
         with open(tmp, "wb") as handle:

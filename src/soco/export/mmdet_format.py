@@ -8,18 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 import soco
-from soco.export.formats import (
-    Conversion,
-    ExportFormat,
-    SourceWeights,
-    atomic_write,
-    note_leftovers,
-    split_box_head,
-    split_fpn,
-)
+from soco.export.conversion import Conversion, ExportFormat, note_leftovers, split_box_head, split_fpn
+from soco.export.source import SourceWeights
+from soco.export.writing import plain_tensors, provenance, save_torch
 
 C4_SHARED_HEAD_PREFIX = "roi_head.shared_head."  # ResLayer(stage=3) registers the stage as layer4
 NORM_NAME = "bn"  # mmcv names a BN or SyncBN ConvModule norm "bn"
@@ -45,14 +37,15 @@ def convert(source: SourceWeights) -> Conversion:
         if "box head" in conversion.counts:
             conversion.notes.append("res5 (the C4 head) is written as roi_head.shared_head.layer4.* (ResLayer)")
         else:
-            conversion.notes.append("the model has no res5 head (model.head=false): the shared head starts untrained")
+            conversion.notes.append(f"the model has no res5 head ({source.absent_because('res5')}): "
+                                    "the shared head starts untrained")
     for (kind, index), block in split_fpn(source.fpn()).items():
         base = f"neck.{'lateral_convs' if kind == 'inner_blocks' else 'fpn_convs'}.{index}"
         for sub_name, tensor in block.items():
             conversion.add("fpn", _conv_module_name(base, sub_name), tensor)
     head = source.box_head()
     if source.layout == "c5" and head:
-        conversion.drop("box_head.* (pooled on C5: no MMDetection model has that head)", len(head))
+        conversion.drop(f"{source.prefixes['box_head']}* (pooled on C5: no MMDetection model has that head)", len(head))
     elif head:
         convs, linears = split_box_head(head)
         for k, conv in enumerate(convs):
@@ -74,17 +67,14 @@ def convert(source: SourceWeights) -> Conversion:
 def write(conversion: Conversion, source: SourceWeights, path: Path) -> None:
     """torch.save the tensors with a small meta dict of plain values (weights_only-safe)."""
     meta = {
-        "producer": "soco",
+        **provenance(source),
         "soco_version": soco.__version__,
-        "source": str(source.path),
-        "network": source.network,
         "step": source.step if source.step is not None else -1,
         "layout": source.layout,
     }
     if source.config is not None:
         meta["soco_config"] = source.config
-    state = {name: tensor.detach().contiguous().clone() for name, tensor in conversion.weights.items()}
-    atomic_write(path, lambda tmp: torch.save({"state_dict": state, "meta": meta}, tmp))
+    save_torch({"state_dict": plain_tensors(conversion.weights), "meta": meta}, path)
 
 
 FORMAT = ExportFormat(

@@ -9,75 +9,33 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from soco.export.formats import (
-    BODY_PREFIX,
-    FPN_PREFIX,
-    Conversion,
-    ExportError,
-    ExportFormat,
-    SourceWeights,
-    atomic_write,
-    note_leftovers,
-    require_fpn_model,
-)
+from soco.export.conversion import Conversion, ExportFormat, note_leftovers, require_fpn_model
+from soco.export.source import ExportError, SourceWeights
+from soco.export.writing import load_state_dict_file, provenance, save_state_dict
 
 DETECTOR_BACKBONE_PREFIX = "backbone."
+DETECTOR_BODY_PREFIX = "backbone.body."  # BackboneWithFPN's trunk and FPN
+DETECTOR_FPN_PREFIX = "backbone.fpn."
 DETECTOR_BOX_HEAD_PREFIX = "roi_heads.box_head."
-SAFETENSORS_SUFFIX = ".safetensors"
 
 
 def convert(source: SourceWeights) -> Conversion:
     """Rename the encoder to torchvision detection names: the modules are torchvision's own, so only the head moves."""
     require_fpn_model(source, "torchvision")
     conversion = Conversion()
-    for name, tensor in source.state.items():
-        if name.startswith(BODY_PREFIX):
-            conversion.add("backbone", name, tensor)
-        elif name.startswith(FPN_PREFIX):
-            conversion.add("fpn", name, tensor)
+    for name, tensor in source.body().items():
+        conversion.add("backbone", DETECTOR_BODY_PREFIX + name, tensor)
+    for name, tensor in source.fpn().items():
+        conversion.add("fpn", DETECTOR_FPN_PREFIX + name, tensor)
     for name, tensor in source.box_head().items():
         conversion.add("box head", DETECTOR_BOX_HEAD_PREFIX + name, tensor)
     note_leftovers(source, conversion)
     return conversion
 
 
-def save_state_dict(weights: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """torch.save of a plain dict of tensors, or a safetensors file when the name ends in .safetensors."""
-    plain = {name: tensor.detach().contiguous().clone() for name, tensor in weights.items()}
-    if path.suffix == SAFETENSORS_SUFFIX:
-        save_file = _safetensors().save_file
-        atomic_write(path, lambda tmp: save_file(plain, str(tmp), metadata=metadata))
-    else:
-        atomic_write(path, lambda tmp: torch.save(plain, tmp))
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a file written by save_state_dict (torch.load weights-only, or safetensors)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"{path} does not exist")
-    if path.suffix == SAFETENSORS_SUFFIX:
-        return _safetensors().load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ExportError(f"{path} is not a plain dict of tensors (a `soco export --to torchvision` file)")
-    return state
-
-
-def _safetensors():
-    """The safetensors.torch module, or a clear error when the optional package is missing."""
-    try:
-        import safetensors.torch
-    except ImportError:
-        raise ExportError(".safetensors files need the 'safetensors' package (pip install safetensors); "
-                          "or use a .pt file name") from None
-    return safetensors.torch
-
-
 def write(conversion: Conversion, source: SourceWeights, path: Path) -> None:
     """Save the renamed weights as a plain state dict (.pt/.pth) or safetensors (.safetensors)."""
-    metadata = {"format": "torchvision", "producer": "soco", "source": str(source.path), "network": source.network}
-    save_state_dict(conversion.weights, path, metadata)
+    save_state_dict(conversion.weights, path, provenance(source, "torchvision"))
 
 
 def load_into_torchvision(model: nn.Module, path: str | Path | Mapping[str, torch.Tensor]) -> list[str]:

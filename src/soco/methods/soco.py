@@ -1,48 +1,191 @@
-"""SoCo: object-level BYOL between views, with an EMA target network (Wei et al., NeurIPS 2021)."""
+"""SoCo: object-level BYOL between views, with an EMA target network (Wei et al., NeurIPS 2021).
+
+What SoCo adds to the shared plumbing: its views (V1-V4 with proposal boxes, `soco_transform`), a
+detector-aligned encoder (ResNet + FPN + scale-aware RoIAlign + 4conv1fc head, or C4 with res5), a
+predictor, and the BYOL loss summed over the view pairs. The image-level BYOL baseline and every row
+of the paper's Table 4 are this method with parts turned off (presets `table4_*`).
+"""
 
 from __future__ import annotations
 
-import copy
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from soco.config.schema import ModelConfig, ViewsConfig
+from soco.data.pictures import draw_views
+from soco.errors import ConfigError
 from soco.methods.losses import symmetric_pair_loss
+from soco.methods.momentum import MomentumMethod, check_momentum
+from soco.methods.registry import register_method
+from soco.methods.soco_transform import SoCoTransform, SoCoViewsConfig, check_views_config
+from soco.models.backbone import (
+    FPN_LEVEL_NAMES,
+    FPN_STRIDES,
+    ResNetBody,
+    build_resnet,
+    build_resnet_fpn,
+    c4_channels,
+    c5_channels,
+)
 from soco.models.encoder import ObjectEncoder
-from soco.models.heads import MLP
+from soco.models.heads import MLP, C4Head, GlobalAveragePool, build_box_head
+from soco.models.roi_pooling import ADAPTIVE_SAMPLING, BoxPooler
+
+VARIANTS = ("fpn", "c4")
+FPN_POOLED_SIZE = 7
+C4_POOLED_SIZE = 14  # res5 halves it to 7x7, as in Detectron2's C4 RoI head
+# The paper's level thresholds (sqrt box area, pixels) for 224-pixel views: <= 48 P2, <= 96 P3, <= 192 P4.
+PAPER_THRESHOLDS = (48.0, 96.0, 192.0)
+PAPER_VIEW_SIZE = 224
 
 
-def view_pairs(model_config: ModelConfig, views_config: ViewsConfig) -> list[tuple[str, str]]:
+@dataclass
+class SoCoModelConfig:
+    """SoCo's detector-aligned network: backbone, neck, RoI head, projector and predictor."""
+
+    variant: str = "fpn"  # "fpn" (R50-FPN, 4conv1fc head) or "c4" (RoIAlign on C4, res5 head)
+    depth: int = 50  # ResNet depth: 18, 34, 50, 101, 152
+    fpn: bool = True  # Table 4 "FPN"; off pools boxes on C5
+    head: bool = True  # Table 4 "Head"; off replaces the box head by global average pooling
+    scale_aware: bool = True  # Table 4 "scale-aware assignment"; off pools every box on `fixed_level`
+    # sqrt(area) boundaries P2|P3|P4|P5 in view pixels; empty: the paper's 48/96/192 scaled by v1_size/224
+    level_thresholds: list[float] = field(default_factory=list)
+    fixed_level: int = 5  # pyramid level (2..5) used when scale_aware is off
+    pool_all_levels: bool = False  # the release's way: pool on every level and mask (for comparison)
+    fpn_channels: int = 256
+    head_convs: int = 4
+    head_fc_dim: int = 1024
+    projector_hidden: int = 4096
+    projection_dim: int = 256
+
+
+@dataclass
+class SoCoConfig:
+    """The `method:` section of a SoCo run."""
+
+    name: str = "soco"
+    views: SoCoViewsConfig = field(default_factory=SoCoViewsConfig)
+    model: SoCoModelConfig = field(default_factory=SoCoModelConfig)
+    ema_base: float = 0.99  # target momentum, raised to 1 by a cosine schedule
+
+
+def level_thresholds(model: SoCoModelConfig, views: SoCoViewsConfig) -> tuple[float, ...]:
+    """The level thresholds in use: the configured ones, or the paper's scaled to the V1 size.
+
+    Scaling keeps the share of boxes per level of the paper's 224-pixel views at any view size, so
+    that small (CPU) views still train P4 and P5.
+    """
+    if model.level_thresholds:
+        return tuple(float(t) for t in model.level_thresholds)
+    return tuple(t * views.v1_size / PAPER_VIEW_SIZE for t in PAPER_THRESHOLDS)
+
+
+def check_model_config(model: SoCoModelConfig) -> None:
+    """Raise ConfigError for model settings the encoder cannot build."""
+    prefix = "method.model"
+    if model.variant not in VARIANTS:
+        raise ConfigError(f"{prefix}.variant: {model.variant!r} is not one of {list(VARIANTS)}")
+    if not 2 <= model.fixed_level <= 5:
+        raise ConfigError(f"{prefix}.fixed_level: {model.fixed_level} is not a pyramid level 2..5")
+    thresholds = list(model.level_thresholds)
+    if thresholds and (len(thresholds) != len(FPN_STRIDES) - 1 or any(b <= a for a, b in zip(thresholds, thresholds[1:]))):
+        raise ConfigError(f"{prefix}.level_thresholds: need 3 increasing values (or [] for the scaled "
+                          f"defaults), got {thresholds}")
+    for key in ("fpn_channels", "head_fc_dim", "projector_hidden", "projection_dim"):
+        if getattr(model, key) <= 0:
+            raise ConfigError(f"{prefix}.{key}: must be positive, got {getattr(model, key)}")
+    if model.head_convs < 0:
+        raise ConfigError(f"{prefix}.head_convs: must be >= 0, got {model.head_convs}")
+
+
+def encoder_kind(model: SoCoModelConfig) -> str:
+    """'fpn', 'c4', or 'c5' (variant fpn with the FPN off: boxes pooled on C5)."""
+    if model.variant == "c4":
+        return "c4"
+    return "fpn" if model.fpn else "c5"
+
+
+def build_encoder(model: SoCoModelConfig, thresholds: tuple[float, ...]) -> ObjectEncoder:
+    """SoCo's online encoder from its parts; the construction order fixes the random initialisation."""
+    check_model_config(model)
+    kind = encoder_kind(model)
+    if kind == "fpn":
+        backbone: nn.Module = build_resnet_fpn(model.depth, model.fpn_channels)
+        feature_names = FPN_LEVEL_NAMES
+        fixed = None if model.scale_aware else model.fixed_level - 2  # P2 is index 0
+        pooler = BoxPooler(FPN_STRIDES, FPN_POOLED_SIZE, thresholds if model.scale_aware else None, fixed)
+        pooled_channels = model.fpn_channels
+    elif kind == "c5":
+        backbone = ResNetBody(build_resnet(model.depth), "layer4")
+        feature_names = ("0",)
+        pooler = BoxPooler((backbone.stride,), FPN_POOLED_SIZE)
+        pooled_channels = backbone.out_channels
+    else:  # C4: the trunk up to layer3; layer4 becomes the head
+        network = build_resnet(model.depth)
+        backbone = ResNetBody(network, "layer3")
+        feature_names = ("0",)
+        pooler = BoxPooler((backbone.stride,), C4_POOLED_SIZE)
+        pooled_channels = c4_channels(network)
+
+    if not model.head:
+        box_head: nn.Module = GlobalAveragePool()
+        representation_dim = pooled_channels
+    elif kind == "c4":
+        box_head = C4Head(network.layer4)
+        representation_dim = c5_channels(network)
+    else:
+        box_head = build_box_head(pooled_channels, model.head_convs, model.head_fc_dim, FPN_POOLED_SIZE)
+        representation_dim = model.head_fc_dim
+    projector = MLP(representation_dim, model.projector_hidden, model.projection_dim)
+    return ObjectEncoder(backbone, feature_names, pooler, box_head, projector, model.pool_all_levels)
+
+
+def view_pairs(model: SoCoModelConfig, views: SoCoViewsConfig) -> list[tuple[str, str]]:
     """The view pairs contrasted: (V1,V2), (V1,V3) and SoCo*'s (V1,V4); C4 keeps (V1,V2) only."""
     pairs = [("v1", "v2")]
-    if model_config.variant == "c4":
+    if model.variant == "c4":
         return pairs
-    if views_config.use_v3:
+    if views.use_v3:
         pairs.append(("v1", "v3"))
-    if views_config.use_v4:
+    if views.use_v4:
         pairs.append(("v1", "v4"))
     return pairs
 
 
-class SoCo(nn.Module):
-    """Online encoder + predictor, and a target encoder that follows the online one by EMA."""
+@register_method
+class SoCo(MomentumMethod):
+    """Online encoder + predictor, and a target encoder that follows the online one by EMA (cosine schedule)."""
 
-    def __init__(self, model_config: ModelConfig, views_config: ViewsConfig):
-        super().__init__()
-        self.online = ObjectEncoder(model_config)
-        self.predictor = MLP(model_config.projection_dim, model_config.projector_hidden, model_config.projection_dim)
-        self.target = copy.deepcopy(self.online)
-        for param in self.target.parameters():
-            param.requires_grad_(False)
-        self.pairs = view_pairs(model_config, views_config)
+    name = "soco"
+    config_class = SoCoConfig
+    uses_proposals = True
+    default_preset = "soco_small"
+    tiny_preset = "soco_tiny"
+
+    def __init__(self, config: SoCoConfig):
+        check_views_config(config.views)
+        check_model_config(config.model)
+        check_momentum(config.ema_base, "cosine", "method.ema_base")
+        super().__init__(config, momentum_base=config.ema_base, momentum_schedule="cosine")
+        self.thresholds = level_thresholds(config.model, config.views)
+        self.online = build_encoder(config.model, self.thresholds)
+        dim = config.model.projection_dim
+        self.predictor = MLP(dim, config.model.projector_hidden, dim)
+        self.make_target("online", "target")
+        self.pairs = view_pairs(config.model, config.views)
 
     def views_used(self) -> list[str]:
         """Names of the views this method reads from a batch."""
         return sorted({name for pair in self.pairs for name in pair})
 
-    def forward(self, views: dict[str, torch.Tensor], boxes: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The symmetrised SoCo loss of one batch: views (B,3,S,S) and boxes (B,K,4) per view name."""
+    def sample_transform(self) -> SoCoTransform:
+        """V1-V4 with K proposal boxes each (see soco_transform)."""
+        return SoCoTransform(self.config.views)
+
+    def loss(self, views: dict[str, torch.Tensor], boxes: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The symmetrised SoCo loss: views (B,3,S,S) and boxes (B,K,4) per view name."""
         predictions, targets = {}, {}
         for name in self.views_used():
             predictions[name] = self.predictor(self.online(views[name], boxes[name]))
@@ -50,14 +193,37 @@ class SoCo(nn.Module):
                 targets[name] = self.target(views[name], boxes[name])
         return symmetric_pair_loss(predictions, targets, self.pairs)
 
-    @torch.no_grad()
-    def update_target(self, momentum: float) -> None:
-        """target = momentum * target + (1 - momentum) * online, over parameters.
+    def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """{"loss": the symmetrised BYOL loss over every box of every view pair}."""
+        return {"loss": self.loss(batch["views"], batch["boxes"])}
 
-        BN running statistics are not averaged: the target runs in training mode, so they come from its
-        own batches, as in BYOL and the SoCo release.
-        """
-        online_params = list(self.online.parameters())
-        target_params = list(self.target.parameters())
-        torch._foreach_mul_(target_params, momentum)
-        torch._foreach_add_(target_params, online_params, alpha=1.0 - momentum)
+    def encoder(self) -> ObjectEncoder:
+        """The online ObjectEncoder: backbone, FPN, box head (and the projector, which export leaves out)."""
+        return self.online
+
+    def target_encoder(self) -> ObjectEncoder:
+        """The EMA target ObjectEncoder."""
+        return self.target
+
+    def encoder_layout(self) -> dict:
+        """Which detector parts the encoder holds, under which key prefixes, and how boxes were pooled."""
+        model = self.config.model
+        kind = encoder_kind(model)
+        parts = ["backbone"] + (["fpn"] if kind == "fpn" else [])
+        if model.head:
+            parts.append("res5" if kind == "c4" else "box_head")
+        pooler = self.online.pooler
+        return {
+            "kind": kind,
+            "parts": parts,
+            "depth": model.depth,
+            "prefixes": {"backbone": "backbone.body.", "fpn": "backbone.fpn.", "box_head": "box_head.",
+                         "res5": "box_head.layer4.", "projector": "projector."},
+            "pooler": {"output_size": pooler.output_size, "strides": list(pooler.strides),
+                       "level_thresholds": list(pooler.thresholds) if pooler.thresholds else None,
+                       "aligned": True, "sampling_ratio": ADAPTIVE_SAMPLING},
+        }
+
+    def draw_batch(self, batch: dict, path: Path) -> Path:
+        """A grid of the batch's views with their boxes (box k in colour k in every view)."""
+        return draw_views(batch["views"], batch["boxes"], path, batch.get("paths"))

@@ -119,3 +119,46 @@ def pool_boxes_single_level(
     """(B*K, C, S, S) RoI features of every box on one map (C4 variant, FPN off, scale-aware off)."""
     _check_levels([feature], [stride], boxes)
     return _align(feature, boxes_to_rois(boxes, _rois_dtype(feature)), stride, output_size)
+
+
+class BoxPooler(torch.nn.Module):
+    """RoIAlign of (B, K, 4) boxes on one map or a pyramid, each box on its own level; no parameters.
+
+    Levels come from sqrt(box area) against `thresholds` (scale-aware, one threshold fewer than maps),
+    or every box goes to `fixed_level` (an index into the maps). One map needs neither.
+    """
+
+    def __init__(self, strides: Sequence[float], output_size: int, thresholds: Sequence[float] | None = None,
+                 fixed_level: int | None = None):
+        super().__init__()
+        self.strides = tuple(float(s) for s in strides)
+        self.output_size = int(output_size)
+        self.thresholds = tuple(float(t) for t in thresholds) if thresholds is not None else None
+        self.fixed_level = fixed_level
+        if len(self.strides) > 1 and (self.thresholds is None) == (fixed_level is None):
+            raise ValueError("a pyramid pooler needs either level thresholds or a fixed level")
+        if self.thresholds is not None and len(self.thresholds) != len(self.strides) - 1:
+            raise ValueError(f"{len(self.strides)} levels need {len(self.strides) - 1} thresholds, "
+                             f"got {list(self.thresholds)}")
+        if fixed_level is not None and not 0 <= fixed_level < len(self.strides):
+            raise ValueError(f"fixed level index {fixed_level} is not one of the {len(self.strides)} maps")
+
+    def levels(self, boxes: torch.Tensor) -> torch.Tensor:
+        """(B*K,) index of the map each box is pooled on."""
+        flat_boxes = boxes.reshape(-1, 4)
+        if self.thresholds is not None:
+            return assign_levels(flat_boxes, self.thresholds)
+        level = self.fixed_level or 0
+        return torch.full((flat_boxes.shape[0],), level, dtype=torch.long, device=boxes.device)
+
+    def forward(self, features: Sequence[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
+        """(B*K, C, S, S) pooled features, image-major."""
+        if len(features) == 1:
+            return pool_boxes_single_level(features[0], boxes, self.strides[0], self.output_size)
+        return pool_boxes_per_level(features, boxes, self.strides, self.output_size, levels=self.levels(boxes))
+
+    def pool_every_level(self, features: Sequence[torch.Tensor], boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The release's way: (L, B*K, C, S, S) every box on every map, and the (B*K,) own level of each."""
+        levels = self.levels(boxes)
+        pooled, _ = pool_boxes_all_levels(features, boxes, self.strides, self.output_size, levels=levels)
+        return pooled, levels

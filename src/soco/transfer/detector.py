@@ -15,6 +15,7 @@ from torchvision.models.detection.rpn import RPNHead
 
 from soco.errors import ConfigError, SocoError
 from soco.models.backbone import RESNET_BUILDERS, build_resnet_fpn
+from soco.transfer.pooler import FPN_FEATURE_NAMES, AlignedMultiScaleRoIAlign
 
 __all__ = [
     "ARCHITECTURES",
@@ -26,6 +27,8 @@ __all__ = [
 ]
 
 ARCHITECTURES = ("faster_rcnn", "mask_rcnn")
+BOX_POOL_SIZE = 7  # torchvision's (and pretraining's) RoI sizes
+MASK_POOL_SIZE = 14
 # Parts a pretraining file may provide; each one present loads with strict=True. The class-count
 # dependent predictors (box_predictor, mask_predictor) are never taken from a file.
 LOADABLE_PARTS = ("backbone.body", "backbone.fpn", "rpn.head", "roi_heads.box_head", "roi_heads.mask_head")
@@ -46,10 +49,11 @@ def build_detector(
     detections_per_img: int = 100,
     **detector_options,
 ) -> nn.Module:
-    """A randomly initialised detector built exactly as fasterrcnn/maskrcnn_resnet50_fpn_v2, with ResNet-`depth`.
+    """A randomly initialised detector built as fasterrcnn/maskrcnn_resnet50_fpn_v2, with ResNet-`depth`.
 
-    The ResNet's residual branches end in zero-initialised BN (as in pretraining); BN is plain and trainable
-    everywhere (nothing frozen). `num_classes` counts the background. `detector_options` go to torchvision's
+    Only the RoI poolers differ: they pool as pretraining did (AlignedMultiScaleRoIAlign). The ResNet's
+    residual branches end in zero-initialised BN (as in pretraining); BN is plain and trainable everywhere
+    (nothing frozen). `num_classes` counts the background. `detector_options` go to torchvision's
     FasterRCNN/MaskRCNN as they are (e.g. box_batch_size_per_image, rpn_post_nms_top_n_test).
     """
     if model not in ARCHITECTURES:
@@ -60,15 +64,20 @@ def build_detector(
     backbone = build_resnet_fpn(depth)
     anchors = _anchor_generator()
     rpn_head = RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0], conv_depth=2)
-    box_head = FastRCNNConvFCHead((backbone.out_channels, 7, 7), [256, 256, 256, 256], [1024],
-                                  norm_layer=nn.BatchNorm2d)
+    box_head = FastRCNNConvFCHead((backbone.out_channels, BOX_POOL_SIZE, BOX_POOL_SIZE), [256, 256, 256, 256],
+                                  [1024], norm_layer=nn.BatchNorm2d)
+    # Pooled as in pretraining (aligned, adaptive sampling), not with torchvision's defaults: see pooler.py.
+    box_roi_pool = AlignedMultiScaleRoIAlign(FPN_FEATURE_NAMES, BOX_POOL_SIZE)
     common = dict(
-        num_classes=num_classes, rpn_anchor_generator=anchors, rpn_head=rpn_head, box_head=box_head,
-        min_size=min_size, max_size=max_size, box_detections_per_img=detections_per_img, **detector_options,
+        num_classes=num_classes, rpn_anchor_generator=anchors, rpn_head=rpn_head, box_roi_pool=box_roi_pool,
+        box_head=box_head, min_size=min_size, max_size=max_size, box_detections_per_img=detections_per_img,
+        **detector_options,
     )
     if model == "mask_rcnn":
         mask_head = MaskRCNNHeads(backbone.out_channels, [256, 256, 256, 256], 1, norm_layer=nn.BatchNorm2d)
-        return MaskRCNN(backbone, mask_head=mask_head, **common)
+        # The mask head is not pretrained; it pools the same way only so that both heads see one geometry.
+        mask_roi_pool = AlignedMultiScaleRoIAlign(FPN_FEATURE_NAMES, MASK_POOL_SIZE)
+        return MaskRCNN(backbone, mask_roi_pool=mask_roi_pool, mask_head=mask_head, **common)
     return FasterRCNN(backbone, **common)
 
 

@@ -6,11 +6,8 @@ import dataclasses
 import difflib
 import json
 import math
-import os
 import platform
 import time
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -19,8 +16,12 @@ import torch
 from torch import nn
 
 import soco
+from soco.config.loading import apply_overrides as apply_config_overrides
+from soco.config.loading import dataclass_keys, parse_override
 from soco.engine.checkpoint import load_checkpoint, save_checkpoint
+from soco.engine.rng import restore_rng_state, rng_state
 from soco.errors import ConfigError, SocoError
+from soco.files import atomic_write, atomic_write_text
 from soco.transfer.coco_data import CocoDetection, collate, has_masks, plain_target
 from soco.transfer.detector import ARCHITECTURES, build_detector, convert_sync_bn, load_pretrained
 from soco.transfer.evaluate import coco_evaluate, detections_to_coco, summary_line
@@ -28,7 +29,6 @@ from soco.transfer.evaluate import coco_evaluate, detections_to_coco, summary_li
 __all__ = [
     "TransferConfig",
     "TransferDiverged",
-    "config_keys",
     "apply_overrides",
     "validate_config",
     "lr_factor",
@@ -45,6 +45,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
 PICTURE_NAME = "predictions.png"
 REFERENCE_BATCH = 16  # the batch at which the paper's lr 0.02 is given
+TRANSFER_PREFIX = "transfer"  # the section name an override may carry: 'transfer.epochs=3'
 
 
 @dataclass
@@ -95,66 +96,19 @@ class TransferDiverged(SocoError):
     """The fine-tuning loss became NaN or infinite."""
 
 
-def config_keys() -> list[str]:
-    """Names of the TransferConfig fields (the valid override keys)."""
-    return [f.name for f in dataclasses.fields(TransferConfig)]
-
-
-def _coerce(value: Any, expected: Any, key: str) -> Any:
-    """Check a value against a field annotation (int widens to float; lists of numbers for list[float])."""
-    origin = typing.get_origin(expected)
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(expected):
-            try:
-                return _coerce(value, option, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: {value!r} matches none of {expected}")
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item,) = typing.get_args(expected) or (Any,)
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if expected is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if expected is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if expected is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if expected is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    return value
-
-
 def apply_overrides(config: TransferConfig, overrides: list[str] | tuple[str, ...]) -> TransferConfig:
     """A copy of config with 'key=value' overrides (YAML values; 'transfer.' prefix allowed), strictly checked."""
-    import yaml
-
-    hints = typing.get_type_hints(TransferConfig)
-    values = dataclasses.asdict(config)
+    valid = dataclass_keys(TransferConfig)
     for text in overrides:
-        if "=" not in text:
-            raise ConfigError(f"override '{text}' is not of the form key=value")
-        key, raw = (part.strip() for part in text.split("=", 1))
-        name = key[len("transfer."):] if key.startswith("transfer.") else key
-        if name not in hints:
-            close = difflib.get_close_matches(name, list(hints), n=1, cutoff=0.5)
+        path, _ = parse_override(text)
+        name = ".".join(path[1:] if path[0] == TRANSFER_PREFIX and len(path) > 1 else path)
+        if name not in valid:
+            # Checked here rather than left to the shared loader, whose message would name the key as
+            # 'transfer.<key>': the CLI takes bare keys, so the hint names them the way they are typed.
+            close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown transfer key '{key}'{hint} (valid: {', '.join(hints)})")
-        try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from None
-        values[name] = _coerce(value, hints[name], name)
-    result = TransferConfig(**values)
+            raise ConfigError(f"unknown transfer key '{name}'{hint} (valid: {', '.join(valid)})")
+    result = apply_config_overrides(config, overrides, prefix=TRANSFER_PREFIX)
     validate_config(result)
     return result
 
@@ -255,19 +209,6 @@ def detector_options(config: TransferConfig) -> dict:
     }
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _restore_rng(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 @torch.no_grad()
 def predict(model: nn.Module, dataset: CocoDetection, device: torch.device, batch_size: int = 4,
             progress: bool = False) -> dict[int, dict]:
@@ -334,25 +275,10 @@ def draw_predictions(dataset: CocoDetection, outputs: dict[int, dict], path: str
         axis.set_title(f"{name}\n{len(target['boxes'])} true (green), {shown} predicted (red)", fontsize=8)
         axis.axis("off")
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=110)
-    plt.close(figure)
-    os.replace(tmp, path)
-    return path
-
-
-def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _resolve_device(requested: str) -> str:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but no CUDA device is available; use --device cpu or auto")
-    return requested
+    try:
+        return atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=110))
+    finally:
+        plt.close(figure)
 
 
 def finetune(
@@ -379,7 +305,7 @@ def finetune(
     validate_config(config)
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    context = init_distributed(_resolve_device(config.device))
+    context = init_distributed(config.device)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     if not resume and checkpoint_path.exists():
         raise SocoError(f"{out_dir} already holds a fine-tuning run ({CHECKPOINT_NAME}): pass --resume to "
@@ -444,7 +370,7 @@ def finetune(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         epoch, history = int(state["epoch"]), list(state["history"])
-        _restore_rng(state["rng"])
+        restore_rng_state(state["rng"])
         if context.is_main:
             log(f"resuming {out_dir} after epoch {epoch} of {config.epochs}")
     elif resume and context.is_main:
@@ -508,7 +434,7 @@ def finetune(
             if context.is_main:
                 save_checkpoint({
                     "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": _rng_state(), "history": history,
+                    "scheduler": scheduler.state_dict(), "rng": rng_state(), "history": history,
                     "config": settings, "total_iters": plan.total_iters, "model_type": architecture,
                     "weights": weights_id, "weights_loaded": weights_report,
                     "soco_version": soco.__version__,
@@ -552,7 +478,7 @@ def finetune(
             log(f"stopped after epoch {epoch} of {config.epochs}; continue with --resume")
         metrics["seconds_this_call"] = time.perf_counter() - started
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(out_dir / METRICS_NAME, metrics)
+        atomic_write_text(out_dir / METRICS_NAME, json.dumps(metrics, indent=1) + "\n")
     if context.is_distributed:
         torch.distributed.barrier()
     return metrics

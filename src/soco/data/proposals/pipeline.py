@@ -33,6 +33,7 @@ from soco.data.proposals.store import (
 )
 from soco.data.proposals.worklog import WorkLog, read_log
 from soco.errors import DataError, ImageReadError, ProposalStoreError
+from soco.files import atomic_write_text
 
 PARTS_DIR = "parts"
 RUN_FILE = "run.json"
@@ -210,10 +211,7 @@ def _prepare_output(store_dir: Path, identity: dict) -> None:
     if run_file.exists():
         _check_same_run(json.loads(run_file.read_text()), identity, store_dir)
         return
-    parts.mkdir(parents=True, exist_ok=True)
-    tmp = run_file.with_name(f".{RUN_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(identity, indent=2, sort_keys=True))
-    os.replace(tmp, run_file)
+    atomic_write_text(run_file, json.dumps(identity, indent=2, sort_keys=True))
 
 
 def _latest_records(records: list[ImageRecord]) -> dict[str, ImageRecord]:

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from soco.errors import ProposalStoreError
+from soco.files import atomic_write, atomic_write_text
 
 STORE_FORMAT = "soco-proposals"
 STORE_VERSION = 1
@@ -90,18 +90,13 @@ def _build_path_table(encoded_paths: list[bytes]) -> np.ndarray:
 
 
 def _atomic_save_array(folder: Path, name: str, array: np.ndarray) -> None:
-    """Save one array via a temporary name, so a killed writer never leaves a half file."""
-    tmp = folder / f".{name}.npy.tmp"
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-    os.replace(tmp, folder / f"{name}.npy")
+    """Save one array atomically, so a killed writer never leaves a half file."""
 
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # a handle: np.save given a path would pick the suffix itself
+            np.save(handle, array)
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file via a temporary name and rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(folder / f"{name}.npy", write)
 
 
 def write_store(folder: str | Path, records: list[ImageRecord], meta: dict) -> Path:
@@ -142,7 +137,7 @@ def write_store(folder: str | Path, records: list[ImageRecord], meta: dict) -> P
     for name, array in arrays.items():
         _atomic_save_array(folder, name, array)
     failures = {r.path: r.reason for r in records if r.level == FAILED_LEVEL}
-    _atomic_write_text(folder / "failures.json", json.dumps(failures, indent=1, sort_keys=True))
+    atomic_write_text(folder / "failures.json", json.dumps(failures, indent=1, sort_keys=True))
     levels = arrays["levels"]
     full_meta = {
         "format": STORE_FORMAT,
@@ -154,7 +149,7 @@ def write_store(folder: str | Path, records: list[ImageRecord], meta: dict) -> P
         "num_fallback": {str(level): int((levels == level).sum()) for level in (1, 2, 3)},
         "listing_digest": listing_digest(paths),
     }
-    _atomic_write_text(meta_path, json.dumps(full_meta, indent=2, sort_keys=True))
+    atomic_write_text(meta_path, json.dumps(full_meta, indent=2, sort_keys=True))
     return folder
 
 

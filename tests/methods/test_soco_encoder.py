@@ -1,4 +1,4 @@
-"""Tests of ObjectEncoder: output shapes per variant and ablation, per-level vs all-level pooling, gradients."""
+"""SoCo's ObjectEncoder as its builder composes it: shapes per variant and ablation, pooling ways, gradients."""
 
 from __future__ import annotations
 
@@ -8,21 +8,25 @@ import pytest
 import torch
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 
-from soco.config.schema import ModelConfig
 from soco.errors import ConfigError
+from soco.methods.soco import PAPER_THRESHOLDS, SoCoModelConfig, build_encoder
 from soco.models.backbone import ResNetBody
-from soco.models.encoder import ObjectEncoder
 from soco.models.heads import C4Head, GlobalAveragePool
 from soco.models.roi_pooling import assign_levels
 
 SMALL_THRESHOLDS = [16.0, 32.0, 56.0]  # so boxes in 96-px views reach all four levels
 
 
-def small_config(**overrides) -> ModelConfig:
+def small_config(**overrides) -> SoCoModelConfig:
     """An R18 config with a narrow projector, for fast CPU tests."""
     values = dict(depth=18, projector_hidden=64, projection_dim=32)
     values.update(overrides)
-    return ModelConfig(**values)
+    return SoCoModelConfig(**values)
+
+
+def ObjectEncoder(config: SoCoModelConfig):  # noqa: N802 - reads like the class these tests build
+    """SoCo's encoder; the paper's 48/96/192 thresholds unless the config gives its own."""
+    return build_encoder(config, tuple(config.level_thresholds) or PAPER_THRESHOLDS)
 
 
 def spread_boxes(batch: int, size: int) -> torch.Tensor:
@@ -68,12 +72,12 @@ def test_output_shapes_r18_64px(overrides, representation_dim, backbone_type, he
 def test_fpn_off_head_takes_c5_channels():
     encoder = ObjectEncoder(small_config(fpn=False))
     assert encoder.box_head[0][0].in_channels == 512
-    assert encoder.strides == (32,)
+    assert encoder.pooler.strides == (32,)
 
 
 def test_c4_pools_14x14_and_head_is_layer4():
     encoder = ObjectEncoder(small_config(variant="c4"))
-    assert encoder.pooled_size == 14 and encoder.strides == (16,)
+    assert encoder.pooler.output_size == 14 and encoder.pooler.strides == (16,)
     assert not any(key.startswith("body.layer4") for key in encoder.backbone.state_dict())
     assert any(key.startswith("layer4.") for key in encoder.box_head.state_dict())
 
@@ -128,7 +132,8 @@ def test_online_and_target_are_independent_copies():
     online = ObjectEncoder(small_config())
     target = copy.deepcopy(online)
     names = {name for name, _ in online.named_children()}
-    assert names == {"backbone", "box_head", "projector"}
+    assert names == {"backbone", "pooler", "box_head", "projector"}
+    assert not online.pooler.state_dict()  # the weights export reads are backbone.*, box_head.*, projector.*
     assert all(a is not b for a, b in zip(online.parameters(), target.parameters()))
 
 

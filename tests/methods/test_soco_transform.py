@@ -1,21 +1,23 @@
-"""SoCo's views: boxes land where the geometry says, sampling rules, jitter bounds, determinism."""
+"""SoCo's views: boxes land where the geometry says, sampling rules, jitter bounds, determinism, the options."""
 
 import math
 
 import pytest
 import torch
 
-from soco.config.schema import ViewsConfig
 from soco.data.views import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    _blur_kernel_size,
-    _random_resized_crop,
+    blur_kernel_size,
+    cut_out_boxes,
     denormalize,
     jitter_boxes,
-    make_views,
     random_boxes,
+    random_image_boxes,
+    random_resized_crop,
 )
+from soco.methods.soco_transform import RANDOM_CANDIDATES, SoCoTransform, make_views
+from soco.methods.soco_transform import SoCoViewsConfig as ViewsConfig
 from soco.errors import ConfigError
 
 WIDTH, HEIGHT = 200, 100
@@ -310,7 +312,17 @@ def test_colour_pipeline_changes_pixels_and_output_is_normalised():
         assert on["views"][0].dtype == torch.float32
     # V1 is always blurred, so colour on changes at least V1 every time.
     assert changed >= 4
-    assert [_blur_kernel_size(s) for s in (224, 192, 112, 16)] == [23, 19, 11, 3]
+    assert [blur_kernel_size(1.0, s, "tenth") for s in (224, 192, 112, 16)] == [23, 19, 11, 3]
+
+
+def test_blur_kernel_covers_three_sigma_whatever_the_view_size():
+    # 2 * ceil(3 sigma) + 1, at least 3, independent of the side
+    assert [blur_kernel_size(sigma, 64) for sigma in (0.1, 0.5, 1.0, 1.01, 2.0)] == [3, 5, 7, 9, 13]
+    assert blur_kernel_size(2.0, 32) == blur_kernel_size(2.0, 224) == 13
+    # the old rule truncates sigma 2 to a 7-pixel kernel on 64-pixel views
+    assert blur_kernel_size(2.0, 64, "tenth") == 7
+    with pytest.raises(ConfigError, match="blur_kernel"):
+        make_views(bright_rectangle_image(), torch.zeros((0, 4)), ViewsConfig(blur_kernel="wide"), generator(0))
 
 
 def test_whole_image_gives_one_box_equal_to_each_full_view():
@@ -325,7 +337,9 @@ def test_random_boxes_are_k_boxes_within_every_view():
     config = ViewsConfig(box_source="random", proposals_per_image=6, box_jitter=False, use_v4=True)
     for seed in range(5):
         out = make_views(bright_rectangle_image(), torch.zeros((0, 4)), config, generator(seed), color_augment=False)
-        assert out["proposal_ids"].tolist() == [-1] * 6
+        ids = out["proposal_ids"].tolist()
+        # chosen among the random candidates exactly as proposals are: without replacement, then cycled
+        assert all(0 <= i < RANDOM_CANDIDATES for i in ids) and len(ids) == 6
         for boxes, params in zip(out["boxes"], out["params"]):
             assert boxes.shape == (6, 4)
             assert boxes.min() >= 0 and boxes.max() <= params.size
@@ -338,9 +352,80 @@ def test_random_boxes_are_k_boxes_within_every_view():
     assert sides.max() <= 0.8 * mean_side + 1e-3  # clipping only shrinks
 
 
+def test_random_image_boxes_cover_the_whole_image_with_the_filter_rules():
+    width, height = 400, 300
+    boxes = random_image_boxes(4000, width, height, generator(0))
+    box_w, box_h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert boxes[:, 0].min() >= 0 and boxes[:, 1].min() >= 0
+    assert boxes[:, 2].max() <= width + 1e-3 and boxes[:, 3].max() <= height + 1e-3
+    assert (box_w >= 32).all() and (box_h >= 32).all()
+    # the filter's aspect and relative-scale rules, up to the clipping of a side to the image
+    unclipped = (box_w < width - 1e-3) & (box_h < height - 1e-3)
+    aspect = box_w[unclipped] / box_h[unclipped]
+    assert aspect.min() >= 1 / 3 - 1e-4 and aspect.max() <= 3 + 1e-4
+    relative = (box_w * box_h).sqrt() / math.sqrt(width * height)
+    assert relative.max() <= 0.8 + 1e-4 and relative[unclipped].min() >= 0.3 - 1e-4
+    # over the whole image, not one crop: box centres reach every quarter of it
+    centre_x = (boxes[:, 0] + boxes[:, 2]) / 2
+    centre_y = (boxes[:, 1] + boxes[:, 3]) / 2
+    for x_half in (centre_x < width / 2, centre_x >= width / 2):
+        for y_half in (centre_y < height / 2, centre_y >= height / 2):
+            assert (x_half & y_half).float().mean() > 0.15
+
+
+def test_random_box_candidates_are_drawn_before_the_crops_and_chosen_like_proposals():
+    config = ViewsConfig(box_source="random", proposals_per_image=3, box_jitter=False, flip_prob=0.0)
+    image = bright_rectangle_image()
+    for seed in range(10):
+        replay = generator(seed)
+        candidates = random_image_boxes(RANDOM_CANDIDATES, WIDTH, HEIGHT, replay)
+        out = make_views(image, torch.zeros((0, 4)), config, generator(seed), color_augment=False)
+        v1 = out["params"][0]
+        chosen = candidates[out["proposal_ids"]]
+        # V1 is the whole image without flip: its boxes are the chosen candidates scaled to the view
+        scale = torch.tensor([v1.size / WIDTH, v1.size / HEIGHT] * 2)
+        torch.testing.assert_close(out["boxes"][0], chosen * scale, atol=1e-3, rtol=0)
+        v2_region = out["params"][1].region
+        assert all(b[0] < v2_region[2] and b[2] > v2_region[0] and b[1] < v2_region[3] and b[3] > v2_region[1]
+                   for b in chosen.tolist())
+
+
+def test_box_cutout_erases_inside_boxes_only_and_is_off_by_default():
+    view = torch.ones((3, 40, 40))
+    boxes = torch.tensor([[4.0, 4.0, 24.0, 24.0], [26.0, 26.0, 38.0, 38.0]])
+    erased = cut_out_boxes(view, boxes, generator(0), probability=1.0, area=(0.2, 0.2))
+    changed = (erased != view).any(dim=0)
+    inside = torch.zeros((40, 40), dtype=torch.bool)
+    inside[4:24, 4:24] = True
+    inside[26:38, 26:38] = True
+    assert changed.any() and not (changed & ~inside).any()
+    # 20% of each box's area: 80 of 400 pixels and 28.8 of 144, up to rounding of the rectangle's sides
+    assert 60 <= int(changed[4:24, 4:24].sum()) <= 100 and 16 <= int(changed[26:38, 26:38].sum()) <= 42
+    assert torch.equal(cut_out_boxes(view, boxes, generator(0), probability=0.0), view)
+    assert ViewsConfig().box_cutout is False
+    proposals = torch.tensor([RECT], dtype=torch.float32)
+    plain = ViewsConfig(box_jitter=False)
+    with_cutout = ViewsConfig(box_jitter=False, box_cutout=True, cutout_prob=1.0)
+    off = make_views(bright_rectangle_image(), proposals, plain, generator(5), color_augment=False)
+    on = make_views(bright_rectangle_image(), proposals, with_cutout, generator(5), color_augment=False)
+    assert torch.equal(off["views"][0], on["views"][0])  # V1 is never cut
+    assert all(not torch.equal(a, b) for a, b in zip(off["views"][1:], on["views"][1:]))
+
+
+def test_transform_gives_views_and_boxes_by_name_and_collates_them():
+    transform = SoCoTransform(ViewsConfig(v1_size=32, v2_size=32, v3_size=16, proposals_per_image=2))
+    proposals = torch.tensor([RECT], dtype=torch.float32).numpy()
+    samples = [transform(bright_rectangle_image().permute(1, 2, 0).numpy(), proposals, generator(s)) for s in (0, 1)]
+    batch = transform.collate(samples)
+    assert list(batch["views"]) == ["v1", "v2", "v3"]
+    assert batch["views"]["v3"].shape == (2, 3, 16, 16) and batch["boxes"]["v1"].shape == (2, 2, 4)
+    assert torch.equal(batch["boxes"]["v2"][1], samples[1]["boxes"]["v2"])
+    assert batch["proposal_ids"].shape == (2, 2)
+
+
 def test_crop_parameters_respect_scale_and_ratio():
     for seed in range(200):
-        top, left, height, width = _random_resized_crop(300, 400, [0.5, 1.0], [0.75, 4 / 3], generator(seed))
+        top, left, height, width = random_resized_crop(300, 400, [0.5, 1.0], [0.75, 4 / 3], generator(seed))
         assert 0 <= top and top + height <= 300 and 0 <= left and left + width <= 400
         assert 0.5 * 120000 * 0.98 <= height * width <= 120000
         assert 0.75 * 0.97 <= width / height <= 4 / 3 * 1.03
