@@ -9,7 +9,6 @@ and prints JSON: open seconds, resident memory added by opening, O(1) lookups pe
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile

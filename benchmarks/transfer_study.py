@@ -3,9 +3,10 @@
     python benchmarks/transfer_study.py [--budget cpu|gpu] [--seeds 0 1 2] [--out runs/transfer_study]
 
 Every pretrained arm gets the same budget: the same unlabeled images (DeepForest's training tiles plus
-the default photos; never a validation pixel), steps, batch and view sizes. The only difference between
-(a) SoCo and (b) the image-level BYOL baseline is `views.box_source=whole_image`. (c) starts the
-detector from random weights. Each arm is fine-tuned with every seed on the same split; the table of
+the default photos; never a validation pixel), steps, batch and view sizes. (a) is SoCo; (b) is the
+paper's image-level BYOL baseline (Table 4, row 1: preset `byol_image_r50`, no FPN, no box head, whole
+views, two views, no jitter) at the same depth and view sizes; it exports the backbone only, so its
+detector's FPN and heads start from random weights. (c) starts the whole detector from random weights. Each arm is fine-tuned with every seed on the same split; the table of
 AP and AP50 (mean and sample standard deviation over seeds) goes to benchmarks/results/. Finished
 pretraining and fine-tuning runs are reused, so a stopped study continues where it was.
 """
@@ -29,6 +30,7 @@ from soco.data.proposals.pipeline import run_proposals
 from soco.data.proposals.store import is_store
 from soco.engine.trainer import pretrain
 from soco.export import export_checkpoint
+from soco.export.formats import UnsupportedLayoutError
 from soco.transfer.finetune import TransferConfig, finetune
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -38,19 +40,24 @@ BUDGETS = {
     "cpu": {
         "preset": "soco_small",  # R18-FPN, views 96/96/48, K=4
         "pretrain": ["train.steps=150", "train.batch_size=16", "optim.warmup_epochs=1"],
+        # the baseline preset at the CPU size of soco_small
+        "small": ["method.model.depth=18", "method.model.projector_hidden=1024", "method.views.v1_size=96",
+                  "method.views.v2_size=96", "method.views.v3_size=48"],
         "transfer": dict(depth=18, epochs=8, batch_size=4, min_size=400, max_size=400,
                          rpn_post_nms_train=600, roi_batch_per_image=128, rpn_post_nms_test=300),
     },
     "gpu": {
         "preset": "soco_r50_fpn",
         "pretrain": ["train.steps=3000", "train.batch_size=64", "optim.warmup_epochs=5"],
+        "small": [],
         "transfer": dict(depth=50, epochs=24, batch_size=4, min_size=400, max_size=667),
     },
 }
+# arm -> preset (None: the budget's own) with the budget's size overrides, or None for scratch
 ARMS = {
-    "soco": [],
-    "byol_whole_image": ["views.box_source=whole_image"],
-    "scratch": None,
+    "soco": None,
+    "byol_image": "byol_image_r50",
+    "scratch": False,
 }
 
 
@@ -65,16 +72,18 @@ def pretraining_images(study: Path, deepforest: Path) -> Path:
     return folder
 
 
-def pretrain_arm(name: str, overrides: list[str], budget: dict, images: Path, store: Path, study: Path,
+def pretrain_arm(name: str, preset: str | None, budget: dict, images: Path, store: Path, study: Path,
                  device: str) -> Path:
-    """Pretrain one arm (or reuse its finished run) and export it for torchvision."""
+    """Pretrain one arm (or reuse its finished run) and export what its encoder holds for torchvision."""
     run_dir = study / "pretrain" / name
-    config = load_config(budget["preset"], [*budget["pretrain"], *overrides, f"train.device={device}"])
+    overrides = budget["small"] if preset else []
+    config = load_config(preset or budget["preset"], [*overrides, *budget["pretrain"], f"train.device={device}"])
     summary = pretrain(config, run_dir, images, store, resume=True, progress=sys.stderr.isatty())
     print(f"[{name}] pretrained {summary.steps} steps, final loss {summary.final_loss:.3f}", flush=True)
-    exported = run_dir / "exported" / "torchvision.pt"
-    export_checkpoint(run_dir, "torchvision", exported)
-    return exported
+    try:  # backbone, FPN and box head
+        return export_checkpoint(run_dir, "torchvision", run_dir / "exported" / "torchvision.pt").output
+    except UnsupportedLayoutError:  # an encoder without FPN: its backbone alone
+        return export_checkpoint(run_dir, "backbone", run_dir / "exported" / "backbone.pt").output
 
 
 def finetune_arm(name: str, weights: Path | None, seed: int, budget: dict, deepforest: Path, study: Path,
@@ -143,9 +152,9 @@ def main() -> None:
         run_proposals(images, store, preset.proposals, progress=sys.stderr.isatty())
 
     weights = {}
-    for arm, overrides in ARMS.items():
-        weights[arm] = None if overrides is None else pretrain_arm(arm, overrides, budget, images, store, study,
-                                                                    args.device)
+    for arm, preset in ARMS.items():
+        weights[arm] = None if preset is False else pretrain_arm(arm, preset, budget, images, store, study,
+                                                                  args.device)
     pretrain_seconds = time.perf_counter() - started
     results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     for seed in args.seeds:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import soco
 from soco.config.loading import all_keys, load_config
-from soco.methods.registry import method_config_class, method_names
+from soco.registry import method_config_class, method_names
 
 SOURCE = Path(soco.__file__).parent
 # Reading a key to check its value is not using it.

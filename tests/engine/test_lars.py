@@ -3,7 +3,8 @@
 import torch
 from torch import nn
 
-from soco.engine.lars import LARS, lars_param_groups
+from soco.engine.lars import LARS
+from soco.methods.parameter_groups import lars_param_groups
 
 
 def test_param_groups_exclude_biases_and_norm_parameters():

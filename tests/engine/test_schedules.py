@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from soco.engine.schedules import ema_momentum_at, learning_rate_at, scaled_learning_rate
+from soco.engine.schedules import learning_rate_at, scaled_learning_rate
+from soco.methods.momentum import ema_momentum_at
 
 
 def test_warmup_is_linear_from_one_hundredth():

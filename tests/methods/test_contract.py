@@ -17,11 +17,11 @@ from soco.engine.trainer import pretrain
 from soco.export import export_checkpoint
 from soco.export.formats import FORMAT_NAMES, UnsupportedLayoutError
 from soco.methods.base import ENCODER_PARTS, Method
-from soco.methods.registry import BUILTIN_METHODS, method_class, method_names
+from soco.registry import BUILTIN_METHODS, method_class, method_names
 
 SOURCE = Path(soco.__file__).parent
-# What a package below methods/ may import from it: the contract and the registry, never a method.
-CONTRACT_MODULES = {"soco.methods", "soco.methods.base", "soco.methods.registry"}
+# What a package below methods/ may import from it: the contract, never a method (the registry is soco.registry).
+CONTRACT_MODULES = {"soco.methods", "soco.methods.base"}
 
 KILLED_AFTER_STEP_2 = """
 import os, signal, sys

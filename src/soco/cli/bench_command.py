@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from soco.cli.pretrain_command import method_overrides, preset_for, resolve_data
 from soco.config.loading import load_config

@@ -14,6 +14,7 @@ DESCRIPTION = "soco: self-supervised pretraining aligned to object detection."
 
 OVERRIDE_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")
 CONFIGURABLE_COMMANDS = ("proposals", "pretrain", "bench", "transfer")
+OPTIONS_WITH_OVERRIDE_VALUES = ("--compare",)
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,8 +28,10 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     if not argv or argv[0] not in CONFIGURABLE_COMMANDS:
         return argv, []
     rest, overrides = [], []
-    for token in argv:
-        (overrides if OVERRIDE_PATTERN.match(token) else rest).append(token)
+    for position, token in enumerate(argv):
+        # an option that takes a key=value as its own argument keeps it (soco bench --compare KEY=VALUE)
+        follows_option = position > 0 and argv[position - 1] in OPTIONS_WITH_OVERRIDE_VALUES
+        (overrides if OVERRIDE_PATTERN.match(token) and not follows_option else rest).append(token)
     return rest, overrides
 
 

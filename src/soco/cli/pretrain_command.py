@@ -42,7 +42,7 @@ def preset_for(args: argparse.Namespace) -> str:
     if args.config:
         return args.config
     if getattr(args, "method", None):
-        from soco.methods.registry import method_class
+        from soco.registry import method_class
 
         return method_class(args.method).default_preset
     return DEFAULT_PRESET
@@ -95,7 +95,7 @@ def resolve_data(config: Config, proposals: str | None, quiet: bool) -> tuple[Pa
     else:
         cache = Path(config.data.cache_dir) / "photos" if config.data.cache_dir else None
         images_root = assemble_photos(cache, progress=not quiet)
-    from soco.methods.registry import method_class
+    from soco.registry import method_class
 
     if not method_class(config.method.name).uses_proposals:
         return images_root, (Path(proposals) if proposals else None)

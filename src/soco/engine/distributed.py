@@ -29,22 +29,22 @@ class DistributedContext:
         return self.world_size > 1
 
 
-def resolve_device(requested: str) -> torch.device:
+def resolve_device(requested: str, setting: str = "train.device") -> torch.device:
     """'auto' picks CUDA when available; asking for CUDA on a machine without it is an error."""
     from soco.errors import ConfigError
 
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
+        raise ConfigError(f"{setting}=cuda but no CUDA device is available; use {setting}=cpu or auto")
     if requested not in ("cpu", "cuda"):
-        raise ConfigError(f"train.device must be auto, cpu or cuda, not {requested!r}")
+        raise ConfigError(f"{setting} must be auto, cpu or cuda, not {requested!r}")
     return torch.device(requested)
 
 
-def init_distributed(requested_device: str) -> DistributedContext:
+def init_distributed(requested_device: str, setting: str = "train.device") -> DistributedContext:
     """Join the torchrun process group if launched by torchrun (WORLD_SIZE > 1), else run alone."""
-    device = resolve_device(requested_device)
+    device = resolve_device(requested_device, setting)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         if device.type == "cuda":

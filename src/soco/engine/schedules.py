@@ -1,4 +1,4 @@
-"""Per-iteration schedules: linear warm-up then cosine learning rate, and BYOL's cosine EMA momentum."""
+"""Per-iteration learning-rate schedule: linear warm-up then cosine, and the linear scaling rule."""
 
 from __future__ import annotations
 
@@ -15,12 +15,6 @@ def learning_rate_at(
     decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return final_lr + (peak_lr - final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def ema_momentum_at(step: int, total_steps: int, base_momentum: float) -> float:
-    """Target-network momentum at `step`: 1 - (1 - base) * (cos(pi * step / total) + 1) / 2."""
-    progress = min(1.0, step / max(1, total_steps))
-    return 1.0 - (1.0 - base_momentum) * (math.cos(math.pi * progress) + 1.0) / 2.0
 
 
 def scaled_learning_rate(base_lr: float, total_batch_size: int) -> float:

@@ -36,7 +36,7 @@ from soco.engine.schedules import learning_rate_at, scaled_learning_rate
 from soco.engine.step import StepRunner, TrainingDiverged, autocast_context, gradients_finite  # noqa: F401
 from soco.errors import ConfigError, SocoError
 from soco.methods.base import Method
-from soco.methods.registry import build_method
+from soco.registry import build_method
 
 LAST_CHECKPOINT = "last.pt"
 

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from soco.engine.lars import lars_param_groups
+from soco.methods.parameter_groups import lars_param_groups
 
 ENCODER_PARTS = ("backbone", "fpn", "box_head", "res5")
 

@@ -7,16 +7,22 @@ by a constant momentum), following solo-learn's BaseMomentumMethod.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from soco.engine.schedules import ema_momentum_at
 from soco.errors import ConfigError
 from soco.methods.base import Method
 
 MOMENTUM_SCHEDULES = ("cosine", "constant")
+
+
+def ema_momentum_at(step: int, total_steps: int, base_momentum: float) -> float:
+    """Target-network momentum at `step`: 1 - (1 - base) * (cos(pi * step / total) + 1) / 2."""
+    progress = min(1.0, step / max(1, total_steps))
+    return 1.0 - (1.0 - base_momentum) * (math.cos(math.pi * progress) + 1.0) / 2.0
 
 
 def momentum_at(step: int, total_steps: int, base: float, schedule: str) -> float:

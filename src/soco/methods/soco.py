@@ -18,7 +18,7 @@ from soco.data.pictures import draw_views
 from soco.errors import ConfigError
 from soco.methods.losses import symmetric_pair_loss
 from soco.methods.momentum import MomentumMethod, check_momentum
-from soco.methods.registry import register_method
+from soco.registry import register_method
 from soco.methods.soco_transform import SoCoTransform, SoCoViewsConfig, check_views_config
 from soco.models.backbone import (
     FPN_LEVEL_NAMES,

@@ -32,7 +32,7 @@ TORCHVISION_FPN_CHANNELS = 256  # _resnet_fpn_extractor hard-codes this width
 def build_resnet(depth: int) -> resnet.ResNet:
     """A randomly initialised torchvision ResNet with each residual block's last BN gamma set to zero."""
     if depth not in RESNET_BUILDERS:
-        raise ConfigError(f"model.depth: {depth} is not one of {sorted(RESNET_BUILDERS)}")
+        raise ConfigError(f"ResNet depth {depth} is not one of {sorted(RESNET_BUILDERS)}")
     # Plain BatchNorm2d (torchvision's default): conversion to SyncBatchNorm is the engine's business.
     return RESNET_BUILDERS[depth](weights=None, zero_init_residual=True)
 

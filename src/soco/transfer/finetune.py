@@ -305,7 +305,7 @@ def finetune(
     validate_config(config)
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    context = init_distributed(config.device)
+    context = init_distributed(config.device, setting="transfer.device")
     checkpoint_path = out_dir / CHECKPOINT_NAME
     if not resume and checkpoint_path.exists():
         raise SocoError(f"{out_dir} already holds a fine-tuning run ({CHECKPOINT_NAME}): pass --resume to "

@@ -1,7 +1,5 @@
 """The proposal run: results, bad images, resume after SIGKILL, shards and merge, clear errors."""
 
-import json
-import os
 import signal
 import subprocess
 import sys

@@ -102,7 +102,7 @@ class ProposalSummary:
         if self.finished:
             out.append(f"store: {self.store} ({self.bytes_per_image:.0f} bytes per image)")
         else:
-            out.append(f"shard done; the store is finished when every shard is (or: soco proposals merge)")
+            out.append("shard done; the store is finished when every shard is (or: soco proposals merge)")
         return out
 
 

@@ -1,7 +1,8 @@
 """The method registry: `method.name` -> Method class, so that the engine builds a method it does not know.
 
-Built-in methods are imported on first use, by module name; a user's own method registers itself with
-`@register_method` when its module is imported.
+Built-in methods are imported on first use, by module name, so that the registry sits below every
+package that looks a method up (config, engine, cli) and imports none of them itself. A user's own
+method registers itself with `@register_method` when its module is imported.
 """
 
 from __future__ import annotations
