@@ -7,6 +7,17 @@ from pathlib import Path
 import torch
 
 from soco.data.views import denormalize
+from soco.files import atomic_write
+
+
+def save_figure(figure, path: str | Path) -> Path:
+    """Write a matplotlib figure to `path` atomically (the format follows the suffix) and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return atomic_write(path, lambda tmp: figure.savefig(tmp), sync=False)
+    finally:
+        plt.close(figure)
 
 
 def draw_views(
@@ -50,8 +61,4 @@ def draw_views(
             if column == 0 and image_names:
                 ax.set_ylabel(Path(image_names[row]).name, fontsize=8)
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)

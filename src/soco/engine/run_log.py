@@ -6,6 +6,8 @@ import json
 import time
 from pathlib import Path
 
+from soco.data.pictures import save_figure
+
 
 class RunLog:
     """Metrics of every logged step to JSON lines and TensorBoard; readable text to train.log."""
@@ -81,6 +83,4 @@ def plot_loss_curve(metrics_path: Path, output: Path, title: str = "pretraining 
     lr_axes.set_ylabel("learning rate", color="tab:orange")
     loss_axes.set_title(title)
     figure.tight_layout()
-    figure.savefig(output)
-    plt.close(figure)
-    return output
+    return save_figure(figure, output)

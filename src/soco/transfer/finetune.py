@@ -18,12 +18,18 @@ from torch import nn
 import soco
 from soco.config.loading import apply_overrides as apply_config_overrides
 from soco.config.loading import dataclass_keys, parse_override
+from soco.data.pictures import save_figure
 from soco.engine.checkpoint import load_checkpoint, save_checkpoint
 from soco.engine.rng import restore_rng_state, rng_state
 from soco.errors import ConfigError, SocoError
-from soco.files import atomic_write, atomic_write_text
+from soco.files import atomic_write_text
 from soco.transfer.coco_data import CocoDetection, collate, has_masks, plain_target
-from soco.transfer.detector import ARCHITECTURES, build_detector, convert_sync_bn, load_pretrained
+from soco.transfer.detector import (
+    ARCHITECTURES,
+    build_detector,
+    convert_sync_bn,
+    load_pretrained,
+)
 from soco.transfer.evaluate import coco_evaluate, detections_to_coco, summary_line
 
 __all__ = [
@@ -275,10 +281,8 @@ def draw_predictions(dataset: CocoDetection, outputs: dict[int, dict], path: str
         axis.set_title(f"{name}\n{len(target['boxes'])} true (green), {shown} predicted (red)", fontsize=8)
         axis.axis("off")
     figure.tight_layout()
-    try:
-        return atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=110))
-    finally:
-        plt.close(figure)
+    figure.set_dpi(110)
+    return save_figure(figure, path)
 
 
 def finetune(

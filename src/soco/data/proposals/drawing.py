@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from soco.data.pictures import save_figure
+
 
 def draw_proposals(rgb: np.ndarray, boxes: np.ndarray, output: str | Path, title: str = "") -> Path:
     """Save a PNG of `rgb` with every x1 y1 x2 y2 box outlined in its own colour."""
@@ -30,8 +32,4 @@ def draw_proposals(rgb: np.ndarray, boxes: np.ndarray, output: str | Path, title
     if title:
         axes.set_title(title, fontsize=9)
     figure.tight_layout()
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output)
-    plt.close(figure)
-    return output
+    return save_figure(figure, output)
