@@ -6,7 +6,8 @@ Every pretrained arm gets the same budget: the same unlabeled images (DeepForest
 the default photos; never a validation pixel), steps, batch and view sizes. (a) is SoCo; (b) is the
 paper's image-level BYOL baseline (Table 4, row 1: preset `byol_image_r50`, no FPN, no box head, whole
 views, two views, no jitter) at the same depth and view sizes; it exports the backbone only, so its
-detector's FPN and heads start from random weights. (c) starts the whole detector from random weights. Each arm is fine-tuned with every seed on the same split; the table of
+detector's FPN and heads start from random weights; (c) is SCRL (backbone only, likewise); (d) starts the
+whole detector from random weights. Each arm is fine-tuned with every seed on the same split; the table of
 AP and AP50 (mean and sample standard deviation over seeds) goes to benchmarks/results/. Finished
 pretraining and fine-tuning runs are reused, so a stopped study continues where it was.
 """
@@ -40,24 +41,23 @@ BUDGETS = {
     "cpu": {
         "preset": "soco_small",  # R18-FPN, views 96/96/48, K=4
         "pretrain": ["train.steps=150", "train.batch_size=16", "optim.warmup_epochs=1"],
-        # the baseline preset at the CPU size of soco_small
-        "small": ["method.model.depth=18", "method.model.projector_hidden=1024", "method.views.v1_size=96",
-                  "method.views.v2_size=96", "method.views.v3_size=48"],
         "transfer": dict(depth=18, epochs=8, batch_size=4, min_size=400, max_size=400,
                          rpn_post_nms_train=600, roi_batch_per_image=128, rpn_post_nms_test=300),
     },
     "gpu": {
         "preset": "soco_r50_fpn",
         "pretrain": ["train.steps=3000", "train.batch_size=64", "optim.warmup_epochs=5"],
-        "small": [],
         "transfer": dict(depth=50, epochs=24, batch_size=4, min_size=400, max_size=667),
     },
 }
-# arm -> preset (None: the budget's own) with the budget's size overrides, or None for scratch
+# arm -> the preset it starts from per budget, before the budget's pretraining overrides; None: scratch
+SMALL_R18_FPN_VIEWS_96 = ["method.model.depth=18", "method.model.projector_hidden=1024", "method.views.v1_size=96",
+                          "method.views.v2_size=96", "method.views.v3_size=48"]
 ARMS = {
-    "soco": None,
-    "byol_image": "byol_image_r50",
-    "scratch": False,
+    "soco": {"cpu": ("soco_small", []), "gpu": ("soco_r50_fpn", [])},
+    "byol_image": {"cpu": ("byol_image_r50", SMALL_R18_FPN_VIEWS_96), "gpu": ("byol_image_r50", [])},
+    "scrl": {"cpu": ("scrl_small", []), "gpu": ("scrl_r50_200ep", [])},
+    "scratch": None,
 }
 
 
@@ -72,12 +72,12 @@ def pretraining_images(study: Path, deepforest: Path) -> Path:
     return folder
 
 
-def pretrain_arm(name: str, preset: str | None, budget: dict, images: Path, store: Path, study: Path,
+def pretrain_arm(name: str, start: tuple[str, list[str]], budget: dict, images: Path, store: Path, study: Path,
                  device: str) -> Path:
     """Pretrain one arm (or reuse its finished run) and export what its encoder holds for torchvision."""
     run_dir = study / "pretrain" / name
-    overrides = budget["small"] if preset else []
-    config = load_config(preset or budget["preset"], [*overrides, *budget["pretrain"], f"train.device={device}"])
+    preset, overrides = start
+    config = load_config(preset, [*overrides, *budget["pretrain"], f"train.device={device}"])
     summary = pretrain(config, run_dir, images, store, resume=True, progress=sys.stderr.isatty())
     print(f"[{name}] pretrained {summary.steps} steps, final loss {summary.final_loss:.3f}", flush=True)
     try:  # backbone, FPN and box head
@@ -152,9 +152,9 @@ def main() -> None:
         run_proposals(images, store, preset.proposals, progress=sys.stderr.isatty())
 
     weights = {}
-    for arm, preset in ARMS.items():
-        weights[arm] = None if preset is False else pretrain_arm(arm, preset, budget, images, store, study,
-                                                                  args.device)
+    for arm, starts in ARMS.items():
+        weights[arm] = None if starts is None else pretrain_arm(arm, starts[args.budget], budget, images, store,
+                                                                 study, args.device)
     pretrain_seconds = time.perf_counter() - started
     results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     for seed in args.seeds:

@@ -40,3 +40,11 @@ def test_bench_times_the_step_and_a_compared_configuration(tiny_data, tmp_path, 
     assert result["method"]["name"] == "soco" and result["model_step"]["batch_size"] == 4
     assert result["compared"]["change"] == "method.model.pool_all_levels=true"
     assert result["speedup_of_configured_over_compared"] > 0
+
+
+def test_methods_lists_every_method_with_its_presets(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("scrl: SCRL: spatially consistent representation learning")
+    assert "soco: SoCo: object-level BYOL" in out
+    assert "scrl_r50_200ep" in out and "table4_7_multi_view" in out

@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 WORKER = """
@@ -13,8 +14,8 @@ import soco
 from soco.config.loading import load_config
 from soco.engine.distributed import shutdown_distributed
 from soco.engine.trainer import pretrain
-config = load_config("soco_tiny", ["train.device=cpu", "train.steps=3", "train.batch_size=2", "train.accumulate=2"])
-summary = pretrain(config, sys.argv[3], sys.argv[1], sys.argv[2], progress=False)
+config = load_config(sys.argv[4], ["train.device=cpu", "train.steps=3", "train.batch_size=2", "train.accumulate=2"])
+summary = pretrain(config, sys.argv[3], sys.argv[1], sys.argv[2] or None, progress=False)
 import torch.distributed as dist
 print("RESULT " + json.dumps({"rank": dist.get_rank(), "checksums": summary.rank_checksums, "steps": summary.steps}))
 shutdown_distributed()
@@ -27,13 +28,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_cpu_processes_end_with_the_same_weights(tiny_data, tmp_path):
+@pytest.mark.parametrize(("preset", "uses_proposals"), [("soco_tiny", True), ("scrl_tiny", False)])
+def test_two_cpu_processes_end_with_the_same_weights(tiny_data, tmp_path, preset, uses_proposals):
     images, store = tiny_data
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={free_port()}", str(script), str(images), str(store), str(tmp_path / "run")],
+         f"--master_port={free_port()}", str(script), str(images), str(store) if uses_proposals else "",
+         str(tmp_path / "run"), preset],
         capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", **__import__("os").environ},
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -155,3 +155,21 @@ def test_non_finite_gradient_with_finite_loss_stops_before_the_update(tiny_data,
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert state["step"] == 1
     assert all(torch.isfinite(tensor).all() for tensor in state["method_state"].values() if tensor.is_floating_point())
+
+
+def test_a_methods_extra_metrics_are_averaged_over_micro_batches_and_logged(tiny_data, tmp_path, monkeypatch):
+    images, store = tiny_data
+    real_step = SoCo.training_step
+    calls = {"count": 0}
+
+    def step_with_a_metric(self, batch):
+        calls["count"] += 1
+        # micro-batches 1, 2 make step 1; 3, 4 make step 2: their means are 1.5 and 3.5
+        return {**real_step(self, batch), "probe": torch.tensor(float(calls["count"])), "lr": torch.tensor(-1.0)}
+
+    monkeypatch.setattr(SoCo, "training_step", step_with_a_metric)
+    pretrain(tiny("train.steps=2", "train.batch_size=2", "train.accumulate=2"), tmp_path / "run", images, store,
+             progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["probe"] for r in records] == [1.5, 3.5]
+    assert all(r["lr"] >= 0 for r in records)  # a method's metric cannot overwrite the engine's own

@@ -17,7 +17,7 @@ from soco.engine.trainer import pretrain
 from soco.export import export_checkpoint
 from soco.export.formats import FORMAT_NAMES, UnsupportedLayoutError
 from soco.methods.base import ENCODER_PARTS, Method
-from soco.registry import BUILTIN_METHODS, method_class, method_names
+from soco.registry import method_class, method_names, register_method
 
 SOURCE = Path(soco.__file__).parent
 # What a package below methods/ may import from it: the contract, never a method (the registry is soco.registry).
@@ -34,7 +34,7 @@ def save_then_die(state, path):
         os.kill(os.getpid(), signal.SIGKILL)
 trainer.save_checkpoint = save_then_die
 config = load_config(sys.argv[4], ["train.device=cpu", "train.steps=4", "train.checkpoint_every=1"])
-trainer.pretrain(config, sys.argv[3], sys.argv[1], sys.argv[2], progress=False)
+trainer.pretrain(config, sys.argv[3], sys.argv[1], sys.argv[2] or None, progress=False)
 """
 
 
@@ -57,20 +57,20 @@ def test_method_declares_the_contract(name):
         assert any(key.startswith(layout["prefixes"][part]) for key in encoder_keys), part
     transform = method.sample_transform()
     assert callable(transform) and callable(transform.collate)
-    assert transform.needs_proposals == cls.uses_proposals
+    assert transform.needs_proposals == cls.uses_proposals(config.method)
 
 
 @pytest.mark.parametrize("name", method_names())
 def test_two_steps_resume_bitwise_after_a_kill_and_export(name, tiny_data, tmp_path):
     images, store = tiny_data
-    store = store if method_class(name).uses_proposals else None
+    store = store if method_class(name).uses_proposals(load_config(method_class(name).tiny_preset).method) else None
     whole = pretrain(tiny(name, "train.steps=4"), tmp_path / "whole", images, store, progress=False)
     assert whole.steps == 4
 
     killed = tmp_path / "killed"
     script = tmp_path / "killed.py"
     script.write_text(KILLED_AFTER_STEP_2)
-    process = subprocess.run([sys.executable, str(script), str(images), str(store), str(killed),
+    process = subprocess.run([sys.executable, str(script), str(images), str(store or ""), str(killed),
                               method_class(name).tiny_preset], timeout=600)
     assert process.returncode == -signal.SIGKILL
     assert torch.load(killed / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
@@ -135,4 +135,25 @@ def test_the_import_check_sees_a_method_import(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("def f():\n    from soco.methods.soco import SoCo\n    from soco.methods import soco_transform\n")
     assert {"soco.methods.soco", "soco.methods.soco_transform"} <= imported_modules(probe)
-    assert set(BUILTIN_METHODS) <= set(method_names())
+
+
+def test_every_method_file_is_found_and_a_name_is_taken_once():
+    assert {"soco", "scrl"} <= set(method_names())
+
+    class Impostor:
+        name = "soco"
+
+    with pytest.raises(TypeError, match="taken"):
+        register_method(Impostor)
+    assert method_class("soco").__module__ == "soco.methods.soco"
+
+
+def test_a_method_that_leaves_out_part_of_the_contract_cannot_be_built():
+    class Incomplete(Method):
+        name = "incomplete"
+
+        def sample_transform(self):
+            return None
+
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete(None)

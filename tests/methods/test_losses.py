@@ -1,10 +1,10 @@
-"""BYOL regression loss and its symmetrised pair sum, against hand computations."""
+"""BYOL regression loss, its symmetrised pair sum (SoCo) and box-pair mean (SCRL), against hand computations."""
 
 import math
 
 import torch
 
-from soco.methods.losses import byol_regression, symmetric_pair_loss
+from soco.methods.losses import box_pair_loss, byol_regression, symmetric_pair_loss
 
 
 def test_byol_regression_by_hand():
@@ -36,3 +36,19 @@ def test_symmetric_pair_loss_sums_both_directions_of_each_pair():
     # q(v1)·z(v3): cos 1, 1 -> 0;                           q(v3)·z(v1): cos 0, 0 -> 2
     total = symmetric_pair_loss(q, z, [("v1", "v2"), ("v1", "v3")])
     torch.testing.assert_close(total, torch.tensor(1.0 + 0.0 + 0.0 + 2.0))
+
+
+def test_box_pair_loss_is_the_mean_over_pairs_of_both_directions():
+    q1 = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
+    q2 = torch.tensor([[0.0, 1.0], [0.0, 1.0], [-1.0, 0.0]])
+    z1 = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 0.0]])
+    z2 = torch.tensor([[1.0, 0.0], [0.0, -5.0], [0.0, 1.0]])
+    # pair 0: q1.z2 cos 1 -> 0, q2.z1 cos 0 -> 2;    pair 1: q1.z2 cos -1 -> 4, q2.z1 cos 1/sqrt2 -> 2 - sqrt2
+    # pair 2: q1.z2 cos 0 -> 2, q2.z1 cos -1 -> 4
+    expected = (0 + 2 + 4 + (2 - math.sqrt(2)) + 2 + 4) / 3
+    torch.testing.assert_close(box_pair_loss((q1, q2), (z1, z2)), torch.tensor(expected))
+
+
+def test_box_pair_loss_of_no_pair_is_zero_not_nan():
+    empty = torch.zeros((0, 4))
+    assert box_pair_loss((empty, empty), (empty, empty)).item() == 0.0

@@ -22,10 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None, help="data-loader workers to time")
     parser.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--compare", default=None, metavar="KEY=VALUE",
+    compare = parser.add_mutually_exclusive_group()
+    compare.add_argument("--compare", default=None, metavar="KEY=VALUE",
                         help="also time the step with this override and report the speed-up, "
                              "e.g. method.model.pool_all_levels=true")
-    parser.add_argument("--compare-pooling", action="store_true",
+    compare.add_argument("--compare-pooling", action="store_true",
                         help="shorthand for --compare method.model.pool_all_levels=true (SoCo)")
     parser.add_argument("-o", "--output", default=None, help="also write the JSON to this file")
     parser.add_argument("overrides", nargs="*", metavar="key=value")

@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="images/s and memory of training steps and data loading (JSON)")
     bench_command.add_arguments(bench)
 
+    commands.add_parser("methods", help="the pretraining methods, with their presets")
+
     from soco.cli import export_command
 
     export = commands.add_parser("export", help="pretrained weights for torchvision, Detectron2, MMDetection")
@@ -95,6 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--images", default=None, help="image folder (default: the one the store was made from)")
     show.add_argument("-o", "--output", required=True, help="PNG file to write")
     return parser
+
+
+def list_methods() -> int:
+    """Print every registered method with its first docstring line and the presets that name it."""
+    from soco.config.loading import list_presets, load_preset_values
+    from soco.registry import method_class, method_names
+
+    presets: dict[str, list[str]] = {}
+    for preset in list_presets():
+        named = (load_preset_values(preset).get("method") or {}).get("name")
+        if named:
+            presets.setdefault(named, []).append(preset)
+    for name in method_names():
+        cls = method_class(name)
+        summary = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip().splitlines()[0]
+        print(f"{name}: {summary}")
+        print(f"  presets: {', '.join(presets.get(name, []))} (small: {cls.default_preset})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             from soco.cli import data_commands
 
             return data_commands.run(args)
+        if args.command == "methods":
+            return list_methods()
         if args.command == "export":
             from soco.cli import export_command
 

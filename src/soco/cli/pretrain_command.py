@@ -97,7 +97,7 @@ def resolve_data(config: Config, proposals: str | None, quiet: bool) -> tuple[Pa
         images_root = assemble_photos(cache, progress=not quiet)
     from soco.registry import method_class
 
-    if not method_class(config.method.name).uses_proposals:
+    if not method_class(config.method.name).uses_proposals(config.method):
         return images_root, (Path(proposals) if proposals else None)
     store = Path(proposals) if proposals else default_store_for(images_root, config)
     if not proposals:

@@ -160,7 +160,7 @@ class ImageDataset(Dataset):
         which lets one long-lived loader cross epochs without restarting its workers. Replacing keeps
         every batch full, so processes training together never disagree on whether a batch exists;
         the unreadable images travel with the sample ("replaced") to be counted. A SkippedSample comes
-        back only if MAX_REPLACEMENTS images in a row are unreadable.
+        back only if MAX_REPLACEMENTS + 1 images in a row are unreadable.
         """
         epoch, position = key if isinstance(key, tuple) else (self.epoch, key)
         unreadable = []

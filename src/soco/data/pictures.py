@@ -48,7 +48,8 @@ def draw_views(
             ax = axes[row][column]
             # extent puts pixel i on [i, i+1], the convention of the boxes' coordinates
             ax.imshow(denormalize(view).permute(1, 2, 0).numpy(), extent=(0, side_w, side_h, 0))
-            for number, (x1, y1, x2, y2) in enumerate((boxes or {}).get(name, torch.zeros(0, 0, 4))[row].tolist()):
+            view_boxes = (boxes or {}).get(name, torch.zeros(len(views[name]), 0, 4))
+            for number, (x1, y1, x2, y2) in enumerate(view_boxes[row].tolist()):
                 ax.add_patch(
                     Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, linewidth=1.8, edgecolor=colours(number % 10))
                 )

@@ -64,14 +64,24 @@ def time_model_steps(config: Config, batch: dict, steps: int, warmup: int, devic
             "images_per_second": images / median, "peak_memory_mib": peak_memory_mib(device)}
 
 
+def bench_dataset(config: Config, images_root: Path, store_dir: Path | None) -> ImageDataset:
+    """The data set a configuration trains on (its method's transform)."""
+    torch.manual_seed(config.train.seed)
+    return build_dataset(build_model(config, DistributedContext()), images_root, store_dir, config.train.seed)
+
+
+def first_batch(dataset: ImageDataset, batch_size: int) -> dict:
+    """The first `batch_size` images of a data set as one collated batch."""
+    return dataset.collate([dataset[i % len(dataset)] for i in range(batch_size)])
+
+
 def run_bench(config: Config, images_root: Path, store_dir: Path | None, steps: int, warmup: int,
               data_batches: int, compare: tuple[str, Config] | None = None) -> dict:
     """All figures of `soco bench` as one JSON-ready dict; `compare` = (label, other config) times a second step."""
     device = resolve_device(config.train.device)
-    torch.manual_seed(config.train.seed)
-    dataset = build_dataset(build_model(config, DistributedContext()), images_root, store_dir, config.train.seed)
+    dataset = bench_dataset(config, images_root, store_dir)
     workers = resolve_loader_workers(config.train.workers, DistributedContext(device=device))
-    batch = dataset.collate([dataset[i % len(dataset)] for i in range(config.train.batch_size)])
+    batch = first_batch(dataset, config.train.batch_size)
     result = {
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
@@ -84,7 +94,9 @@ def run_bench(config: Config, images_root: Path, store_dir: Path | None, steps: 
     result["model_step"] = time_model_steps(config, batch, steps, warmup, device)
     if compare is not None:
         label, other = compare
-        result["compared"] = {"change": label, **time_model_steps(other, batch, steps, warmup, device)}
+        # the compared configuration's own batch: a change of the views changes what the step eats
+        other_batch = first_batch(bench_dataset(other, images_root, store_dir), other.train.batch_size)
+        result["compared"] = {"change": label, **time_model_steps(other, other_batch, steps, warmup, device)}
         result["speedup_of_configured_over_compared"] = (
             result["model_step"]["images_per_second"] / result["compared"]["images_per_second"])
     loader_rate = result.get("data_workers", result["data_main_process"])["images_per_second"]

@@ -80,7 +80,7 @@ class StepRunner:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.context.device)
-        extra_sums: dict[str, float] = {}
+        extra_sums: dict[str, torch.Tensor] = {}
         for number, batch in enumerate(micro_batches):
             batch = move_to_device(batch, self.context.device)
             sync = contextlib.nullcontext()
@@ -94,8 +94,11 @@ class StepRunner:
             loss_sum += loss.detach()
             for key, value in outputs.items():
                 if key != "loss":
-                    extra_sums[key] = extra_sums.get(key, 0.0) + float(value) / len(micro_batches)
-        mean_loss = float(all_reduce_mean(loss_sum, self.context))
+                    value = torch.as_tensor(value, device=self.context.device).detach().float() / len(micro_batches)
+                    extra_sums[key] = extra_sums.get(key, 0.0) + value
+        # The loss and the method's metrics, averaged over the processes in one collective and one sync.
+        averaged = all_reduce_mean(torch.stack([loss_sum.float(), *extra_sums.values()]), self.context).tolist()
+        mean_loss, extras = averaged[0], dict(zip(extra_sums, averaged[1:]))
         problem = None
         if not math.isfinite(mean_loss):
             problem = f"loss became {mean_loss}"
@@ -110,5 +113,5 @@ class StepRunner:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        extra_sums.update(self.method.after_optimizer_step(step, total_steps))
-        return StepResult(mean_loss, extra_sums)
+        extras.update(self.method.after_optimizer_step(step, total_steps))
+        return StepResult(mean_loss, extras)

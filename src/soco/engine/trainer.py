@@ -266,10 +266,12 @@ def pretrain(
                         raise SocoError(f"every image of a micro-batch at step {step} is unreadable: "
                                         f"{batch['skipped_paths']}")
                     continue
-                if step == 0 and micro == 0 and context.is_main:
-                    method.draw_batch(batch, run_dir / "views.png")
                 micro_batches.append(batch)
             step_data_seconds = time.perf_counter() - step_started
+            if step == start_step == 0 and micro_batches and context.is_main:
+                drawing_started = time.perf_counter()
+                method.draw_batch(micro_batches[0], run_dir / "views.png")
+                step_started += time.perf_counter() - drawing_started  # the picture is neither data nor model time
             try:
                 result = runner.run(micro_batches, step, schedule.total_steps, lr)
             except TrainingDiverged as error:
@@ -287,7 +289,7 @@ def pretrain(
             bar.set_postfix(loss=f"{result.loss:.3f}", img_s=f"{images_per_second:.1f}")
             if step % config.train.log_every == 0 or step == schedule.total_steps or step == start_step + 1:
                 log.metrics(step, {
-                    "epoch": epoch, "loss": result.loss, "lr": lr, **result.metrics,
+                    **result.metrics, "epoch": epoch, "loss": result.loss, "lr": lr,  # the engine's names win
                     "images_per_second": images_per_second, "data_seconds": step_data_seconds,
                     "step_seconds": step_seconds, "skipped_images": skipped,
                 })

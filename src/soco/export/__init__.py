@@ -1,4 +1,4 @@
-"""Export of pretrained SoCo weights to detectors: torchvision, Detectron2, MMDetection, or a plain ResNet."""
+"""Export of any method's pretrained encoder to detectors: torchvision, Detectron2, MMDetection, or a plain ResNet."""
 
 from soco.export.conversion import ExportResult
 from soco.export.formats import FORMAT_NAMES, export_checkpoint, resolve_format

@@ -130,6 +130,9 @@ def note_leftovers(source: SourceWeights, conversion: Conversion) -> None:
     left_out = source.training_entries()
     if left_out:
         conversion.notes.append("not exported: " + ", ".join(left_out))
+    if source.layout != "c4" and not source.fpn():
+        conversion.notes.append(f"the model has no FPN ({source.absent_because('fpn')}): "
+                                "an FPN detector's FPN starts from random weights")
     if source.layout != "c4" and not source.box_head():
         conversion.notes.append(f"the model has no box head ({source.absent_because('box_head')}): "
                                 "the detector's head starts untrained")

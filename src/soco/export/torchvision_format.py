@@ -19,9 +19,18 @@ DETECTOR_FPN_PREFIX = "backbone.fpn."
 DETECTOR_BOX_HEAD_PREFIX = "roi_heads.box_head."
 
 
+def backbone_only(source: SourceWeights) -> bool:
+    """Whether the encoder is a whole ResNet and nothing else (SCRL, the image-level BYOL baseline)."""
+    return source.layout == "c5" and not source.fpn() and not source.box_head()
+
+
 def convert(source: SourceWeights) -> Conversion:
-    """Rename the encoder to torchvision detection names: the modules are torchvision's own, so only the head moves."""
-    require_fpn_model(source, "torchvision")
+    """Rename the encoder to torchvision detection names: the modules are torchvision's own, so only the head moves.
+
+    A backbone-only encoder gives backbone.body.* alone: the detector's FPN and heads start from random weights.
+    """
+    if not backbone_only(source):
+        require_fpn_model(source, "torchvision")
     conversion = Conversion()
     for name, tensor in source.body().items():
         conversion.add("backbone", DETECTOR_BODY_PREFIX + name, tensor)
@@ -40,6 +49,8 @@ def write(conversion: Conversion, source: SourceWeights, path: Path) -> None:
 
 def load_into_torchvision(model: nn.Module, path: str | Path | Mapping[str, torch.Tensor]) -> list[str]:
     """Load an export into a torchvision R-FPN detector's backbone and box head, strictly; returns the loaded keys.
+
+    A backbone-only export loads strictly into model.backbone.body; the FPN and heads are left as they are.
 
     Works for fasterrcnn_resnet50_fpn_v2, maskrcnn_resnet50_fpn_v2 and any detector whose backbone comes from
     `_resnet_fpn_extractor(..., norm_layer=nn.BatchNorm2d)` and whose box head is a FastRCNNConvFCHead with BN.
@@ -60,7 +71,11 @@ def load_into_torchvision(model: nn.Module, path: str | Path | Mapping[str, torc
     if not hasattr(model, "backbone") or (head and box_head is None):
         raise ExportError(f"{type(model).__name__} is not a torchvision two-stage detector "
                           "(needs model.backbone and model.roi_heads.box_head)")
-    _load_strict(model.backbone, backbone, "model.backbone")
+    if all(k.startswith("body.") for k in backbone):  # a backbone-only export: the FPN keeps its own weights
+        _load_strict(model.backbone.body, OrderedDict((k[len("body."):], v) for k, v in backbone.items()),
+                     "model.backbone.body")
+    else:
+        _load_strict(model.backbone, backbone, "model.backbone")
     loaded = [DETECTOR_BACKBONE_PREFIX + k for k in backbone]
     if head:
         _load_strict(box_head, head, "model.roi_heads.box_head")

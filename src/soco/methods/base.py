@@ -8,7 +8,7 @@ this contract, so adding a method never touches them.
 
 from __future__ import annotations
 
-from abc import abstractmethod
+from abc import ABCMeta, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,7 +20,7 @@ from soco.methods.parameter_groups import lars_param_groups
 ENCODER_PARTS = ("backbone", "fpn", "box_head", "res5")
 
 
-class Method(nn.Module):
+class Method(nn.Module, metaclass=ABCMeta):
     """A self-supervised pretraining method; subclasses set `name` and `config_class` and fill the contract.
 
     Its nn.Module state dict is everything a resume needs (online and target networks, queues);
@@ -29,7 +29,6 @@ class Method(nn.Module):
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = type(None)
-    uses_proposals: ClassVar[bool] = False  # whether the data set must come with a proposal store
     default_preset: ClassVar[str] = ""  # the small preset `soco pretrain --method NAME` starts from
     tiny_preset: ClassVar[str] = ""  # the smallest preset, which the contract test runs
 
@@ -38,6 +37,11 @@ class Method(nn.Module):
         self.config = config
 
     # --- data -------------------------------------------------------------------------------------
+    @classmethod
+    def uses_proposals(cls, config: Any) -> bool:
+        """Whether a run with this `method:` section reads object proposals (so a store must be computed)."""
+        return False
+
     @abstractmethod
     def sample_transform(self):
         """The picklable transform the data set applies to each image (see soco.data.dataset.SampleTransform)."""

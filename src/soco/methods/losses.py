@@ -27,3 +27,16 @@ def symmetric_pair_loss(
         total = total + byol_regression(online_predictions[view_a], target_projections[view_b]).mean()
         total = total + byol_regression(online_predictions[view_b], target_projections[view_a]).mean()
     return total
+
+
+def box_pair_loss(
+    online_predictions: tuple[torch.Tensor, torch.Tensor],
+    target_projections: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """Mean over N box pairs of l(q1, z2) + l(q2, z1), l = 2 - 2 cos; 0 (not NaN) when N is 0 (SCRL).
+
+    Row i of every tensor is the same region of the image seen in view 1 and view 2.
+    """
+    (q1, q2), (z1, z2) = online_predictions, target_projections
+    per_pair = byol_regression(q1, z2) + byol_regression(q2, z1)
+    return per_pair.sum() / max(1, per_pair.numel())

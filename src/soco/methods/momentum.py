@@ -43,9 +43,10 @@ def check_momentum(base: float, schedule: str, key: str) -> None:
 class MomentumMethod(Method):
     """A Method whose targets follow their online networks: target = m * target + (1 - m) * online."""
 
-    def __init__(self, config: Any, momentum_base: float, momentum_schedule: str = "cosine"):
+    def __init__(self, config: Any, momentum_base: float, momentum_schedule: str = "cosine",
+                 momentum_key: str = "method.ema_base"):
         super().__init__(config)
-        check_momentum(momentum_base, momentum_schedule, "method")
+        check_momentum(momentum_base, momentum_schedule, momentum_key)
         self.momentum_base = float(momentum_base)
         self.momentum_schedule = momentum_schedule
         self._pairs: list[tuple[str, str]] = []

@@ -17,7 +17,7 @@ from torch import nn
 from soco.data.pictures import draw_views
 from soco.errors import ConfigError
 from soco.methods.losses import symmetric_pair_loss
-from soco.methods.momentum import MomentumMethod, check_momentum
+from soco.methods.momentum import MomentumMethod
 from soco.registry import register_method
 from soco.methods.soco_transform import SoCoTransform, SoCoViewsConfig, check_views_config
 from soco.models.backbone import (
@@ -160,14 +160,12 @@ class SoCo(MomentumMethod):
 
     name = "soco"
     config_class = SoCoConfig
-    uses_proposals = True
     default_preset = "soco_small"
     tiny_preset = "soco_tiny"
 
     def __init__(self, config: SoCoConfig):
         check_views_config(config.views)
         check_model_config(config.model)
-        check_momentum(config.ema_base, "cosine", "method.ema_base")
         super().__init__(config, momentum_base=config.ema_base, momentum_schedule="cosine")
         self.thresholds = level_thresholds(config.model, config.views)
         self.online = build_encoder(config.model, self.thresholds)
@@ -175,6 +173,11 @@ class SoCo(MomentumMethod):
         self.predictor = MLP(dim, config.model.projector_hidden, dim)
         self.make_target("online", "target")
         self.pairs = view_pairs(config.model, config.views)
+
+    @classmethod
+    def uses_proposals(cls, config: SoCoConfig) -> bool:
+        """Only box_source "proposals" reads them; whole-image and random boxes need no store."""
+        return config.views.box_source == "proposals"
 
     def views_used(self) -> list[str]:
         """Names of the views this method reads from a batch."""

@@ -259,11 +259,10 @@ def make_views(
 class SoCoTransform:
     """The data set's per-image transform for SoCo: views and boxes as dicts keyed by view name."""
 
-    needs_proposals = True
-
     def __init__(self, config: SoCoViewsConfig):
         check_views_config(config)
         self.config = config
+        self.needs_proposals = config.box_source == "proposals"
 
     def __call__(self, image: np.ndarray, proposals: np.ndarray, generator: torch.Generator, source=None) -> dict:
         """{"views": {name: 3xSxS}, "boxes": {name: Kx4}, "proposal_ids": (K,)} of one image."""

@@ -29,12 +29,12 @@ C5_STRIDE = 32
 TORCHVISION_FPN_CHANNELS = 256  # _resnet_fpn_extractor hard-codes this width
 
 
-def build_resnet(depth: int) -> resnet.ResNet:
-    """A randomly initialised torchvision ResNet with each residual block's last BN gamma set to zero."""
+def build_resnet(depth: int, zero_init_residual: bool = True) -> resnet.ResNet:
+    """A randomly initialised torchvision ResNet; by default each residual block's last BN gamma is zero."""
     if depth not in RESNET_BUILDERS:
         raise ConfigError(f"ResNet depth {depth} is not one of {sorted(RESNET_BUILDERS)}")
     # Plain BatchNorm2d (torchvision's default): conversion to SyncBatchNorm is the engine's business.
-    return RESNET_BUILDERS[depth](weights=None, zero_init_residual=True)
+    return RESNET_BUILDERS[depth](weights=None, zero_init_residual=zero_init_residual)
 
 
 def c4_channels(network: resnet.ResNet) -> int:

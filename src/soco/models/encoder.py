@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from soco.models.roi_pooling import BoxPooler
+from soco.models.roi_pooling import BoxPooler, pool_rois
 
 
 class ObjectEncoder(nn.Module):
@@ -79,3 +79,31 @@ class ObjectEncoder(nn.Module):
     def forward(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """(B*K, projection_dim) projected object vectors."""
         return self.projector(self.representations(images, boxes))
+
+
+class BoxListEncoder(nn.Module):
+    """Backbone, RoIAlign of any number of boxes per image on its one map, projector: -> (N, projection_dim).
+
+    For methods whose images carry a variable number of boxes (SCRL): boxes are (N, 4) in the images'
+    pixels with an (N,) image index. The pooled S x S map is averaged (S = 1 pools one vector per box).
+    The state dict reads backbone.* and projector.*.
+    """
+
+    def __init__(self, backbone: nn.Module, stride: float, projector: nn.Module, output_size: int = 1,
+                 aligned: bool = True):
+        super().__init__()
+        self.backbone = backbone
+        self.stride = float(stride)
+        self.output_size = int(output_size)
+        self.aligned = aligned
+        self.projector = projector
+
+    def representations(self, images: torch.Tensor, boxes: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+        """(N, C) pooled box features of the backbone's last map."""
+        feature = self.backbone(images)["0"]
+        pooled = pool_rois(feature, boxes, image_index, self.stride, self.output_size, self.aligned)
+        return pooled.mean(dim=(2, 3))
+
+    def forward(self, images: torch.Tensor, boxes: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+        """(N, projection_dim) projected box vectors."""
+        return self.projector(self.representations(images, boxes, image_index))

@@ -48,15 +48,18 @@ class C4Head(nn.Module):
 
 
 class MLP(nn.Sequential):
-    """Linear, BatchNorm1d, ReLU, Linear: BYOL's projector (1024-4096-256) and predictor (256-4096-256)."""
+    """Linear, BatchNorm1d, ReLU, Linear: BYOL's projector (1024-4096-256) and predictor (256-4096-256).
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
+    `last_bias=False` drops the output layer's bias (SCRL's release).
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, last_bias: bool = True):
         super().__init__(
             OrderedDict(
                 linear1=nn.Linear(in_dim, hidden_dim),
                 norm=nn.BatchNorm1d(hidden_dim),
                 relu=nn.ReLU(inplace=True),
-                linear2=nn.Linear(hidden_dim, out_dim),
+                linear2=nn.Linear(hidden_dim, out_dim, bias=last_bias),
             )
         )
         self.in_dim = in_dim

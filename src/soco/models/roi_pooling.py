@@ -40,15 +40,30 @@ def _rois_dtype(feature: torch.Tensor) -> torch.dtype:
     return torch.float64 if feature.dtype == torch.float64 else torch.float32
 
 
-def _align(feature: torch.Tensor, rois: torch.Tensor, stride: float, output_size: int) -> torch.Tensor:
-    """roi_align with SoCo's settings, pooling a low-precision map in the rois' precision outside autocast."""
+def _align(feature: torch.Tensor, rois: torch.Tensor, stride: float, output_size: int,
+           aligned: bool = True) -> torch.Tensor:
+    """roi_align with adaptive sampling, pooling a low-precision map in the rois' precision outside autocast."""
     if feature.dtype != rois.dtype and not torch.is_autocast_enabled(feature.device.type):
         # The kernel requires equal dtypes; under autocast torchvision casts both to float32 itself.
         pooled = roi_align(
-            feature.to(rois.dtype), rois, output_size, 1.0 / stride, ADAPTIVE_SAMPLING, aligned=True
+            feature.to(rois.dtype), rois, output_size, 1.0 / stride, ADAPTIVE_SAMPLING, aligned=aligned
         )
         return pooled.to(feature.dtype)
-    return roi_align(feature, rois, output_size, 1.0 / stride, ADAPTIVE_SAMPLING, aligned=True)
+    return roi_align(feature, rois, output_size, 1.0 / stride, ADAPTIVE_SAMPLING, aligned=aligned)
+
+
+def pool_rois(feature: torch.Tensor, boxes: torch.Tensor, image_index: torch.Tensor, stride: float,
+              output_size: int, aligned: bool = True) -> torch.Tensor:
+    """(N, C, S, S) RoI features of N boxes (x1 y1 x2 y2, any number per image) on one map.
+
+    `image_index` (N,) says which image of the batch each box belongs to; N may be 0.
+    """
+    if boxes.ndim != 2 or boxes.shape[-1] != 4 or image_index.shape != boxes.shape[:1]:
+        raise ValueError(f"boxes must be (N, 4) with an (N,) image index, got {tuple(boxes.shape)} "
+                         f"and {tuple(image_index.shape)}")
+    dtype = _rois_dtype(feature)
+    rois = torch.cat([image_index.to(dtype)[:, None], boxes.to(dtype)], dim=1)
+    return _align(feature, rois, stride, output_size, aligned)
 
 
 def _check_levels(features: Sequence[torch.Tensor], strides: Sequence[float], boxes: torch.Tensor) -> None:
