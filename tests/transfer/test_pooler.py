@@ -88,3 +88,43 @@ def test_mask_pooler_pools_as_pretraining_too():
     stock = MultiScaleRoIAlign(FPN_FEATURE_NAMES, 14, sampling_ratio=2)(features, list(boxes),
                                                                          [(IMAGE_SIZE, IMAGE_SIZE)] * 2)
     assert (stock - expected).abs().max() > 0.1
+
+
+def test_a_soco_encoder_exported_and_loaded_gives_the_detector_the_same_box_features(tmp_path):
+    """End to end: SoCo's own encoder (BoxPooler, its level thresholds), its checkpoint, `soco export`, the detector."""
+    from soco.config.loading import config_to_dict, load_config
+    from soco.engine.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
+    from soco.export import export_checkpoint
+    from soco.methods.soco import SoCo
+
+    config = load_config("soco_small", ["method.views.v1_size=224"])  # R18-FPN, torchvision's widths
+    torch.manual_seed(0)
+    method = SoCo(config.method)
+    for module in method.online.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.weight.data.uniform_(0.5, 1.5)
+            module.running_mean.uniform_(-0.1, 0.1)
+    save_checkpoint({"format_version": CHECKPOINT_FORMAT, "method": "soco", "step": 0,
+                     "encoder": method.encoder().state_dict(), "encoder_layout": method.encoder_layout(),
+                     "config": config_to_dict(config)}, tmp_path / "run" / "checkpoints" / "last.pt")
+    exported = export_checkpoint(tmp_path / "run", "torchvision", tmp_path / "soco.pt").output
+    detector = build_detector("faster_rcnn", num_classes=2, depth=18)
+    load_pretrained(detector, exported)
+    detector.eval(), method.eval()
+    size = 512
+    # sqrt(area) <= 48 is P2 for both rules (SoCo's 48/96/192 at 224-pixel views, torchvision's canonical
+    # 224 at level 4); >= 448 is P5 for both. In between the two rules differ by design (other image sizes).
+    boxes = torch.tensor([[3.3, 5.7, 40.2, 33.9], [100.5, 200.25, 140.0, 245.5], [2.5, 7.5, 505.0, 490.0],
+                          [30.0, 10.0, 511.0, 500.5]])
+    torch.manual_seed(3)
+    images = torch.rand(1, 3, size, size)
+    with torch.no_grad():
+        pretraining = method.online.representations(images, boxes[None])
+        features = detector.backbone(images)
+        pooled = detector.roi_heads.box_roi_pool(features, [boxes], [(size, size)])
+        transferred = detector.roi_heads.box_head(pooled)
+        encoder_levels = method.online.box_levels(boxes[None])
+        detector_levels = detector.roi_heads.box_roi_pool.map_levels([boxes])  # set up by the first call
+        assert encoder_levels.tolist() == detector_levels.tolist() == [0, 0, 3, 3]
+    assert transferred.abs().mean() > 0.05
+    torch.testing.assert_close(transferred, pretraining, rtol=0, atol=1e-6)
