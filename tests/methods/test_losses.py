@@ -52,3 +52,20 @@ def test_box_pair_loss_is_the_mean_over_pairs_of_both_directions():
 def test_box_pair_loss_of_no_pair_is_zero_not_nan():
     empty = torch.zeros((0, 4))
     assert box_pair_loss((empty, empty), (empty, empty)).item() == 0.0
+
+
+def test_info_nce_by_hand():
+    from soco.methods.losses import info_nce
+
+    query = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    key = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    negatives = torch.tensor([[1.0, 0.0], [0.0, -1.0], [-0.6, 0.8]])
+    t = 0.2
+    # row 0: q.k = 0.6; q.n = 1, 0, -0.6.   row 1: q.k = 1; q.n = 0, -1, 0.8
+    row0 = -math.log(math.exp(0.6 / t) / (math.exp(0.6 / t) + math.exp(1 / t) + math.exp(0) + math.exp(-0.6 / t)))
+    row1 = -math.log(math.exp(1 / t) / (math.exp(1 / t) + math.exp(0) + math.exp(-1 / t) + math.exp(0.8 / t)))
+    torch.testing.assert_close(info_nce(query, key, negatives, t), torch.tensor((row0 + row1) / 2))
+    q = query.clone().requires_grad_(True)
+    k = key.clone().requires_grad_(True)
+    info_nce(q, k, negatives, t).backward()
+    assert q.grad is not None and k.grad is None

@@ -40,3 +40,16 @@ def box_pair_loss(
     (q1, q2), (z1, z2) = online_predictions, target_projections
     per_pair = byol_regression(q1, z2) + byol_regression(q2, z1)
     return per_pair.sum() / max(1, per_pair.numel())
+
+
+def info_nce(query: torch.Tensor, key: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo's InfoNCE: mean over rows of -log(exp(q.k/t) / (exp(q.k/t) + sum_j exp(q.n_j/t))).
+
+    query and key are (N, D) rows of the same instances, negatives (K, D); all are expected unit vectors
+    (the caller normalises). The key and the negatives carry no gradient; computed in float32.
+    """
+    query = query.float()
+    positive = (query * key.detach().float()).sum(dim=-1, keepdim=True)
+    negative = query @ negatives.detach().float().t()
+    logits = torch.cat([positive, negative], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(query), dtype=torch.long, device=query.device))
