@@ -34,3 +34,17 @@ def test_ema_momentum_schedule():
 def test_linear_scaling_rule():
     assert scaled_learning_rate(1.0, 2048) == pytest.approx(8.0)
     assert scaled_learning_rate(1.0, 64) == pytest.approx(0.25)
+
+
+def test_cosine_per_epoch_holds_the_learning_rate_through_each_epoch():
+    from soco.engine.trainer import Schedule, schedule_position
+    from soco.errors import ConfigError
+
+    schedule = Schedule(micro_batches_per_epoch=4, steps_per_epoch=4, total_steps=12, warmup_steps=0, peak_lr=1.0,
+                        images_per_step=8)
+    assert [schedule_position(s, schedule, "epoch") for s in range(12)] == [0] * 4 + [4] * 4 + [8] * 4
+    assert [schedule_position(s, schedule, "step") for s in range(5)] == [0, 1, 2, 3, 4]
+    lrs = [learning_rate_at(schedule_position(s, schedule, "epoch"), 12, 0, 1.0, 0.0, 0.0) for s in range(12)]
+    assert lrs[:4] == [1.0] * 4 and lrs[4] == lrs[7] == pytest.approx(0.75) and lrs[8] == pytest.approx(0.25)
+    with pytest.raises(ConfigError, match="cosine_per"):
+        schedule_position(0, schedule, "iteration")

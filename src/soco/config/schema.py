@@ -43,6 +43,7 @@ class OptimConfig:
     warmup_epochs: float = 10.0
     warmup_start_factor: float = 0.01  # warm-up starts at lr / 100
     final_lr: float = 1e-6
+    cosine_per: str = "step"  # "step": the cosine moves every iteration; "epoch": once per epoch (MoCo's)
 
 
 @dataclass

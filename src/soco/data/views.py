@@ -251,9 +251,14 @@ def crop_resize_flip(
     return view_image, F.clamp_bounding_boxes(view_boxes)
 
 
-def draw_color_params(generator: torch.Generator, blur_prob: float, solarize_prob: float) -> dict:
-    """Draw one view's colour augmentation (every draw always happens, so the stream length is fixed)."""
-    brightness, contrast, saturation, hue = _JITTER_STRENGTH
+def draw_color_params(generator: torch.Generator, blur_prob: float, solarize_prob: float,
+                      strength: tuple[float, float, float, float] = _JITTER_STRENGTH) -> dict:
+    """Draw one view's colour augmentation (every draw always happens, so the stream length is fixed).
+
+    `strength` is ColorJitter's (brightness, contrast, saturation, hue): BYOL's (0.4, 0.4, 0.2, 0.1) by
+    default, MoCo v2's (0.4, 0.4, 0.4, 0.1) for the MoCo family.
+    """
+    brightness, contrast, saturation, hue = strength
     return {
         "jitter": bernoulli(generator, _JITTER_PROB),
         "order": torch.randperm(4, generator=generator).tolist(),

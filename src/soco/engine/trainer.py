@@ -91,6 +91,15 @@ def make_schedule(config: Config, dataset_size: int, world_size: int) -> Schedul
                     scaled_learning_rate(config.optim.base_lr, images_per_step), images_per_step)
 
 
+def schedule_position(step: int, schedule: Schedule, cosine_per: str) -> int:
+    """The step the learning-rate schedule is read at: the step itself, or the first step of its epoch."""
+    if cosine_per == "step":
+        return step
+    if cosine_per == "epoch":
+        return (step // schedule.steps_per_epoch) * schedule.steps_per_epoch
+    raise ConfigError(f"optim.cosine_per must be step or epoch, not {cosine_per!r}")
+
+
 def resolve_loader_workers(requested: int, context: DistributedContext) -> int:
     """Data-loader workers per process: the request, or the cores left per process (at least 1)."""
     if requested >= 0:
@@ -247,15 +256,20 @@ def pretrain(
             batches_used_per_epoch=schedule.steps_per_epoch * accumulate, start_batch=step * accumulate,
             total_batches=schedule.total_steps * accumulate,
         )
+        # The loader draws its workers' base seed from a generator of its own: from the global one, a
+        # resumed run would draw it after restoring the random state, and every later global draw of a
+        # method's step (MoCo's key shuffle) would differ from the uninterrupted run's.
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, num_workers=workers, collate_fn=dataset.collate,
             pin_memory=context.device.type == "cuda", prefetch_factor=2 if workers else None,
+            generator=torch.Generator().manual_seed(config.train.seed),
         )
         batches = iter(loader)
         while step < schedule.total_steps:
             epoch = step // schedule.steps_per_epoch
-            lr = learning_rate_at(step, schedule.total_steps, schedule.warmup_steps, schedule.peak_lr,
-                                  config.optim.final_lr, config.optim.warmup_start_factor)
+            lr = learning_rate_at(schedule_position(step, schedule, config.optim.cosine_per), schedule.total_steps,
+                                  schedule.warmup_steps, schedule.peak_lr, config.optim.final_lr,
+                                  config.optim.warmup_start_factor)
             step_started = time.perf_counter()
             micro_batches = []
             for micro in range(accumulate):

@@ -41,8 +41,9 @@ class KeyQueue(nn.Module):
         return self.keys.shape[1]
 
     def negatives(self, level: int) -> torch.Tensor:
-        """(size, dim) the keys of one level's queue, as they are before this step's write."""
-        return self.keys[level]
+        """(size, dim) a copy of one level's keys as they are now: the write after the loss must not touch
+        what the backward pass reads."""
+        return self.keys[level].clone()
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:

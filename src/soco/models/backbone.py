@@ -54,9 +54,10 @@ def _last_block_channels(layer: nn.Sequential) -> int:
     return last_norm.num_features
 
 
-def build_resnet_fpn(depth: int, fpn_channels: int = TORCHVISION_FPN_CHANNELS) -> BackboneWithFPN:
+def build_resnet_fpn(depth: int, fpn_channels: int = TORCHVISION_FPN_CHANNELS,
+                     zero_init_residual: bool = True) -> BackboneWithFPN:
     """ResNet + FPN (P2-P5 with BN after the lateral and output convs) exactly as fasterrcnn_resnet50_fpn_v2 builds it."""
-    network = build_resnet(depth)
+    network = build_resnet(depth, zero_init_residual=zero_init_residual)
     if fpn_channels == TORCHVISION_FPN_CHANNELS:
         # The very call of torchvision's v2 builder; trainable_layers=5 leaves every parameter trainable.
         return _resnet_fpn_extractor(network, trainable_layers=5, norm_layer=nn.BatchNorm2d)

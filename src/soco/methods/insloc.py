@@ -1,0 +1,166 @@
+"""InsLoc: instance localization (Yang, Wu, Zhou, Lin, CVPR 2021).
+
+A crop of an image is pasted onto two other images (`insloc_transform`); the network must recognise the
+pasted instance from its box alone, pooled on every FPN level, against a MoCo queue of other instances.
+What InsLoc adds to the shared plumbing: the composites, a ResNet-FPN whose P2-P5 each pool the box
+(RoIAlign 7x7, aligned), one head shared by the levels (4 conv with BN, fc 1024, fc 1024, linear 128,
+L2-normalised), a key encoder by constant-momentum EMA (0.999) run with shuffle-BN, one queue of keys
+per level (`queue.KeyQueue`) and InfoNCE at temperature 0.2 per level, summed.
+
+The detector receives the backbone, the FPN and the head's 4 convs and first fc (as a 4conv1fc box
+head); the second fc and the 128-d layer are left out.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from soco.data.pictures import draw_views
+from soco.errors import ConfigError
+from soco.methods.insloc_transform import InsLocTransform, InsLocViewsConfig
+from soco.methods.losses import info_nce
+from soco.methods.momentum import MomentumMethod
+from soco.methods.queue import KeyQueue
+from soco.methods.shuffle_bn import shuffled_forward
+from soco.models.backbone import FPN_LEVEL_NAMES, FPN_STRIDES, build_resnet_fpn
+from soco.models.heads import build_box_head
+from soco.models.roi_pooling import ADAPTIVE_SAMPLING, pool_rois
+from soco.registry import register_method
+
+POOLED_SIZE = 7
+
+
+@dataclass
+class InsLocModelConfig:
+    """InsLoc's network: ResNet-FPN, RoIAlign of each box on every level, the shared head, the embedding."""
+
+    depth: int = 50
+    fpn_channels: int = 256
+    head_convs: int = 4
+    head_fc_dim: int = 1024
+    embedding_dim: int = 128
+    zero_init_residual: bool = False  # the release keeps the last BN of each block at gamma 1
+
+
+@dataclass
+class InsLocConfig:
+    """The `method:` section of an InsLoc run."""
+
+    name: str = "insloc"
+    views: InsLocViewsConfig = field(default_factory=InsLocViewsConfig)
+    model: InsLocModelConfig = field(default_factory=InsLocModelConfig)
+    momentum: float = 0.999  # constant EMA of the key encoder
+    temperature: float = 0.2
+    queue_size: int = 65536  # keys per level
+    level_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])  # P2..P5
+    key_bn_splits: int = 2  # one process: the key encoder's BatchNorm sees this many shuffled sub-batches
+
+
+class InstanceEncoder(nn.Module):
+    """ResNet-FPN, each image's one box pooled on every level, the shared head: -> (levels, B, embedding_dim)."""
+
+    def __init__(self, model: InsLocModelConfig):
+        super().__init__()
+        self.backbone = build_resnet_fpn(model.depth, model.fpn_channels, zero_init_residual=model.zero_init_residual)
+        self.box_head = build_box_head(model.fpn_channels, model.head_convs, model.head_fc_dim, POOLED_SIZE)
+        self.embed = nn.Sequential(OrderedDict(
+            fc=nn.Linear(model.head_fc_dim, model.head_fc_dim), relu=nn.ReLU(inplace=True),
+            projection=nn.Linear(model.head_fc_dim, model.embedding_dim)))
+        nn.init.normal_(self.embed.projection.weight, std=0.01)
+        nn.init.zeros_(self.embed.projection.bias)
+
+    def forward(self, images: torch.Tensor, boxes_per_level: list[torch.Tensor]) -> torch.Tensor:
+        """Unit vectors (levels, B, D) of each image's box (B, 4), one box tensor per level (P2..P5)."""
+        outputs = self.backbone(images)
+        image_index = torch.arange(images.shape[0], device=images.device)
+        vectors = []
+        for name, stride, boxes in zip(FPN_LEVEL_NAMES, FPN_STRIDES, boxes_per_level):
+            pooled = pool_rois(outputs[name], boxes, image_index, stride, POOLED_SIZE, aligned=True)
+            vectors.append(F.normalize(self.embed(self.box_head(pooled)), dim=-1))
+        return torch.stack(vectors)
+
+
+def check_config(config: InsLocConfig) -> None:
+    """Raise ConfigError for InsLoc settings that make no sense."""
+    if len(config.level_weights) != len(FPN_LEVEL_NAMES):
+        raise ConfigError(f"method.level_weights: one weight per level P2..P5, got {config.level_weights}")
+    if config.temperature <= 0 or config.queue_size < 1 or config.key_bn_splits < 1:
+        raise ConfigError("method.temperature must be > 0, method.queue_size and method.key_bn_splits >= 1")
+
+
+@register_method
+class InsLoc(MomentumMethod):
+    """Query encoder, key encoder by constant-momentum EMA, one queue per level, InfoNCE per level."""
+
+    name = "insloc"
+    config_class = InsLocConfig
+    default_preset = "insloc_small"
+    tiny_preset = "insloc_tiny"
+
+    def __init__(self, config: InsLocConfig):
+        check_config(config)
+        super().__init__(config, momentum_base=config.momentum, momentum_schedule="constant",
+                         momentum_key="method.momentum")
+        self.online = InstanceEncoder(config.model)
+        self.make_target("online", "target")
+        self.queue = KeyQueue(len(FPN_LEVEL_NAMES), config.model.embedding_dim, config.queue_size)
+
+    def sample_transform(self) -> InsLocTransform:
+        """Query and key composites with their pasted boxes."""
+        return InsLocTransform(self.config.views)
+
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """Every trainable parameter decayed, BatchNorm and biases included, as released (SGD, no LARS)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "weight_decay": weight_decay,
+                 "lars": False}]
+
+    def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """{"loss": the weighted sum over levels of InfoNCE, "loss_p2".."loss_p5"}; then the keys are queued."""
+        query_boxes = [batch["query_box"]] * 3 + [batch["query_box_p5"]]
+        queries = self.online(batch["query"], query_boxes)
+
+        def encode_keys(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+            return self.target(images, [boxes] * len(FPN_LEVEL_NAMES)).transpose(0, 1)  # batch first
+
+        keys = shuffled_forward(encode_keys, (batch["key"], batch["key_box"]), self.config.key_bn_splits)
+        keys = keys.transpose(0, 1)
+        losses = {}
+        total = queries.new_zeros((), dtype=torch.float32)
+        for level, weight in enumerate(self.config.level_weights):
+            losses[f"loss_p{level + 2}"] = info_nce(queries[level], keys[level], self.queue.negatives(level),
+                                                    self.config.temperature)
+            total = total + weight * losses[f"loss_p{level + 2}"]
+        self.queue.enqueue(keys)
+        return {"loss": total, **{name: value.detach() for name, value in losses.items()}}
+
+    def encoder(self) -> InstanceEncoder:
+        """The query encoder: backbone, FPN, box head (exported) and the embedding (not)."""
+        return self.online
+
+    def target_encoder(self) -> InstanceEncoder:
+        """The key encoder."""
+        return self.target
+
+    def encoder_layout(self) -> dict:
+        """Backbone, FPN and the 4conv1fc part of the head; the second fc and the 128-d layer stay behind."""
+        return {
+            "kind": "fpn",
+            "parts": ["backbone", "fpn", "box_head"],
+            "depth": self.config.model.depth,
+            "prefixes": {"backbone": "backbone.body.", "fpn": "backbone.fpn.", "box_head": "box_head.",
+                         "projector": "embed."},
+            "pooler": {"output_size": POOLED_SIZE, "strides": list(FPN_STRIDES), "level_thresholds": None,
+                       "every_level": True, "aligned": True, "sampling_ratio": ADAPTIVE_SAMPLING},
+        }
+
+    def draw_batch(self, batch: dict, path: Path) -> Path:
+        """Query and key composites with their boxes (the query's P5 box second)."""
+        boxes = {"query": torch.stack([batch["query_box"], batch["query_box_p5"]], dim=1),
+                 "key": batch["key_box"][:, None]}
+        return draw_views({"query": batch["query"], "key": batch["key"]}, boxes, path, batch.get("paths"))

@@ -1,0 +1,107 @@
+"""The InsLoc method: every level pools the box, the loss per level by hand, the queues, shuffle-BN, presets."""
+
+import copy
+
+import torch
+from torch import nn
+
+from soco.config.loading import load_config
+from soco.methods.insloc import InsLoc
+from soco.methods.losses import info_nce
+from soco.methods.shuffle_bn import shuffled_forward
+
+
+def tiny(*overrides):
+    return load_config("insloc_tiny", list(overrides))
+
+
+def make_batch(batch_size=4, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    corner = torch.rand(batch_size, 2, generator=g) * size / 2
+    boxes = torch.cat([corner, corner + 16 + torch.rand(batch_size, 2, generator=g) * size / 3], 1).clamp(max=size)
+    return {"query": torch.randn(batch_size, 3, size, size, generator=g),
+            "key": torch.randn(batch_size, 3, size, size, generator=g),
+            "query_box": boxes, "key_box": (boxes + 3).clamp(max=size), "query_box_p5": (boxes - 2).clamp(min=0)}
+
+
+def test_loss_is_the_weighted_sum_of_infonce_per_level_and_the_keys_are_queued():
+    torch.manual_seed(0)
+    config = tiny("method.level_weights=[1.0,0.5,0.25,2.0]")
+    method = InsLoc(config.method)
+    batch = make_batch()
+    reference = copy.deepcopy(method)
+    queue_before = method.queue.keys.clone()
+    torch.manual_seed(5)
+    outputs = method.training_step(batch)
+    # by hand: the same networks, the key permutation replayed from the same random state
+    torch.manual_seed(5)
+    queries = reference.online(batch["query"], [batch["query_box"]] * 3 + [batch["query_box_p5"]])
+    keys = shuffled_forward(lambda images, boxes: reference.target(images, [boxes] * 4).transpose(0, 1),
+                            (batch["key"], batch["key_box"]), splits=2).transpose(0, 1)
+    expected = sum(w * info_nce(queries[level], keys[level], queue_before[level], 0.2)
+                   for level, w in enumerate([1.0, 0.5, 0.25, 2.0]))
+    torch.testing.assert_close(outputs["loss"], expected)
+    assert queries.shape == (4, 4, 16)
+    torch.testing.assert_close(queries.norm(dim=-1), torch.ones(4, 4))
+    # the four queues got this step's keys at slots 0-3, the pointer moved on by the batch
+    torch.testing.assert_close(method.queue.keys[:, :4], keys)
+    assert torch.equal(method.queue.keys[:, 4:], queue_before[:, 4:]) and int(method.queue.pointer) == 4
+
+
+def test_the_query_p5_uses_the_augmented_box_and_the_other_levels_the_true_box():
+    torch.manual_seed(0)
+    method = InsLoc(tiny().method).eval()
+    batch = make_batch()
+    both = method.online(batch["query"], [batch["query_box"]] * 3 + [batch["query_box_p5"]])
+    true_only = method.online(batch["query"], [batch["query_box"]] * 4)
+    torch.testing.assert_close(both[:3], true_only[:3])
+    assert not torch.allclose(both[3], true_only[3])
+
+
+def test_key_encoder_follows_by_constant_momentum_and_gets_no_gradient():
+    torch.manual_seed(0)
+    method = InsLoc(tiny().method)
+    method.training_step(make_batch())["loss"].backward()
+    assert all(p.grad is None for p in method.target.parameters())
+    assert all(p.grad is not None for p in method.online.parameters())
+    before = copy.deepcopy(method.target.state_dict())
+    online = method.online.state_dict()
+    assert method.after_optimizer_step(10, 100)["ema_momentum"] == 0.999 == method.after_optimizer_step(90, 100)[
+        "ema_momentum"]
+    name, param = next(iter(method.target.named_parameters()))
+    torch.testing.assert_close(param, 0.999 * (0.999 * before[name] + 0.001 * online[name]) + 0.001 * online[name])
+
+
+def test_one_process_shuffle_bn_normalises_each_shuffled_sub_batch_on_its_own():
+    norm = nn.BatchNorm1d(3).train()
+    inputs = torch.randn(8, 3) * torch.tensor([1.0, 5.0, 0.1]) + 2
+    generator = torch.Generator().manual_seed(1)
+    out = shuffled_forward(norm, (inputs,), splits=2, generator=generator)
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(1))
+    for part in torch.tensor_split(order, 2):
+        chunk = inputs[part]
+        by_hand = (chunk - chunk.mean(0)) / torch.sqrt(chunk.var(0, unbiased=False) + norm.eps)
+        torch.testing.assert_close(out[part], by_hand, rtol=1e-4, atol=1e-5)
+    # statistics of a sub-batch are not those of the whole batch
+    whole = (inputs - inputs.mean(0)) / torch.sqrt(inputs.var(0, unbiased=False) + norm.eps)
+    assert not torch.allclose(out, whole, atol=1e-3)
+    identity = shuffled_forward(lambda x: x * 2, (inputs,), splits=4)
+    torch.testing.assert_close(identity, inputs * 2)  # outputs come back in the inputs' order
+
+
+def test_sgd_decays_every_parameter_as_released():
+    method = InsLoc(tiny().method)
+    (group,) = method.parameter_groups(1e-4)
+    trainable = [p for p in method.parameters() if p.requires_grad]
+    assert len(group["params"]) == len(trainable) and group["weight_decay"] == 1e-4 and group["lars"] is False
+
+
+def test_released_presets_and_what_export_takes():
+    config = load_config("insloc_r50_fpn_200ep")
+    optim = config.optim
+    assert (optim.name, optim.base_lr, optim.nesterov, optim.weight_decay) == ("sgd", 0.03, True, 1e-4)
+    assert optim.warmup_epochs == 0 and optim.cosine_per == "epoch" and optim.final_lr == 0
+    assert config.method.queue_size == 65536 and config.method.temperature == 0.2 and config.method.momentum == 0.999
+    assert load_config("insloc_r50_fpn_400ep").train.epochs == 400
+    layout = InsLoc(tiny().method).encoder_layout()
+    assert layout["parts"] == ["backbone", "fpn", "box_head"] and layout["prefixes"]["projector"] == "embed."
