@@ -105,3 +105,21 @@ def test_released_presets_and_what_export_takes():
     assert load_config("insloc_r50_fpn_400ep").train.epochs == 400
     layout = InsLoc(tiny().method).encoder_layout()
     assert layout["parts"] == ["backbone", "fpn", "box_head"] and layout["prefixes"]["projector"] == "embed."
+
+
+def test_export_takes_backbone_fpn_convs_and_first_fc_and_reports_the_rest(tmp_path):
+    from soco.config.loading import config_to_dict
+    from soco.engine.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
+    from soco.export import export_checkpoint
+
+    config = tiny()
+    method = InsLoc(config.method)
+    save_checkpoint({"format_version": CHECKPOINT_FORMAT, "method": "insloc", "step": 0,
+                     "encoder": method.encoder().state_dict(), "encoder_layout": method.encoder_layout(),
+                     "config": config_to_dict(config)}, tmp_path / "run" / "checkpoints" / "last.pt")
+    result = export_checkpoint(tmp_path / "run", "torchvision", tmp_path / "tv.pt")
+    weights = torch.load(result.output, weights_only=True)
+    head = {k[len("roi_heads.box_head."):] for k in weights if k.startswith("roi_heads.box_head.")}
+    assert head == set(method.online.box_head.state_dict())  # 4 convs with BN and the first fc
+    assert {"5.weight", "5.bias"} <= head  # the fc after the flatten
+    assert result.dropped == {"embed.*": 4}  # the second fc and the 128-d layer, weights and biases

@@ -39,12 +39,21 @@ def test_queue_state_is_in_the_state_dict_for_an_exact_resume():
 WORKER = """
 import json, sys, torch, torch.distributed as dist
 from soco.methods.queue import KeyQueue
+from soco.methods.shuffle_bn import shuffled_forward
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 queue = KeyQueue(levels=1, dim=2, size=6, seed=0)
 for step in range(2):
     queue.enqueue(torch.full((1, 2, 2), 10.0 * step + rank))
-print("RESULT " + json.dumps({"rank": rank, "keys": queue.keys[0, :, 0].tolist(), "pointer": int(queue.pointer)}))
+# shuffle-BN across processes: each process encodes a slice of the shuffled global batch
+inputs = torch.arange(4.0).view(4, 1) + 100 * rank
+seen = []
+def encode(x):
+    seen.append(x.flatten().tolist())
+    return x * 2
+out = shuffled_forward(encode, (inputs,), generator=torch.Generator().manual_seed(rank))
+print("RESULT " + json.dumps({"rank": rank, "keys": queue.keys[0, :, 0].tolist(), "pointer": int(queue.pointer),
+                              "out": out.flatten().tolist(), "seen": seen[0]}))
 dist.destroy_process_group()
 """
 
@@ -69,3 +78,10 @@ def test_two_processes_write_every_processes_keys_in_rank_order(tmp_path):
     expected = [11.0, 11.0, 1.0, 1.0, 10.0, 10.0]
     for r in results:
         assert r["keys"] == expected and r["pointer"] == 2
+    by_rank = {r["rank"]: r for r in results}
+    for rank, r in by_rank.items():
+        assert r["out"] == [2.0 * (v + 100 * rank) for v in range(4)]  # back in each process's own order
+    # the processes encoded one shuffled partition of the global batch (rank 0's permutation, broadcast)
+    encoded = sorted(by_rank[0]["seen"] + by_rank[1]["seen"])
+    assert encoded == [0.0, 1.0, 2.0, 3.0, 100.0, 101.0, 102.0, 103.0]
+    assert by_rank[0]["seen"] != [0.0, 1.0, 2.0, 3.0] or by_rank[1]["seen"] != [100.0, 101.0, 102.0, 103.0]
