@@ -52,8 +52,9 @@ def encode(x):
     seen.append(x.flatten().tolist())
     return x * 2
 out = shuffled_forward(encode, (inputs,), generator=torch.Generator().manual_seed(rank))
-print("RESULT " + json.dumps({"rank": rank, "keys": queue.keys[0, :, 0].tolist(), "pointer": int(queue.pointer),
-                              "out": out.flatten().tolist(), "seen": seen[0]}))
+with open(f"{sys.argv[1]}/rank{rank}.json", "w") as handle:  # not stdout: two processes' lines can interleave
+    json.dump({"rank": rank, "keys": queue.keys[0, :, 0].tolist(), "pointer": int(queue.pointer),
+               "out": out.flatten().tolist(), "seen": seen[0]}, handle)
 dist.destroy_process_group()
 """
 
@@ -69,9 +70,9 @@ def test_two_processes_write_every_processes_keys_in_rank_order(tmp_path):
     script.write_text(WORKER)
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={free_port()}", str(script)], capture_output=True, text=True, timeout=300)
+         f"--master_port={free_port()}", str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    results = [json.loads(line[7:]) for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert len(results) == 2
     # step 0 writes rank 0's two keys (0, 0), then rank 1's (1, 1), at slots 0-3; step 1 writes
     # (10, 10, 11, 11) at slots 4, 5, 0, 1 (wrapping): the pointer ends at 2

@@ -26,6 +26,7 @@ from soco.errors import ConfigError
 from soco.methods.insloc_transform import InsLocTransform, InsLocViewsConfig
 from soco.methods.losses import info_nce
 from soco.methods.momentum import MomentumMethod
+from soco.methods.parameter_groups import decay_everything
 from soco.methods.queue import KeyQueue
 from soco.methods.shuffle_bn import shuffled_forward
 from soco.models.backbone import FPN_LEVEL_NAMES, FPN_STRIDES, build_resnet_fpn
@@ -117,8 +118,7 @@ class InsLoc(MomentumMethod):
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         """Every trainable parameter decayed, BatchNorm and biases included, as released (SGD, no LARS)."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad], "weight_decay": weight_decay,
-                 "lars": False}]
+        return decay_everything(self, weight_decay)
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """{"loss": the weighted sum over levels of InfoNCE, "loss_p2".."loss_p5"}; then the keys are queued."""

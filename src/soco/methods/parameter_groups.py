@@ -1,4 +1,4 @@
-"""Parameter groups of a method: weights decayed and LARS-adapted; biases and norm parameters excluded (BYOL's rule)."""
+"""Parameter groups of a method: BYOL's rule (biases and norm parameters neither decayed nor adapted) or MoCo's (all decayed)."""
 
 from __future__ import annotations
 
@@ -23,3 +23,9 @@ def lars_param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
         {"params": adapted, "weight_decay": weight_decay, "lars": True},
         {"params": excluded, "weight_decay": 0.0, "lars": False},
     ]
+
+
+def decay_everything(module: nn.Module, weight_decay: float) -> list[dict]:
+    """One group: every trainable parameter decayed, BatchNorm and biases included (MoCo's SGD, as released)."""
+    return [{"params": [p for p in module.parameters() if p.requires_grad], "weight_decay": weight_decay,
+             "lars": False}]

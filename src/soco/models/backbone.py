@@ -96,6 +96,20 @@ class ResNetBody(nn.Module):
         return self.body(images)
 
 
+class ResNetStages(nn.Module):
+    """A torchvision ResNet without pooling and classifier, returning res2..res5 under keys '0'..'3'."""
+
+    def __init__(self, network: resnet.ResNet):
+        super().__init__()
+        # Named `body` like BackboneWithFPN's trunk, so the ResNet keys read backbone.body.* here too.
+        self.body = IntermediateLayerGetter(network, return_layers={f"layer{k}": str(k - 1) for k in (1, 2, 3, 4)})
+        self.out_channels = [_last_block_channels(getattr(network, f"layer{k}")) for k in (1, 2, 3, 4)]
+
+    def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        """The four stages' maps, strides 4, 8, 16, 32."""
+        return self.body(images)
+
+
 def zero_initialised_norms(network: nn.Module) -> list[nn.BatchNorm2d]:
     """The last BN of every residual block in a module: the ones zero_init_residual sets to zero."""
     norms = []
