@@ -123,3 +123,12 @@ def test_export_takes_backbone_fpn_convs_and_first_fc_and_reports_the_rest(tmp_p
     assert head == set(method.online.box_head.state_dict())  # 4 convs with BN and the first fc
     assert {"5.weight", "5.bias"} <= head  # the fc after the flatten
     assert result.dropped == {"embed.*": 4}  # the second fc and the 128-d layer, weights and biases
+
+
+def test_a_batch_too_small_for_the_key_sub_batches_is_a_config_error():
+    import pytest
+
+    from soco.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="key_bn_splits"):
+        shuffled_forward(lambda x: x, (torch.zeros(3, 2),), splits=2)

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from soco.errors import ConfigError
 from soco.methods.queue import gather_from_all_processes
 
 
@@ -48,7 +49,8 @@ def shuffled_forward(encode: Callable[..., torch.Tensor], inputs: tuple[torch.Te
         restored[order] = everything
         return restored[rank * batch:(rank + 1) * batch]
     if splits < 1 or batch < 2 * splits:
-        raise ValueError(f"a batch of {batch} cannot be split into {splits} sub-batches of at least 2 for BatchNorm")
+        raise ConfigError(f"the key encoder's batch of {batch} cannot be split into {splits} sub-batches of at least "
+                          "2 for BatchNorm: raise train.batch_size or lower method.key_bn_splits")
     order = torch.randperm(batch, generator=generator).to(inputs[0].device)
     chunks = [encode(*(tensor[part] for tensor in inputs)) for part in torch.tensor_split(order, splits)]
     encoded = torch.cat(chunks)
