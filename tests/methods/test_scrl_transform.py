@@ -5,9 +5,9 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
+from soco.data.views import ViewParams
 from soco.errors import ConfigError
 from soco.methods.scrl_transform import (
-    Crop,
     SCRLTransform,
     SCRLViewsConfig,
     box_pairs,
@@ -31,7 +31,7 @@ def coordinate_image() -> np.ndarray:
     return np.stack([xs, ys, np.full_like(xs, 128)], axis=-1).round().astype(np.uint8)
 
 
-def to_original(boxes: torch.Tensor, crop: Crop) -> torch.Tensor:
+def to_original(boxes: torch.Tensor, crop: ViewParams) -> torch.Tensor:
     """By hand: un-flip, un-scale and un-shift view boxes back to original pixels."""
     boxes = boxes.double()
     x1, y1, x2, y2 = boxes.unbind(1)
@@ -101,19 +101,19 @@ def test_boxes_respect_the_minimum_size_in_working_units_and_the_views():
 
 def test_no_box_when_the_crops_do_not_overlap_or_their_overlap_is_too_small():
     config = SCRLViewsConfig(size=224)
-    left = Crop(0, 0, 100, 100, False, 224)
-    assert box_pairs(left, Crop(0, 150, 100, 100, False, 224), config, generator(0))[0].shape == (0, 4)
+    left = ViewParams("v", 0, 0, 100, 100, False, 224)
+    assert box_pairs(left, ViewParams("v", 0, 150, 100, 100, False, 224), config, generator(0))[0].shape == (0, 4)
     # touching edges share no pixel
-    assert common_region(left, Crop(0, 100, 100, 100, False, 224)) is None
+    assert common_region(left, ViewParams("v", 0, 100, 100, 100, False, 224)) is None
     # 14 original pixels of overlap = 14 * 2.24 = 31.4 working pixels <= 32: no box
-    assert box_pairs(left, Crop(0, 86, 100, 100, False, 224), config, generator(0))[0].shape == (0, 4)
+    assert box_pairs(left, ViewParams("v", 0, 86, 100, 100, False, 224), config, generator(0))[0].shape == (0, 4)
     # 16 pixels = 35.8 working pixels: ten boxes
-    assert box_pairs(left, Crop(0, 84, 100, 100, False, 224), config, generator(0))[0].shape == (10, 4)
+    assert box_pairs(left, ViewParams("v", 0, 84, 100, 100, False, 224), config, generator(0))[0].shape == (10, 4)
 
 
 def test_working_scale_is_where_the_region_looks_smaller():
-    big = Crop(0, 0, 200, 100, False, 224)  # 2.24 px/px across, 1.12 down
-    small = Crop(0, 0, 50, 150, True, 224)  # 1.49 across, 4.48 down
+    big = ViewParams("v", 0, 0, 200, 100, False, 224)  # 2.24 px/px across, 1.12 down
+    small = ViewParams("v", 0, 0, 50, 150, True, 224)  # 1.49 across, 4.48 down
     assert working_scale(big, small) == pytest.approx((224 / 150, 224 / 200))
 
 
@@ -149,7 +149,7 @@ def test_grid_sampling_favours_small_boxes_and_plain_does_not():
 
 def test_jitter_moves_only_the_second_view_box():
     config = SCRLViewsConfig(box_jitter=True, jitter_range=0.1)
-    first, second = Crop(0, 0, 300, 300, False, 224), Crop(0, 0, 300, 300, False, 224)
+    first, second = ViewParams("v", 0, 0, 300, 300, False, 224), ViewParams("v", 0, 0, 300, 300, False, 224)
     plain1, plain2 = box_pairs(first, second, SCRLViewsConfig(), generator(3))
     moved1, moved2 = box_pairs(first, second, config, generator(3))
     torch.testing.assert_close(moved1, plain1)

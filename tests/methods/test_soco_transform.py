@@ -16,9 +16,9 @@ from soco.data.views import (
     random_image_boxes,
     random_resized_crop,
 )
+from soco.errors import ConfigError
 from soco.methods.soco_transform import RANDOM_CANDIDATES, SoCoTransform, make_views
 from soco.methods.soco_transform import SoCoViewsConfig as ViewsConfig
-from soco.errors import ConfigError
 
 WIDTH, HEIGHT = 200, 100
 # Any crop of scale >= 0.5 and ratio in [3/4, 4/3] of a 200x100 image is >= 100 wide and >= 75

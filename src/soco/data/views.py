@@ -80,6 +80,21 @@ class ViewParams:
         """The cropped region as x1 y1 x2 y2 in original pixels."""
         return (self.left, self.top, self.left + self.width, self.top + self.height)
 
+    def scale(self) -> tuple[float, float]:
+        """View pixels per original pixel along x and y."""
+        return self.size / self.width, self.size / self.height
+
+    def to_view(self, boxes: torch.Tensor) -> torch.Tensor:
+        """(N, 4) x1 y1 x2 y2 boxes in original pixels -> this view's pixels (crop, resize, flip), unclipped."""
+        scale_x, scale_y = self.scale()
+        x1 = (boxes[:, 0] - self.left) * scale_x
+        x2 = (boxes[:, 2] - self.left) * scale_x
+        y1 = (boxes[:, 1] - self.top) * scale_y
+        y2 = (boxes[:, 3] - self.top) * scale_y
+        if self.flip:
+            x1, x2 = self.size - x2, self.size - x1
+        return torch.stack([x1, y1, x2, y2], dim=1)
+
 
 def uniform(generator: torch.Generator, low: float, high: float, count: int | None = None) -> torch.Tensor | float:
     """Uniform draw(s) in [low, high) from `generator` (float64, so crop sizes match torchvision's math)."""

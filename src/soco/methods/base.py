@@ -20,6 +20,15 @@ from soco.methods.parameter_groups import lars_param_groups
 ENCODER_PARTS = ("backbone", "fpn", "box_head", "res5")
 
 
+def backbone_only_layout(depth: int, left_out_prefix: str, pooler: dict | None = None) -> dict:
+    """The encoder layout of a method that pretrains a whole ResNet and nothing a detector takes besides.
+
+    The trunk's keys read backbone.body.*; `left_out_prefix` names the heads that stay behind.
+    """
+    return {"kind": "c5", "parts": ["backbone"], "depth": depth,
+            "prefixes": {"backbone": "backbone.body.", "projector": left_out_prefix}, "pooler": pooler}
+
+
 class Method(nn.Module, metaclass=ABCMeta):
     """A self-supervised pretraining method; subclasses set `name` and `config_class` and fill the contract.
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from soco.data.pictures import draw_views
 from soco.errors import ConfigError
+from soco.methods.base import backbone_only_layout
 from soco.methods.detco_transform import GRID, DetCoTransform, DetCoViewsConfig
 from soco.methods.losses import info_nce
 from soco.methods.momentum import MomentumMethod
@@ -159,23 +160,11 @@ class DetCo(MomentumMethod):
         self.queue.enqueue(keys)
         return outputs
 
-    def encoder(self) -> MultiLevelEncoder:
-        """The query encoder: the ResNet (exported) and the eight heads (not)."""
-        return self.online
 
-    def target_encoder(self) -> MultiLevelEncoder:
-        """The key encoder."""
-        return self.target
 
     def encoder_layout(self) -> dict:
         """DetCo pretrains the backbone only."""
-        return {
-            "kind": "c5",
-            "parts": ["backbone"],
-            "depth": self.config.model.depth,
-            "prefixes": {"backbone": "backbone.body.", "projector": "global_heads."},
-            "pooler": None,
-        }
+        return backbone_only_layout(self.config.model.depth, "global_heads.")
 
     def draw_batch(self, batch: dict, path: Path) -> Path:
         """The global views and the first three patches of each local set."""

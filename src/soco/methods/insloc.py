@@ -139,13 +139,7 @@ class InsLoc(MomentumMethod):
         self.queue.enqueue(keys)
         return {"loss": total, **{name: value.detach() for name, value in losses.items()}}
 
-    def encoder(self) -> InstanceEncoder:
-        """The query encoder: backbone, FPN, box head (exported) and the embedding (not)."""
-        return self.online
 
-    def target_encoder(self) -> InstanceEncoder:
-        """The key encoder."""
-        return self.target
 
     def encoder_layout(self) -> dict:
         """Backbone, FPN and the 4conv1fc part of the head; the second fc and the 128-d layer stay behind."""

@@ -23,7 +23,14 @@ from torchvision.ops import box_iou, nms
 from torchvision.transforms.v2 import functional as F
 
 from soco.data.collate import stack_samples
-from soco.data.views import apply_color, as_image, bernoulli, draw_color_params, normalize, random_resized_crop
+from soco.data.views import (
+    apply_color,
+    as_image,
+    bernoulli,
+    draw_color_params,
+    normalize,
+    random_resized_crop,
+)
 from soco.errors import ConfigError
 
 MOCO_JITTER = (0.4, 0.4, 0.4, 0.1)

@@ -64,6 +64,14 @@ class MomentumMethod(Method):
         """(online, target) module pairs, in registration order."""
         return [(getattr(self, online), getattr(self, target)) for online, target in self._pairs]
 
+    def encoder(self) -> nn.Module:
+        """The first registered online network: the detector-aligned encoder that export writes out."""
+        return getattr(self, self._pairs[0][0])
+
+    def target_encoder(self) -> nn.Module:
+        """The first registered target network."""
+        return getattr(self, self._pairs[0][1])
+
     @torch.no_grad()
     def update_targets(self, momentum: float) -> None:
         """Every target's parameters move towards its online network's by 1 - momentum.

@@ -23,9 +23,14 @@ from torch import nn
 
 from soco.data.pictures import draw_views
 from soco.errors import ConfigError
+from soco.methods.base import backbone_only_layout
 from soco.methods.losses import box_pair_loss
 from soco.methods.momentum import MomentumMethod
-from soco.methods.scrl_transform import SCRLTransform, SCRLViewsConfig, check_views_config
+from soco.methods.scrl_transform import (
+    SCRLTransform,
+    SCRLViewsConfig,
+    check_views_config,
+)
 from soco.models.backbone import C5_STRIDE, ResNetBody, build_resnet
 from soco.models.encoder import BoxListEncoder
 from soco.models.heads import MLP
@@ -121,24 +126,13 @@ class SCRL(MomentumMethod):
         loss = box_pair_loss((predictions[:pairs], predictions[pairs:]), (targets[:pairs], targets[pairs:]))
         return {"loss": loss, **metrics}
 
-    def encoder(self) -> BoxListEncoder:
-        """The online encoder: ResNet trunk (exported) and projector (not)."""
-        return self.online
 
-    def target_encoder(self) -> BoxListEncoder:
-        """The EMA target encoder."""
-        return self.target
 
     def encoder_layout(self) -> dict:
         """SCRL pretrains the backbone only."""
-        return {
-            "kind": "c5",
-            "parts": ["backbone"],
-            "depth": self.config.model.depth,
-            "prefixes": {"backbone": "backbone.body.", "projector": "projector."},
-            "pooler": {"output_size": 1, "strides": [C5_STRIDE], "level_thresholds": None,
-                       "aligned": self.config.model.aligned, "sampling_ratio": ADAPTIVE_SAMPLING},
-        }
+        pooler = {"output_size": 1, "strides": [C5_STRIDE], "level_thresholds": None,
+                  "aligned": self.config.model.aligned, "sampling_ratio": ADAPTIVE_SAMPLING}
+        return backbone_only_layout(self.config.model.depth, "projector.", pooler)
 
     def draw_batch(self, batch: dict, path: Path) -> Path:
         """Both views with their box pairs (pair k in colour k), up to 10 pairs per image."""

@@ -24,6 +24,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from soco.data.views import (
+    ViewParams,
     apply_color,
     as_image,
     bernoulli,
@@ -89,34 +90,7 @@ def check_views_config(config: SCRLViewsConfig) -> None:
         raise ConfigError(f"{prefix}.jitter_range must be in [0, 1), not {config.jitter_range}")
 
 
-@dataclass(frozen=True)
-class Crop:
-    """One view's crop (top, left, height, width in original pixels), its flip and output side."""
-
-    top: int
-    left: int
-    height: int
-    width: int
-    flip: bool
-    size: int
-
-    def scale(self) -> tuple[float, float]:
-        """View pixels per original pixel along x and y."""
-        return self.size / self.width, self.size / self.height
-
-    def to_view(self, boxes: torch.Tensor) -> torch.Tensor:
-        """(N, 4) x1 y1 x2 y2 boxes in original pixels -> this view's pixels (crop, resize, flip)."""
-        scale_x, scale_y = self.scale()
-        x1 = (boxes[:, 0] - self.left) * scale_x
-        x2 = (boxes[:, 2] - self.left) * scale_x
-        y1 = (boxes[:, 1] - self.top) * scale_y
-        y2 = (boxes[:, 3] - self.top) * scale_y
-        if self.flip:
-            x1, x2 = self.size - x2, self.size - x1
-        return torch.stack([x1, y1, x2, y2], dim=1)
-
-
-def common_region(first: Crop, second: Crop) -> tuple[float, float, float, float] | None:
+def common_region(first: ViewParams, second: ViewParams) -> tuple[float, float, float, float] | None:
     """The intersection of two crops as x1 y1 x2 y2 in original pixels, or None when empty."""
     x1, y1 = max(first.left, second.left), max(first.top, second.top)
     x2 = min(first.left + first.width, second.left + second.width)
@@ -126,7 +100,7 @@ def common_region(first: Crop, second: Crop) -> tuple[float, float, float, float
     return float(x1), float(y1), float(x2), float(y2)
 
 
-def working_scale(first: Crop, second: Crop) -> tuple[float, float]:
+def working_scale(first: ViewParams, second: ViewParams) -> tuple[float, float]:
     """Per axis, the smaller of the two views' scale factors: the view where the region looks smaller."""
     (ax, ay), (bx, by) = first.scale(), second.scale()
     return min(ax, bx), min(ay, by)
@@ -175,7 +149,7 @@ def jitter_second_view(boxes: torch.Tensor, jitter_range: float, generator: torc
     return torch.stack([x1, y1, x1 + widths * factors[:, 2], y1 + heights * factors[:, 3]], dim=1)
 
 
-def box_pairs(first: Crop, second: Crop, config: SCRLViewsConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def box_pairs(first: ViewParams, second: ViewParams, config: SCRLViewsConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """((N, 4), (N, 4)) boxes of the same regions in view 1 and view 2, N = K or 0, clipped to the views."""
     empty = torch.zeros((0, 4), dtype=torch.float32)
     region = common_region(first, second)
@@ -211,17 +185,18 @@ class SCRLTransform:
         check_views_config(config)
         self.config = config
 
-    def crops(self, height: int, width: int, generator: torch.Generator) -> tuple[Crop, Crop]:
+    def crops(self, height: int, width: int, generator: torch.Generator) -> tuple[ViewParams, ViewParams]:
         """Both views' crops and flips, drawn in that order."""
         config = self.config
         drawn = []
         for _ in range(2):
             top, left, crop_h, crop_w = random_resized_crop(height, width, config.crop_scale, config.crop_ratio,
                                                             generator)
-            drawn.append(Crop(top, left, crop_h, crop_w, bernoulli(generator, config.flip_prob), config.size))
+            flip = bernoulli(generator, config.flip_prob)
+            drawn.append(ViewParams(f"v{len(drawn) + 1}", top, left, crop_h, crop_w, flip, config.size))
         return drawn[0], drawn[1]
 
-    def view(self, image: torch.Tensor, crop: Crop, number: int, generator: torch.Generator) -> torch.Tensor:
+    def view(self, image: torch.Tensor, crop: ViewParams, number: int, generator: torch.Generator) -> torch.Tensor:
         """One normalised view: crop, bicubic resize, flip, then the colour pipeline of view `number`."""
         pixels = F.resized_crop(image, crop.top, crop.left, crop.height, crop.width, [crop.size, crop.size],
                                 interpolation=InterpolationMode.BICUBIC, antialias=True)

@@ -18,8 +18,11 @@ from soco.data.pictures import draw_views
 from soco.errors import ConfigError
 from soco.methods.losses import symmetric_pair_loss
 from soco.methods.momentum import MomentumMethod
-from soco.registry import register_method
-from soco.methods.soco_transform import SoCoTransform, SoCoViewsConfig, check_views_config
+from soco.methods.soco_transform import (
+    SoCoTransform,
+    SoCoViewsConfig,
+    check_views_config,
+)
 from soco.models.backbone import (
     FPN_LEVEL_NAMES,
     FPN_STRIDES,
@@ -32,6 +35,7 @@ from soco.models.backbone import (
 from soco.models.encoder import ObjectEncoder
 from soco.models.heads import MLP, C4Head, GlobalAveragePool, build_box_head
 from soco.models.roi_pooling import ADAPTIVE_SAMPLING, BoxPooler
+from soco.registry import register_method
 
 VARIANTS = ("fpn", "c4")
 FPN_POOLED_SIZE = 7
@@ -200,13 +204,7 @@ class SoCo(MomentumMethod):
         """{"loss": the symmetrised BYOL loss over every box of every view pair}."""
         return {"loss": self.loss(batch["views"], batch["boxes"])}
 
-    def encoder(self) -> ObjectEncoder:
-        """The online ObjectEncoder: backbone, FPN, box head (and the projector, which export leaves out)."""
-        return self.online
 
-    def target_encoder(self) -> ObjectEncoder:
-        """The EMA target ObjectEncoder."""
-        return self.target
 
     def encoder_layout(self) -> dict:
         """Which detector parts the encoder holds, under which key prefixes, and how boxes were pooled."""
