@@ -21,6 +21,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "BLUR_KERNEL_RULES",
+    "MOCO_V2_JITTER",
     "ViewParams",
     "uniform",
     "bernoulli",
@@ -47,6 +48,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # The BYOL colour pipeline: ColorJitter(brightness, contrast, saturation, hue) and probabilities.
 _JITTER_STRENGTH = (0.4, 0.4, 0.2, 0.1)
+MOCO_V2_JITTER = (0.4, 0.4, 0.4, 0.1)  # MoCo v2's (InsLoc, DetCo): saturation as strong as brightness
 _JITTER_PROB = 0.8
 _GRAYSCALE_PROB = 0.2
 _BLUR_SIGMA = (0.1, 2.0)
@@ -271,7 +273,7 @@ def draw_color_params(generator: torch.Generator, blur_prob: float, solarize_pro
     """Draw one view's colour augmentation (every draw always happens, so the stream length is fixed).
 
     `strength` is ColorJitter's (brightness, contrast, saturation, hue): BYOL's (0.4, 0.4, 0.2, 0.1) by
-    default, MoCo v2's (0.4, 0.4, 0.4, 0.1) for the MoCo family.
+    default, MOCO_V2_JITTER for the MoCo family.
     """
     brightness, contrast, saturation, hue = strength
     return {

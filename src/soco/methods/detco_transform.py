@@ -18,6 +18,7 @@ from torchvision.transforms.v2 import functional as F
 
 from soco.data.collate import stack_samples
 from soco.data.views import (
+    MOCO_V2_JITTER,
     apply_color,
     as_image,
     bernoulli,
@@ -27,7 +28,6 @@ from soco.data.views import (
 )
 from soco.errors import ConfigError
 
-MOCO_JITTER = (0.4, 0.4, 0.4, 0.1)
 GRID = 3  # 3x3 cells
 
 
@@ -79,7 +79,7 @@ class DetCoTransform:
     def colour(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """MoCo v2's colour pipeline (no solarize) on a float [0, 1] image, then normalised."""
         if self.config.color_augment:
-            params = draw_color_params(generator, self.config.blur_prob, 0.0, strength=MOCO_JITTER)
+            params = draw_color_params(generator, self.config.blur_prob, 0.0, strength=MOCO_V2_JITTER)
             pixels = apply_color(pixels, params)
         return normalize(pixels)
 

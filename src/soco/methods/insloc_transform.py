@@ -24,6 +24,7 @@ from torchvision.transforms.v2 import functional as F
 
 from soco.data.collate import stack_samples
 from soco.data.views import (
+    MOCO_V2_JITTER,
     apply_color,
     as_image,
     bernoulli,
@@ -33,7 +34,6 @@ from soco.data.views import (
 )
 from soco.errors import ConfigError
 
-MOCO_JITTER = (0.4, 0.4, 0.4, 0.1)
 ANCHOR_RATIOS = (0.5, 0.75, 1.0, 1.5, 2.0)  # height / width
 ANCHOR_STRIDE = 16  # the P4 grid
 ANCHOR_NMS_IOU = 0.7
@@ -146,7 +146,7 @@ class InsLocTransform:
         """Colour, blur and flip of a whole composite (the box flips with it); normalised float view."""
         pixels = F.to_dtype(composite, torch.float32, scale=True)
         if self.config.color_augment:
-            params = draw_color_params(generator, self.config.blur_prob, 0.0, strength=MOCO_JITTER)
+            params = draw_color_params(generator, self.config.blur_prob, 0.0, strength=MOCO_V2_JITTER)
             pixels = apply_color(pixels, params)
         if bernoulli(generator, self.config.flip_prob):
             pixels = F.horizontal_flip(pixels)
