@@ -117,7 +117,9 @@ def build_dataclass(cls: type, values: dict, prefix: str = "") -> Any:
 
 def _method_config_class(values: dict) -> type:
     """The config dataclass of the method named in a raw `method` section (default: SoCo)."""
-    from soco.registry import method_config_class  # the registry, not a method: looked up by name
+    from soco.registry import (
+        method_config_class,  # the registry, not a method: looked up by name
+    )
 
     section = values.get("method") or {}
     if not isinstance(section, dict):

@@ -26,14 +26,24 @@ from soco.config.loading import config_to_dict, save_config
 from soco.config.schema import Config
 from soco.data.dataset import ImageDataset
 from soco.data.proposals.store import ProposalStore
-from soco.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, prune_checkpoints, save_checkpoint
+from soco.engine.checkpoint import (
+    CHECKPOINT_FORMAT,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from soco.engine.distributed import DistributedContext, all_reduce_sum, init_distributed
 from soco.engine.optimizers import build_optimizer
 from soco.engine.rng import restore_rng_state, rng_state
 from soco.engine.run_log import RunLog, plot_loss_curve
 from soco.engine.sampler import RunBatchSampler, batches_per_epoch
 from soco.engine.schedules import learning_rate_at, scaled_learning_rate
-from soco.engine.step import StepRunner, TrainingDiverged, autocast_context, gradients_finite  # noqa: F401
+from soco.engine.step import (  # noqa: F401
+    StepRunner,
+    TrainingDiverged,
+    autocast_context,
+    gradients_finite,
+)
 from soco.errors import ConfigError, SocoError
 from soco.methods.base import Method
 from soco.registry import build_method

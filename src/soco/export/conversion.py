@@ -10,7 +10,12 @@ from typing import Callable
 
 import torch
 
-from soco.export.source import ExportError, SourceWeights, TensorDict, UnsupportedLayoutError
+from soco.export.source import (
+    ExportError,
+    SourceWeights,
+    TensorDict,
+    UnsupportedLayoutError,
+)
 
 PART_NAMES = ("backbone", "fpn", "box head")
 

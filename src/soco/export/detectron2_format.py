@@ -14,7 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from soco.export.conversion import BLOCK_KEY, Conversion, ExportFormat, note_leftovers, split_box_head, split_fpn
+from soco.export.conversion import (
+    BLOCK_KEY,
+    Conversion,
+    ExportFormat,
+    note_leftovers,
+    split_box_head,
+    split_fpn,
+)
 from soco.export.source import ExportError, SourceWeights
 from soco.export.writing import PRODUCER
 from soco.files import atomic_write

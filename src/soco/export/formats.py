@@ -5,7 +5,12 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from soco.export import backbone_format, detectron2_format, mmdet_format, torchvision_format
+from soco.export import (
+    backbone_format,
+    detectron2_format,
+    mmdet_format,
+    torchvision_format,
+)
 from soco.export.conversion import Conversion, ExportFormat, ExportResult
 from soco.export.source import (
     CHECKPOINT_NAME,

@@ -9,7 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import soco
-from soco.export.conversion import Conversion, ExportFormat, note_leftovers, split_box_head, split_fpn
+from soco.export.conversion import (
+    Conversion,
+    ExportFormat,
+    note_leftovers,
+    split_box_head,
+    split_fpn,
+)
 from soco.export.source import SourceWeights
 from soco.export.writing import plain_tensors, provenance, save_torch
 

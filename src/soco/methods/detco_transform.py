@@ -22,6 +22,7 @@ from soco.data.views import (
     apply_color,
     as_image,
     bernoulli,
+    check_intervals,
     draw_color_params,
     normalize,
     random_resized_crop,
@@ -53,13 +54,7 @@ def check_views_config(config: DetCoViewsConfig) -> None:
     if config.patch_size < 1 or config.patch_size > config.local_size // GRID:
         raise ConfigError(f"{prefix}.patch_size must be in [1, local_size // 3 = {config.local_size // GRID}], "
                           f"not {config.patch_size}")
-    for key in ("global_scale", "local_scale", "crop_ratio"):
-        values = getattr(config, key)
-        if len(values) != 2 or not 0 < values[0] <= values[1]:
-            raise ConfigError(f"{prefix}.{key} must be [low, high] with 0 < low <= high, not {values}")
-    for key in ("global_scale", "local_scale"):
-        if getattr(config, key)[1] > 1:
-            raise ConfigError(f"{prefix}.{key} must not exceed 1, not {getattr(config, key)}")
+    check_intervals(config, prefix, ("global_scale", "local_scale", "crop_ratio"), ("global_scale", "local_scale"))
     for key in ("flip_prob", "blur_prob"):
         if not 0 <= getattr(config, key) <= 1:
             raise ConfigError(f"{prefix}.{key} must be a probability in [0, 1], not {getattr(config, key)}")

@@ -28,6 +28,7 @@ from soco.data.views import (
     apply_color,
     as_image,
     bernoulli,
+    check_intervals,
     draw_color_params,
     normalize,
     random_resized_crop,
@@ -63,10 +64,7 @@ def check_views_config(config: InsLocViewsConfig) -> None:
     if not 1 <= low <= high <= config.canvas_size:
         raise ConfigError(f"{prefix}.paste_size must be [low, high] with 1 <= low <= high <= canvas_size "
                           f"({config.canvas_size}), not {config.paste_size}")
-    for key in ("crop_scale", "crop_ratio"):
-        values = getattr(config, key)
-        if len(values) != 2 or not 0 < values[0] <= values[1]:
-            raise ConfigError(f"{prefix}.{key} must be [low, high] with 0 < low <= high, not {values}")
+    check_intervals(config, prefix, ("crop_scale", "crop_ratio"))
     for key in ("flip_prob", "blur_prob"):
         if not 0 <= getattr(config, key) <= 1:
             raise ConfigError(f"{prefix}.{key} must be a probability in [0, 1], not {getattr(config, key)}")

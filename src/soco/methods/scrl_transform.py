@@ -28,6 +28,7 @@ from soco.data.views import (
     apply_color,
     as_image,
     bernoulli,
+    check_intervals,
     draw_color_params,
     normalize,
     random_resized_crop,
@@ -77,12 +78,7 @@ def check_views_config(config: SCRLViewsConfig) -> None:
         raise ConfigError(f"{prefix}.overlap_retries must be >= 0, not {config.overlap_retries}")
     if not 0 < config.min_box_size < config.size:
         raise ConfigError(f"{prefix}.min_box_size must be in (0, size), not {config.min_box_size}")
-    for key in ("crop_scale", "crop_ratio"):
-        values = getattr(config, key)
-        if len(values) != 2 or not 0 < values[0] <= values[1]:
-            raise ConfigError(f"{prefix}.{key} must be [low, high] with 0 < low <= high, not {values}")
-    if config.crop_scale[1] > 1:
-        raise ConfigError(f"{prefix}.crop_scale must not exceed 1, not {config.crop_scale}")
+    check_intervals(config, prefix, ("crop_scale", "crop_ratio"), ("crop_scale",))
     for key in ("flip_prob", "max_overlap"):
         if not 0 <= getattr(config, key) <= 1:
             raise ConfigError(f"{prefix}.{key} must be in [0, 1], not {getattr(config, key)}")

@@ -30,6 +30,7 @@ from soco.data.views import (
     apply_color,
     as_image,
     bernoulli,
+    check_intervals,
     crop_region,
     crop_resize_flip,
     cut_out_boxes,
@@ -96,13 +97,7 @@ def check_views_config(config: SoCoViewsConfig) -> None:
             raise ConfigError(f"{prefix}.{key} must be at least 1, not {getattr(config, key)}")
     if config.crop_retries < 0:
         raise ConfigError(f"{prefix}.crop_retries must be >= 0, not {config.crop_retries}")
-    for key in ("crop_scale", "crop_ratio", "cutout_area"):
-        values = getattr(config, key)
-        if len(values) != 2 or not (0 < values[0] <= values[1]):
-            raise ConfigError(f"{prefix}.{key} must be [low, high] with 0 < low <= high, not {values}")
-    for key in ("crop_scale", "cutout_area"):
-        if getattr(config, key)[1] > 1:
-            raise ConfigError(f"{prefix}.{key} must not exceed 1, not {getattr(config, key)}")
+    check_intervals(config, prefix, ("crop_scale", "crop_ratio", "cutout_area"), ("crop_scale", "cutout_area"))
     for key in ("flip_prob", "jitter_prob", "cutout_prob"):
         if not 0 <= getattr(config, key) <= 1:
             raise ConfigError(f"{prefix}.{key} must be a probability in [0, 1], not {getattr(config, key)}")
