@@ -1,10 +1,14 @@
 """`soco pretrain` and `soco bench` as a user runs them: the method chosen by name, overrides, bad input."""
 
+import errno
 import json
+import os
 
+import torch
 import yaml
 
 from soco.cli.main import main
+from tests.data.proposals.conftest import make_image_folder
 
 
 def test_pretrain_by_method_name_writes_the_method_and_its_section(tiny_data, tmp_path, capsys):
@@ -50,3 +54,52 @@ def test_methods_lists_every_method_with_its_presets(capsys):
     assert "\nscrl: SCRL: spatially consistent representation learning" in out
     assert "\nsoco: SoCo: object-level BYOL" in out and "insloc_r50_fpn_200ep" in out
     assert "scrl_r50_200ep" in out and "table4_7_multi_view" in out
+
+
+def test_out_must_be_a_new_or_empty_folder_or_a_pretraining_run(tmp_path, capsys):
+    images = make_image_folder(tmp_path / "images", 4, size=(64, 48))
+    listing = sorted(images.rglob("*"))
+    common = ["pretrain", "--config", "scrl_tiny", "--data", str(images), "--steps", "1", "--device", "cpu", "--quiet"]
+    assert main([*common, "--out", str(images)]) == 2
+    assert f"--out {images} is not empty and is not a soco pretrain run" in capsys.readouterr().err
+    assert main([*common, "--out", str(images / "group0" / "run")]) == 2
+    assert f"is inside the image folder {images}" in capsys.readouterr().err
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me\n")
+    assert main([*common, "--out", str(notes)]) == 2
+    assert "is not empty and is not a soco pretrain run" in capsys.readouterr().err
+    (tmp_path / "weights.pt").write_bytes(b"w")
+    assert main([*common, "--out", str(tmp_path / "weights.pt")]) == 2
+    assert capsys.readouterr().err.strip() == (f"soco: error: --out {tmp_path / 'weights.pt'} is a file, not a folder: "
+                                               "choose a new or empty folder for the run")
+    assert sorted(images.rglob("*")) == listing and os.listdir(notes) == ["todo.txt"]
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_on_stderr_and_in_train_log(
+        tiny_data, tmp_path, capsys, monkeypatch):
+    images, store = tiny_data
+    out = tmp_path / "run"
+    last = out / "checkpoints" / "last.pt"
+    real_save = torch.save
+    saves = []
+
+    def save_until_the_disk_is_full(state, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 3:  # last.pt at step 4, after last.pt and step-00000002.pt at step 2
+            with open(path, "wb") as handle:
+                handle.write(b"\0" * 64)  # the part that fitted
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(state, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+    argv = ["pretrain", "--config", "soco_tiny", "--data", str(images), "--proposals", str(store), "--out", str(out),
+            "--steps", "4", "--device", "cpu", "--quiet", "train.checkpoint_every=2"]
+    assert main(argv) == 2
+    error_lines = capsys.readouterr().err.strip().splitlines()
+    expected = (f"stopped at step 4: cannot write checkpoint {last}: No space left on device; "
+                f"the last good checkpoint is {last} (step 2); periodic checkpoints: step-00000002.pt")
+    assert error_lines == [f"soco: error: {expected}"]
+    assert (out / "train.log").read_text().splitlines()[-1].endswith(f" {expected}")
+    assert torch.load(last, weights_only=True)["step"] == 2
+    assert sorted(path.name for path in last.parent.iterdir()) == ["last.pt", "step-00000002.pt"]

@@ -1,13 +1,20 @@
 """`soco proposals`, `inspect`, `show` and `proposals merge` as a user runs them."""
 
 import json
+import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
 from soco.cli.main import main
-from tests.data.proposals.conftest import make_image_folder
+from soco.data.proposals.pipeline import output_lock
+from soco.data.proposals.store import ImageRecord, write_store
+from tests.data.proposals.conftest import make_image_folder, synthetic_scene
+from tests.data.proposals.test_store import make_records
 
 
 @pytest.fixture
@@ -70,3 +77,74 @@ def test_show_names_a_missing_image(images, tmp_path, capsys):
     main(["proposals", str(images), "-o", str(tmp_path / "s"), "--workers", "1", "--quiet"])
     assert main(["show", str(tmp_path / "s"), "--image", "nope.png", "-o", str(tmp_path / "x.png")]) == 2
     assert "has no image 'nope.png'" in capsys.readouterr().err
+
+
+def test_inspect_labels_totals_and_per_image_figures(tmp_path, capsys):
+    # Readable images keep 1, 2, 3 and 4 boxes of 51, 52, 53 and 54 found before the filter; one failed.
+    write_store(tmp_path / "store", make_records(), {"algorithm": "fast"})
+    assert main(["inspect", str(tmp_path / "store")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "images: 5 (1 failed)" in lines
+    assert "proposals kept: 10 in total; per readable image: mean 2.5, median 2.5, min 1, max 4" in lines
+    assert "proposals before the filter: 210 in total; per readable image: mean 52.5, median 52.5, min 51, max 54" in lines
+    assert main(["inspect", str(tmp_path / "store"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    assert (summary["proposals"], summary["raw_proposals"]) == (10, 210)
+    assert summary["proposals_per_image"] == {"mean": 2.5, "median": 2.5, "min": 1, "max": 4}
+    assert summary["raw_proposals_per_image"] == {"mean": 52.5, "median": 52.5, "min": 51, "max": 54}
+
+
+def test_inspect_of_an_image_folder_says_it_is_not_a_store(images, capsys):
+    assert main(["inspect", str(images)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"soco: error: {images} is not a proposal store (no meta.json); it holds images: "
+        f"make a store of them with `soco proposals {images} -o STORE`\n"
+    )
+
+
+def test_inspect_piped_into_head_ends_quietly(tmp_path):
+    # About 2 MB of JSON: far more than a pipe holds, so the writer meets the closed pipe.
+    records = [
+        ImageRecord(f"img_{i:05d}.jpg", i, 100, 640, 480, 0, 30, np.full((20, 4), 123.456, np.float32))
+        for i in range(3000)
+    ]
+    write_store(tmp_path / "store", records, {"algorithm": "fast"})
+    command = [sys.executable, "-c", "import sys; from soco.cli.main import main; sys.exit(main())",
+               "inspect", str(tmp_path / "store"), "--json"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.read(100).startswith(b'{"summary": {"store"')
+    process.stdout.close()  # what `head -c 100` does once it has its bytes
+    assert process.wait(timeout=60) == 141
+    assert process.stderr.read() == b""
+
+
+def test_an_empty_store_file_is_a_one_line_error(tmp_path, capsys):
+    write_store(tmp_path / "store", make_records(), {"algorithm": "fast"})
+    (tmp_path / "store" / "box_offsets.npy").write_bytes(b"")
+    assert main(["inspect", str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"soco: error: proposal store file {tmp_path / 'store' / 'box_offsets.npy'} is empty (0 bytes)")
+    assert err.count("\n") == 1 and "EOFError" not in err
+
+
+def test_proposals_into_an_output_in_use_is_refused(images, tmp_path, capsys):
+    with output_lock(tmp_path / "s"):
+        assert main(["proposals", str(images), "-o", str(tmp_path / "s"), "--workers", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"soco: error: {tmp_path / 's'} is in use by another `soco proposals` run (pid {os.getpid()},")
+    assert err.count("\n") == 1
+
+
+def test_show_refuses_a_changed_image_until_proposals_update_the_store(images, tmp_path, capsys):
+    store, picture = str(tmp_path / "s"), str(tmp_path / "x.png")
+    main(["proposals", str(images), "-o", store, "--workers", "1", "--quiet"])
+    synthetic_scene(99).save(images / "group1" / "scene_001.png")
+    capsys.readouterr()
+    assert main(["show", store, "--image", "group1/scene_001.png", "-o", picture]) == 2
+    assert "scene_001.png changed since proposal store" in capsys.readouterr().err
+    assert main(["proposals", str(images), "-o", store, "--workers", "1", "--quiet"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "images: 5 (1 computed now, 0 failed)" in out
+    assert "update: 1 changed, 0 added, 0 removed, 0 failures retried" in out
+    assert main(["show", store, "--image", "group1/scene_001.png", "-o", picture]) == 0

@@ -41,3 +41,45 @@ def test_zero_weight_uses_trust_one():
     weight.grad = torch.ones(3)
     optimizer.step()
     torch.testing.assert_close(weight.detach(), -torch.ones(3))
+
+
+def reference_lars_step(params_by_group, buffers, lr, momentum, trust_coefficient):
+    """LARS written out one parameter at a time, as the paper states it (the independent reference)."""
+    for group, params in params_by_group:
+        for param in params:
+            if param.grad is None:
+                continue
+            update = param.grad.clone()
+            if group["lars"]:
+                update = update + group["weight_decay"] * param.detach()
+                param_norm, update_norm = param.detach().norm(), update.norm()
+                if param_norm > 0 and update_norm > 0:
+                    update = update * (trust_coefficient * param_norm / update_norm)
+            buffer = buffers.get(param)
+            buffers[param] = update if buffer is None else momentum * buffer + update
+            with torch.no_grad():
+                param -= lr * buffers[param]
+
+
+def test_grouped_update_equals_the_per_parameter_reference_over_steps():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+    unused = nn.Parameter(torch.randn(4))  # never gets a gradient: must stay untouched
+    reference = [nn.Parameter(p.detach().clone()) for p in [*model.parameters(), unused]]
+    adapted, excluded = lars_param_groups(model, weight_decay=1e-4)
+    adapted["params"].append(unused)
+    optimizer = LARS([adapted, excluded], lr=0.3, momentum=0.9, trust_coefficient=0.001)
+    index = {id(p): i for i, p in enumerate([*model.parameters(), unused])}
+    reference_groups = [(group, [reference[index[id(p)]] for p in group["params"]]) for group in (adapted, excluded)]
+    buffers = {}
+    for step in range(4):
+        inputs = torch.randn(2, 3, 8, 8)
+        model.zero_grad()
+        model(inputs).square().mean().backward()
+        for p in model.parameters():
+            reference[index[id(p)]].grad = p.grad.clone()
+        optimizer.step()
+        reference_lars_step(reference_groups, buffers, lr=0.3, momentum=0.9, trust_coefficient=0.001)
+        for p in [*model.parameters(), unused]:
+            torch.testing.assert_close(p.detach(), reference[index[id(p)]].detach(), rtol=1e-6, atol=1e-7)
+    assert unused.grad is None and unused not in optimizer.state

@@ -1,6 +1,8 @@
 """The training engine end to end on tiny data: outputs, exact resume after SIGKILL, NaN stop, bad data."""
 
 import json
+import math
+import re
 import signal
 import subprocess
 import sys
@@ -105,10 +107,15 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_da
         return {"loss": loss * float("nan") if calls["count"] == 3 else loss}
 
     monkeypatch.setattr(SoCo, "training_step", step_turning_nan)
-    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 2"):
+    # The third step fails; the checkpoint of the second, which was logged finite, is kept.
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    expected = rf"loss became nan at step 3 .*last good checkpoint is {re.escape(str(last))} \(step 2\)"
+    with pytest.raises(TrainingDiverged, match=expected):
         pretrain(tiny("train.steps=5", "train.checkpoint_every=1"), tmp_path / "run", images, store, progress=False)
-    assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
-    assert "loss became nan at step 2" in (tmp_path / "run" / "train.log").read_text()
+    assert torch.load(last, weights_only=True)["step"] == 2
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
+    assert "loss became nan at step 3" in (tmp_path / "run" / "train.log").read_text()
 
 
 def test_unreadable_image_during_training_is_skipped_and_counted(tiny_data, tmp_path, monkeypatch):
@@ -150,7 +157,7 @@ def test_non_finite_gradient_with_finite_loss_stops_before_the_update(tiny_data,
         return outputs
 
     monkeypatch.setattr(SoCo, "training_step", step_with_exploding_gradient)
-    with pytest.raises(TrainingDiverged, match=r"gradient became non-finite .* at step 1"):
+    with pytest.raises(TrainingDiverged, match=r"gradient became non-finite .* at step 2"):
         pretrain(tiny("train.steps=4", "train.checkpoint_every=1"), tmp_path / "run", images, store, progress=False)
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert state["step"] == 1

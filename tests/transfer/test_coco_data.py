@@ -166,3 +166,79 @@ def test_validation_categories_follow_the_training_map(small_set, tmp_path):
     assert dataset.category_to_label == {3: 1, 9: 2, 12: 3}
     with pytest.raises(DataError, match="category ids \\[9\\] are not among"):
         CocoDetection(path, folder, categories=[3])
+
+
+def test_box_report_counts_each_reason(small_set, caplog):
+    path, folder = small_set
+    with caplog.at_level("WARNING", logger="soco.transfer.coco_data"):
+        dataset = CocoDetection(path, folder)
+    report = dataset.box_report
+    # ann 1 and 4 as written, ann 2 clipped at x = 60, ann 3 crowd, ann 5 has no width.
+    assert report.as_dict() == {"total": 5, "crowd": 1, "kept": 2, "clipped": 1,
+                                "dropped": {"zero or negative width/height": 1}}
+    assert report.usable == 3
+    assert sum(len(dataset[i][1]["boxes"]) for i in range(len(dataset))) == 3  # what __getitem__ really gives
+    assert caplog.messages == [
+        (f"{path}: 5 boxes: 2 used as written, 1 clipped to the image, "
+         "1 dropped (zero or negative width/height: 1), 1 crowd (ignore regions, never trained on)")
+    ]
+
+
+def test_outside_negative_and_partly_outside_boxes(tmp_path):
+    Image.fromarray(np.zeros((40, 60, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    # No width/height in the file: the sizes come from the image header.
+    path = _write(tmp_path, [{"id": 1, "file_name": "a.png"}], [
+        {"id": 1, "image_id": 1, "category_id": 3, "bbox": [-5, -2, 10, 10]},   # clipped to (0, 0, 5, 8)
+        {"id": 2, "image_id": 1, "category_id": 3, "bbox": [100, 0, 10, 10]},  # right of the image
+        {"id": 3, "image_id": 1, "category_id": 3, "bbox": [0, -30, 10, 20]},  # above the image
+        {"id": 4, "image_id": 1, "category_id": 3, "bbox": [10, 10, -5, 5]},   # negative width
+        {"id": 5, "image_id": 1, "category_id": 3, "bbox": [59, 39, 4, 4]},    # clipped to (59, 39, 60, 40)
+    ])
+    dataset = CocoDetection(path, tmp_path, train=True, flip_prob=0.0)
+    assert dataset.box_report.as_dict() == {
+        "total": 5, "crowd": 0, "kept": 0, "clipped": 2,
+        "dropped": {"outside the image": 2, "zero or negative width/height": 1},
+    }
+    assert dataset[0][1]["boxes"].tolist() == [[0, 0, 5, 8], [59, 39, 60, 40]]
+
+
+def test_nothing_changed_logs_nothing(tmp_path, caplog):
+    Image.fromarray(np.zeros((40, 60, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    path = _write(tmp_path, [{"id": 1, "file_name": "a.png", "width": 60, "height": 40}],
+                  [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [0, 0, 60, 40]}])
+    with caplog.at_level("WARNING", logger="soco.transfer.coco_data"):
+        dataset = CocoDetection(path, tmp_path, train=True)
+    assert caplog.messages == [] and dataset.box_report.as_dict()["kept"] == 1
+
+
+def test_training_file_without_annotations_is_refused(small_set):
+    path, folder = small_set
+    data = json.loads(path.read_text())
+    data["annotations"] = []
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"ann.json: no usable box to train on \(no annotation at all\)$"):
+        CocoDetection(path, folder, train=True)
+    assert len(CocoDetection(path, folder, train=False)) == 2  # an empty validation file still loads
+
+
+def test_training_file_with_only_unusable_boxes_is_refused(small_set):
+    path, folder = small_set
+    data = json.loads(path.read_text())
+    data["annotations"] = [
+        {"id": 1, "image_id": 10, "category_id": 9, "bbox": [0, 0, 60, 40], "iscrowd": 1},
+        {"id": 2, "image_id": 10, "category_id": 9, "bbox": [61, 0, 5, 5]},
+        {"id": 3, "image_id": 4, "category_id": 3, "bbox": [1, 1, 0, 0]},
+    ]
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"ann.json: no usable box to train on \(3 boxes: 0 used as written, "
+                                        r"2 dropped \(outside the image: 1, zero or negative width/height: 1\), "
+                                        r"1 crowd"):
+        CocoDetection(path, folder, train=True)
+
+
+def test_unreadable_image_header_is_named(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"not a png")
+    path = _write(tmp_path, [{"id": 1, "file_name": "a.png"}],
+                  [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [0, 0, 5, 5]}])
+    with pytest.raises(DataError, match=r"a.png: not an image file .*\(named in .*ann.json\)"):
+        CocoDetection(path, tmp_path)

@@ -145,7 +145,7 @@ def test_overrides_are_strict():
     with pytest.raises(ConfigError, match="steps must be increasing"):
         apply_overrides(TransferConfig(), ["steps=[0.9, 0.5]"])
     with pytest.raises(ConfigError, match="model must be"):
-        apply_overrides(TransferConfig(), ["model=retinanet"])
+        apply_overrides(TransferConfig(), ["model=yolo"])
 
 
 def test_lr_schedule_warmup_and_steps():

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from soco.cli.pretrain_command import method_overrides, preset_for, resolve_data
-from soco.config.loading import load_config
+from soco.cli.pretrain_command import preset_for, resolve_data
+from soco.config.loading import load_config, with_flags
+from soco.config.validation import count_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,13 +16,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "--method's small preset)")
     parser.add_argument("--method", default=None, help="method to time (sets method.name)")
     parser.add_argument("--data", default=None, help="image folder (default: the built-in photos)")
-    parser.add_argument("--proposals", default=None, help="proposal store (default: computed and cached)")
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--data-batches", type=int, default=10, help="timed data-loader batches")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--workers", type=int, default=None, help="data-loader workers to time")
-    parser.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--proposals", default=None, metavar="STORE",
+                        help="proposal store of the --data images, made by `soco proposals` (default: computed once "
+                             "and cached)")
+    parser.add_argument("--steps", type=count_argument(1), default=5, metavar="N",
+                        help="timed training steps, N >= 1 (default 5; not train.steps)")
+    parser.add_argument("--warmup", type=count_argument(0), default=2, help="untimed steps first (default 2)")
+    parser.add_argument("--data-batches", type=count_argument(1), default=10,
+                        help="timed data-loader batches (default 10)")
+    parser.add_argument("--batch-size", type=count_argument(1), default=None,
+                        help="images per step (sets train.batch_size)")
+    parser.add_argument("--workers", type=count_argument(0), default=None,
+                        help="data-loader workers to time (sets train.workers)")
+    parser.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
+                        help="where to time: auto (CUDA when available; the default), cpu or cuda (sets train.device)")
     compare = parser.add_mutually_exclusive_group()
     compare.add_argument("--compare", default=None, metavar="KEY=VALUE",
                         help="also time the step with this override and report the speed-up, "
@@ -34,17 +42,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print JSON."""
-    from soco.engine.bench import run_bench
-
-    overrides = method_overrides(args) + list(args.overrides)
-    for key, value in (("train.batch_size", args.batch_size), ("train.workers", args.workers),
-                       ("train.device", args.device), ("data.images", args.data)):
-        if value is not None:
-            overrides.append(f"{key}={value}")
+    overrides = with_flags(args.overrides, [
+        ("--method", "method.name", args.method), ("--batch-size", "train.batch_size", args.batch_size),
+        ("--workers", "train.workers", args.workers), ("--device", "train.device", args.device),
+        ("--data", "data.images", args.data),
+    ])
     preset = preset_for(args)
     config = load_config(preset, overrides)
     change = "method.model.pool_all_levels=true" if args.compare_pooling else args.compare
     compare = (change, load_config(preset, [*overrides, change])) if change else None
+    # imported once the configuration is checked: it imports torch
+    from soco.engine.bench import run_bench
+
     images_root, store = resolve_data(config, args.proposals, quiet=True)
     result = run_bench(config, images_root, store, args.steps, args.warmup, args.data_batches, compare)
     text = json.dumps(result, indent=2)

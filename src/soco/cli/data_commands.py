@@ -1,16 +1,43 @@
-"""`soco data ...`: assemble the built-in data sets."""
+"""`soco data ...`: assemble the built-in data sets, or convert a Pascal VOC folder to COCO files."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from soco.data.photos import assemble_photos, photos_dir
+
+def add_voc_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `soco data voc`."""
+    parser.add_argument("folder", metavar="DIR", help="VOC folder: Annotations/*.xml, JPEGImages/, "
+                                                      "optional ImageSets/Main/<split>.txt")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT",
+                        help="folder for <split>.json (all.json without split files)")
+    parser.add_argument("--classes", default=None, metavar="A,B,...",
+                        help="category order (ids 1..K); every object's class must be listed (default: sorted names)")
+
+
+def run_voc(args: argparse.Namespace) -> int:
+    """Run `soco data voc`."""
+    from soco.data.voc import IMAGES_DIR, convert_voc
+
+    classes = [name.strip() for name in args.classes.split(",") if name.strip()] if args.classes else None
+    result = convert_voc(args.folder, args.output, classes=classes)
+    for line in result.lines():
+        print(line)
+    images = Path(args.folder).expanduser() / IMAGES_DIR
+    if {"train", "val"} <= set(result.files):
+        print(f"fine-tune: soco transfer --weights none --train {result.files['train']} --train-images {images} "
+              f"--val {result.files['val']} --val-images {images}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch `soco data DATASET`."""
+    if args.data_set == "voc":
+        return run_voc(args)
     if args.data_set == "photos":
+        from soco.data.photos import assemble_photos, photos_dir
+
         dest = Path(args.dest) if args.dest else photos_dir()
         folder = assemble_photos(dest, progress=not args.print_path)
         if args.print_path:

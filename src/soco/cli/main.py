@@ -17,6 +17,14 @@ CONFIGURABLE_COMMANDS = ("proposals", "pretrain", "bench", "transfer")
 OPTIONS_WITH_OVERRIDE_VALUES = ("--compare",)
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line naming the command and the problem, like soco's own."""
+
+    def error(self, message: str):
+        """Print `PROG: error: MESSAGE (see PROG --help)` and exit with status 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """--config and key=value overrides (anywhere on the line), shared by every configurable command."""
     parser.add_argument("--config", default=None, help="preset name or YAML file (default: the 'default' preset)")
@@ -37,7 +45,9 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="soco", description=DESCRIPTION)
+    from soco.config.validation import count_argument
+
+    parser = OneLineErrorParser(prog="soco", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"soco {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -50,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     deepforest = data_sets.add_parser("deepforest", help="DeepForest's labeled aerial trees as COCO 400x400 tiles")
     transfer_commands.add_deepforest_arguments(deepforest)
+    from soco.cli import data_commands
+
+    voc = data_sets.add_parser("voc", help="convert a Pascal VOC folder (XML annotations) to COCO JSON per split")
+    data_commands.add_voc_arguments(voc)
 
     proposals = commands.add_parser(
         "proposals",
@@ -57,13 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     proposals.add_argument("images", help="image folder (searched recursively)")
     proposals.add_argument("-o", "--output", required=True, help="proposal store folder to create or continue")
-    proposals.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    proposals.add_argument("--workers", type=count_argument(0), default=None,
+                           help="processes; 0: one per core (default: proposals.workers of the config, 0)")
     proposals.add_argument("--shard", default=None, help="I/N: compute only shard I of N (0-based)")
     proposals.add_argument("--algorithm", default=None, help="'fast' (default) or 'reference'")
     proposals.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_arguments(proposals)
 
-    merge = commands.add_parser("proposals-merge")  # reached as `soco proposals merge`
+    # reached as `soco proposals merge`, and named so in its usage and errors
+    merge = commands.add_parser("proposals-merge", prog="soco proposals merge",
+                                description="merge the stores of `soco proposals --shard I/N` runs into one store")
     merge.add_argument("sources", nargs="+", help="output folders of the shard runs")
     merge.add_argument("-o", "--output", required=True, help="the merged store")
 
@@ -87,12 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     transfer = commands.add_parser("transfer", help="fine-tune a torchvision detector and measure COCO AP")
     transfer_commands.add_transfer_arguments(transfer)
 
+    from soco.cli import probe_command
+
+    probe = commands.add_parser("probe", help="k-NN and linear-probe accuracy of pretrained weights on labelled boxes")
+    probe_command.add_arguments(probe)
+
     inspect = commands.add_parser("inspect", help="summary of a proposal store")
-    inspect.add_argument("store")
+    inspect.add_argument("store", metavar="STORE", help="a proposal store folder (made by `soco proposals`)")
     inspect.add_argument("--json", action="store_true", help="every image's boxes as JSON on stdout")
 
     show = commands.add_parser("show", help="draw one image's proposals to a PNG")
-    show.add_argument("store")
+    show.add_argument("store", metavar="STORE", help="a proposal store folder (made by `soco proposals`)")
     show.add_argument("--image", default=None, help="relative path (or index) of the image; default: the first")
     show.add_argument("--images", default=None, help="image folder (default: the one the store was made from)")
     show.add_argument("-o", "--output", required=True, help="PNG file to write")
@@ -141,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
             return data_commands.run(args)
         if args.command == "methods":
             return list_methods()
+        if args.command == "probe":
+            from soco.cli import probe_command
+
+            return probe_command.run(args)
         if args.command == "export":
             from soco.cli import export_command
 
@@ -158,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return proposal_commands.run(args)
     except SocoError as error:
+        print(f"soco: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a file or folder the user named cannot be read or written
         print(f"soco: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

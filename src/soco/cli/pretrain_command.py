@@ -7,8 +7,9 @@ import os
 import time
 from pathlib import Path
 
-from soco.config.loading import load_config
+from soco.config.loading import load_config, with_flags
 from soco.config.schema import Config
+from soco.config.validation import count_argument, positive_number_argument
 from soco.data.images import list_images
 from soco.data.photos import assemble_photos, default_cache_dir
 from soco.data.proposals.pipeline import run_proposals
@@ -23,15 +24,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"preset name or YAML file (default: {DEFAULT_PRESET}, or the --method's small preset)")
     parser.add_argument("--method", default=None, help="pretraining method (sets method.name; see `soco methods`)")
     parser.add_argument("--data", default=None, help="image folder (default: the built-in photos)")
-    parser.add_argument("--proposals", default=None, help="proposal store (default: computed and cached)")
+    parser.add_argument("--proposals", default=None, metavar="STORE",
+                        help="proposal store of the --data images, made by `soco proposals` (default: computed once "
+                             "and cached; only methods that read proposals use it)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/<preset>)")
     length = parser.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=float, default=None)
-    length.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None, help="images per process and step")
-    parser.add_argument("--workers", type=int, default=None, help="data-loader workers per process")
-    parser.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--seed", type=int, default=None)
+    length.add_argument("--epochs", type=positive_number_argument, default=None, metavar="N",
+                        help="train for N passes over the images (sets train.epochs, and train.steps=0); "
+                             "default: the preset's length")
+    length.add_argument("--steps", type=count_argument(1, "; to train by epochs use --epochs"), default=None,
+                        metavar="N", help="train for exactly N optimiser steps, N >= 1 (sets train.steps; in a "
+                                          "config, train.steps=0 means: train for train.epochs)")
+    parser.add_argument("--batch-size", type=count_argument(1), default=None, help="images per process and step")
+    parser.add_argument("--workers", type=count_argument(0), default=None,
+                        help="data-loader workers per process; 0: load in the main process "
+                             "(default: train.workers, -1: chosen from the cores)")
+    parser.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
+                        help="where to train: auto (CUDA when available; the default), cpu or cuda (sets train.device)")
+    parser.add_argument("--seed", type=count_argument(0), default=None,
+                        help="seed of the weights, the data order and the views (sets train.seed; default 0)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.batch_size=32")
@@ -48,23 +59,15 @@ def preset_for(args: argparse.Namespace) -> str:
     return DEFAULT_PRESET
 
 
-def method_overrides(args: argparse.Namespace) -> list[str]:
-    """`method.name=NAME` for --method (first, so that later overrides of the section apply to it)."""
-    return [f"method.name={args.method}"] if getattr(args, "method", None) else []
-
-
 def resolve_config(args: argparse.Namespace) -> Config:
-    """The preset, then key=value overrides, then the dedicated flags."""
-    overrides = method_overrides(args) + list(args.overrides)
-    flags = {
-        "train.epochs": args.epochs, "train.steps": args.steps, "train.batch_size": args.batch_size,
-        "train.workers": args.workers, "train.device": args.device, "train.seed": args.seed,
-        "data.images": args.data,
-    }
-    if args.epochs is not None:
-        overrides.append("train.steps=0")
-    overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
-    return load_config(preset_for(args), overrides)
+    """The preset, then key=value overrides, then the dedicated flags; every value checked, nothing written yet."""
+    flags = [
+        ("--method", "method.name", args.method), ("--epochs", "train.epochs", args.epochs),
+        ("--epochs", "train.steps", 0 if args.epochs is not None else None), ("--steps", "train.steps", args.steps),
+        ("--batch-size", "train.batch_size", args.batch_size), ("--workers", "train.workers", args.workers),
+        ("--device", "train.device", args.device), ("--seed", "train.seed", args.seed), ("--data", "data.images", args.data),
+    ]
+    return load_config(preset_for(args), with_flags(args.overrides, flags))
 
 
 def default_store_for(images_root: Path, config: Config) -> Path:
@@ -107,12 +110,14 @@ def resolve_data(config: Config, proposals: str | None, quiet: bool) -> tuple[Pa
 
 def run(args: argparse.Namespace) -> int:
     """Run `soco pretrain`."""
-    from soco.engine.trainer import pretrain
+    config = resolve_config(args)  # first: a bad value is reported before torch is even imported
+    from soco.engine.trainer import RUN_KIND, pretrain
+    from soco.run_folder import check_run_folder
 
-    config = resolve_config(args)
-    images_root, store = resolve_data(config, args.proposals, args.quiet)
     preset_name = Path(preset_for(args)).stem
     run_dir = Path(args.out) if args.out else Path("runs") / preset_name
+    check_run_folder(run_dir, RUN_KIND)  # before proposals are computed: a wrong --out costs nothing
+    images_root, store = resolve_data(config, args.proposals, args.quiet)
     from soco.engine.distributed import shutdown_distributed
 
     try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -13,13 +15,30 @@ from soco.config.loading import load_config, save_config
 from soco.data.proposals.filter import FilterLevel
 from soco.data.proposals.pipeline import Shard, merge_stores, run_proposals
 from soco.data.proposals.store import FAILED_LEVEL, ProposalStore
-from soco.errors import DataError
+from soco.errors import DataError, ProposalStoreError
 
 
 def run(args: argparse.Namespace) -> int:
-    """Dispatch one of the proposal commands."""
+    """Dispatch one of the proposal commands; a reader that stops reading (`| head`) ends it quietly."""
     handlers = {"proposals": proposals, "proposals-merge": merge, "inspect": inspect, "show": show}
-    return handlers[args.command](args)
+    try:
+        status = handlers[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+    except BrokenPipeError:
+        _silence_stdout()
+        return 128 + signal.SIGPIPE  # what a shell reports for a command ended by SIGPIPE
+    return status
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing what is still buffered at exit prints no error."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # a stdout without a file descriptor (a captured one)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives until the process ends
+    finally:
+        os.close(devnull)
 
 
 def proposals(args: argparse.Namespace) -> int:
@@ -45,24 +64,32 @@ def merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _per_image(values: np.ndarray) -> dict:
+    """Mean, median, min and max of one count per image (zeros when there is no image)."""
+    if not len(values):
+        return {"mean": 0.0, "median": 0.0, "min": 0, "max": 0}
+    return {
+        "mean": float(values.mean()),
+        "median": float(np.median(values)),
+        "min": int(values.min()),
+        "max": int(values.max()),
+    }
+
+
 def store_summary(store: ProposalStore) -> dict:
-    """Counts and statistics of a store, as shown by `soco inspect`."""
+    """Totals and per-readable-image statistics of a store, as shown by `soco inspect`."""
     levels = np.asarray(store.levels)
     valid = levels != FAILED_LEVEL
-    counts = store.box_counts[valid]
+    raw_counts = np.asarray(store.raw_counts, dtype=np.int64)[valid]
     return {
         "store": str(store.folder),
         "images_root": store.meta.get("images_root"),
         "images": len(store),
         "failed": int((~valid).sum()),
         "proposals": int(store.meta["num_boxes"]),
-        "proposals_per_image": {
-            "mean": float(counts.mean()) if len(counts) else 0.0,
-            "median": float(np.median(counts)) if len(counts) else 0.0,
-            "min": int(counts.min()) if len(counts) else 0,
-            "max": int(counts.max()) if len(counts) else 0,
-        },
-        "raw_proposals_per_image": float(np.asarray(store.raw_counts)[valid].mean()) if valid.any() else 0.0,
+        "proposals_per_image": _per_image(store.box_counts[valid]),
+        "raw_proposals": int(raw_counts.sum()),
+        "raw_proposals_per_image": _per_image(raw_counts),
         "filter_levels": {level.name.lower(): int((levels == level).sum()) for level in FilterLevel},
         "algorithm": store.algorithm,
         "algorithm_params": store.meta.get("algorithm_params"),
@@ -70,6 +97,14 @@ def store_summary(store: ProposalStore) -> dict:
         "bytes_on_disk": store.disk_bytes(),
         "bytes_per_image": store.disk_bytes() / max(1, len(store)),
     }
+
+
+def _count_line(label: str, total: int, per_image: dict) -> str:
+    """One line of totals and per-image statistics, labelled the same way for every count."""
+    return (
+        f"{label}: {total} in total; per readable image: mean {per_image['mean']:.1f}, median {per_image['median']:.1f}, "
+        f"min {per_image['min']}, max {per_image['max']}"
+    )
 
 
 def inspect(args: argparse.Namespace) -> int:
@@ -90,17 +125,13 @@ def inspect(args: argparse.Namespace) -> int:
         json.dump({"summary": summary, "images": images}, sys.stdout)
         sys.stdout.write("\n")
         return 0
-    per_image = summary["proposals_per_image"]
     print(f"store: {summary['store']} (images from {summary['images_root']})")
     print(f"algorithm: {summary['algorithm']} {json.dumps(summary['algorithm_params'])}")
     print(f"images: {summary['images']} ({summary['failed']} failed)")
-    print(
-        f"proposals: {summary['proposals']}; per image mean {per_image['mean']:.1f}, "
-        f"median {per_image['median']:.0f}, min {per_image['min']}, max {per_image['max']} "
-        f"(raw before filter: {summary['raw_proposals_per_image']:.0f})"
-    )
+    print(_count_line("proposals kept", summary["proposals"], summary["proposals_per_image"]))
+    print(_count_line("proposals before the filter", summary["raw_proposals"], summary["raw_proposals_per_image"]))
     print("filter levels: " + ", ".join(f"{k} {v}" for k, v in summary["filter_levels"].items()))
-    print(f"size: {summary['bytes_on_disk']} bytes ({summary['bytes_per_image']:.0f} per image)")
+    print(f"size: {summary['bytes_on_disk']} bytes in total, {summary['bytes_per_image']:.0f} per image")
     for path, reason in list(store.failures().items())[:20]:
         print(f"failed: {path}: {reason}")
     return 0
@@ -108,7 +139,7 @@ def inspect(args: argparse.Namespace) -> int:
 
 def show(args: argparse.Namespace) -> int:
     """Draw one image's proposals to a PNG."""
-    from soco.data.images import load_rgb
+    from soco.data.images import read_image
     from soco.data.proposals.drawing import draw_proposals
 
     store = ProposalStore(args.store)
@@ -128,7 +159,12 @@ def show(args: argparse.Namespace) -> int:
             ) from None
     root = Path(args.images) if args.images else Path(store.meta["images_root"])
     path = store.path(index)
-    rgb = load_rgb(root / path)
+    rgb, fingerprint = read_image(root / path)
+    if store.levels[index] != FAILED_LEVEL and fingerprint != int(store.fingerprints[index]):
+        raise ProposalStoreError(
+            f"{root / path} changed since proposal store {store.folder} was made, so its boxes belong to the "
+            f"old image: run `soco proposals {root} -o {store.folder}` to update the store"
+        )
     boxes = store.boxes(index)
     level = FilterLevel(int(store.levels[index])).name.lower() if store.levels[index] >= 0 else "failed"
     title = f"{path}: {len(boxes)} proposals ({store.algorithm}, filter level {level})"

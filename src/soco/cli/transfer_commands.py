@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from soco.errors import SocoError
+from soco.transfer.architectures import ARCHITECTURES
 
 DEFAULT_TRANSFER_OUT = Path("runs") / "transfer"
 
@@ -14,15 +14,17 @@ DEFAULT_TRANSFER_OUT = Path("runs") / "transfer"
 def add_transfer_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `soco transfer`."""
     parser.add_argument("--weights", required=True, metavar="FILE|none",
-                        help="torchvision-keyed state dict (soco export --to torchvision), or 'none' for scratch")
+                        help="torchvision-keyed state dict (soco export --to torchvision, or --to backbone), "
+                             "or 'none' for scratch")
     parser.add_argument("--train", required=True, metavar="ANN.json", help="COCO annotations to fine-tune on")
     parser.add_argument("--train-images", default=None, metavar="DIR",
                         help="folder the train file_names are relative to (default: 'images' next to --train)")
     parser.add_argument("--val", required=True, metavar="ANN.json", help="COCO annotations to evaluate on")
     parser.add_argument("--val-images", default=None, metavar="DIR",
                         help="folder the val file_names are relative to (default: 'images' next to --val)")
-    parser.add_argument("--model", default=None, choices=["auto", "faster_rcnn", "mask_rcnn"],
-                        help="detector (default auto: mask_rcnn when the training annotations have masks)")
+    parser.add_argument("--model", default=None, choices=["auto", *ARCHITECTURES],
+                        help="detector (default auto: mask_rcnn when the training annotations have masks, else "
+                             "faster_rcnn; docs/transfer.md)")
     parser.add_argument("--depth", type=int, default=None, help="ResNet depth (default 50)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 24)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per process and step (default 4)")
@@ -68,11 +70,11 @@ def run_transfer(args: argparse.Namespace) -> int:
     from soco.engine.distributed import shutdown_distributed
     from soco.transfer.evaluate import summary_line
     from soco.transfer.finetune import METRICS_NAME, finetune
+    from soco.transfer.weights import check_weights_path
 
     config = resolve_transfer_config(args)
-    weights = None if args.weights.strip().lower() == "none" else Path(args.weights).expanduser()
-    if weights is not None and not weights.is_file():
-        raise SocoError(f"weights file {weights} does not exist (or pass --weights none)")
+    # A missing file, a run folder or a Detectron2 .pkl is told before the data are read.
+    weights = None if args.weights.strip().lower() == "none" else check_weights_path(args.weights)
     out = Path(args.out) if args.out else DEFAULT_TRANSFER_OUT
     try:
         metrics = finetune(

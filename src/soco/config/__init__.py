@@ -1,1 +1,1 @@
-"""Typed configuration: dataclass schema, YAML presets and `section.key=value` overrides."""
+"""Typed configuration: dataclass schema with the rules of every value, YAML presets and `section.key=value` overrides."""

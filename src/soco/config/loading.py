@@ -1,11 +1,19 @@
-"""Build a typed Config from a preset or YAML file plus `section.key=value` overrides, strictly."""
+"""Build a typed Config from a preset or YAML file plus `section.key=value` overrides, strictly.
+
+Every value is checked (`validation.py`) as the Config is built, so a command refuses a bad value before
+it builds a network or writes a file; the shared sections are checked before the method registry is
+consulted, so their mistakes are reported without importing any method (and torch).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import re
 import types
 import typing
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -13,9 +21,33 @@ from typing import Any
 import yaml
 
 from soco.config.schema import DEFAULT_METHOD, Config
+from soco.config.validation import validate_section, validate_shared
 from soco.errors import ConfigError
 
 PRESET_PACKAGE = "soco.config.presets"
+# Whole numbers beyond this are not exact as floats: 1e3 may stand for an integer key, 1e30 may not.
+LARGEST_EXACT_INTEGER = 2**53
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers as people write them: 1e-4, 1e30 and -.5 are floats.
+
+    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent (1.0e+30), so that 1e30
+    would silently be the string '1e30'.
+    """
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+
+                  |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?)$""", re.VERBOSE),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text parsed with `ConfigLoader` (numbers as people write them)."""
+    return yaml.load(text, Loader=ConfigLoader)
 
 
 def list_presets() -> list[str]:
@@ -36,7 +68,7 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _coerce(value: Any, expected: Any, key: str, known_keys: list[str] | None = None) -> Any:
+def _coerce(value: Any, expected: Any, key: str, known_keys: KnownKeys = None) -> Any:
     """Check `value` against the annotation `expected`; allow the lossless int -> float widening."""
     origin = typing.get_origin(expected)
     if origin in (typing.Union, types.UnionType):
@@ -64,6 +96,9 @@ def _coerce(value: Any, expected: Any, key: str, known_keys: list[str] | None = 
             raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)
     if expected is int:
+        # 1e3 is how people write a thousand: a whole float that is exact is taken as the integer
+        if isinstance(value, float) and value.is_integer() and abs(value) <= LARGEST_EXACT_INTEGER:
+            return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
         return value
@@ -80,21 +115,27 @@ def _coerce(value: Any, expected: Any, key: str, known_keys: list[str] | None = 
     raise ConfigError(f"{key}: unsupported type {expected}")
 
 
-def _build(cls: type, values: Any, prefix: str, known_keys: list[str] | None = None) -> Any:
+KnownKeys = list[str] | Callable[[], list[str]] | None
+
+
+def _build(cls: type, values: Any, prefix: str, known_keys: KnownKeys = None) -> Any:
     """Instantiate dataclass `cls` from a mapping, naming any unknown key and its closest valid one.
 
-    `known_keys` are every dotted key of the whole configuration, for hints about a key given in the
-    wrong section; by default those of `cls` itself.
+    `known_keys` are every dotted key of the whole configuration (or a function giving them, called
+    only for an unknown key), for hints about a key given in the wrong section; by default those of
+    `cls` itself.
     """
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {values!r}")
-    if known_keys is None:
-        known_keys = dataclass_keys(cls, prefix)
     types_by_name = _field_types(cls)
     kwargs = {}
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else str(name)
         if name not in types_by_name:
+            if known_keys is None:
+                known_keys = dataclass_keys(cls, prefix)
+            elif callable(known_keys):
+                known_keys = known_keys()
             valid = [f"{prefix}.{n}" if prefix else n for n in types_by_name]
             same_leaf = [k for k in known_keys if k.rsplit(".", 1)[-1] == name and k != key]
             sections = sorted({k.rsplit(".", 1)[0] for k in known_keys if "." in k})
@@ -111,8 +152,10 @@ def _build(cls: type, values: Any, prefix: str, known_keys: list[str] | None = N
 
 
 def build_dataclass(cls: type, values: dict, prefix: str = "") -> Any:
-    """Any configuration dataclass from a nested mapping, strictly: unknown keys and wrong types are errors."""
-    return _build(cls, values or {}, prefix)
+    """Any configuration dataclass from a nested mapping, strictly: unknown keys, wrong types, bad values are errors."""
+    instance = _build(cls, values or {}, prefix)
+    validate_section(instance, prefix)
+    return instance
 
 
 def _method_config_class(values: dict) -> type:
@@ -131,15 +174,20 @@ def _method_config_class(values: dict) -> type:
 
 
 def config_from_dict(values: dict) -> Config:
-    """A Config from a nested mapping; missing keys take their defaults, the method section its method's."""
+    """A checked Config from a nested mapping; missing keys take their defaults, the method section its method's."""
     if not isinstance(values or {}, dict):
         raise ConfigError("config: expected a mapping of sections")
     values = dict(values or {})
-    method_class = _method_config_class(values)
-    keys = all_keys(method_class=method_class)
-    method_values = values.pop("method", None) or {}
-    config = _build(Config, values, "", keys)
-    config.method = _build(method_class, method_values, "method", keys)
+    method_section = values.pop("method", None)
+
+    def known_keys() -> list[str]:
+        return all_keys(method_class=_method_config_class({"method": method_section}))
+
+    config = _build(Config, values, "", known_keys)
+    validate_shared(config)  # before the registry imports the methods
+    method_class = _method_config_class({"method": method_section})
+    config.method = _build(method_class, method_section or {}, "method", known_keys)
+    validate_section(config.method, "method")
     return config
 
 
@@ -190,9 +238,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"override '{text}' has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({error})") from None
+        problem = " ".join(str(error).split())  # PyYAML's message spans lines
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({problem})") from None
     return key.split("."), value
 
 
@@ -208,13 +257,18 @@ def _set_path(tree: dict, path: list[str], value: Any, full_key: str) -> None:
 
 
 def _read_yaml(path: Path, label: str) -> dict:
-    """Parse one YAML mapping, with errors naming the file."""
+    """Parse one YAML mapping, with errors naming the file; an empty file is refused, not read as defaults."""
     try:
-        values = yaml.safe_load(path.read_text())
+        values = parse_yaml(path.read_text())
     except yaml.YAMLError as error:
-        raise ConfigError(f"{label}: not valid YAML: {error}") from None
+        problem = " ".join(str(error).split())  # PyYAML's message spans lines
+        raise ConfigError(f"{label}: not valid YAML: {problem}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{label}: cannot be read ({error})") from None
     if values is None:
-        return {}
+        # Nothing would be set, and the schema's defaults are the paper's full-size run.
+        raise ConfigError(f"{label}: the file holds no settings; write at least 'base: PRESET' "
+                          "(`soco methods` lists the presets) or sections of keys")
     if not isinstance(values, dict):
         raise ConfigError(f"{label}: expected a mapping of sections at the top level")
     return values
@@ -231,10 +285,15 @@ def _merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def load_preset_values(name_or_path: str) -> dict:
+def load_preset_values(name_or_path: str, _chain: tuple[str, ...] = ()) -> dict:
     """Raw values of a preset name or a YAML file, following its optional `base:` chain."""
+    if name_or_path in _chain:
+        raise ConfigError(f"config {_chain[0]}: the base chain comes back to {name_or_path} "
+                          f"({' -> '.join([*_chain, name_or_path])})")
     candidate = Path(name_or_path)
     if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        if candidate.is_dir():
+            raise ConfigError(f"config file {candidate} is a folder, not a YAML file")
         if not candidate.is_file():
             raise ConfigError(f"config file {candidate} does not exist")
         values = _read_yaml(candidate, str(candidate))
@@ -246,10 +305,12 @@ def load_preset_values(name_or_path: str) -> dict:
                 f"(presets: {', '.join(presets)}; or give a .yaml file)"
             )
         resource = resources.files(PRESET_PACKAGE) / f"{name_or_path}.yaml"
-        values = yaml.safe_load(resource.read_text()) or {}
+        values = parse_yaml(resource.read_text()) or {}
     base = values.pop("base", None)
     if base is not None:
-        values = _merge(load_preset_values(base), values)
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"{name_or_path}: base must be a preset name or a YAML file, not {base!r}")
+        values = _merge(load_preset_values(base, (*_chain, name_or_path)), values)
     return values
 
 
@@ -260,6 +321,33 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
         path, value = parse_override(text)
         _set_path(values, path, value, text)
     return config_from_dict(values)
+
+
+Flag = tuple[str, str, Any]  # (the option as typed, e.g. "--steps", the key it sets, its value or None)
+
+
+def with_flags(overrides: list[str] | tuple[str, ...], flags: list[Flag]) -> list[str]:
+    """The `key=value` overrides followed by those of the options given; a key set both ways is an error.
+
+    Otherwise the option would silently win, and a bad override under it (train.steps=abc --steps 2)
+    would never be read.
+    """
+    combined = list(overrides)
+    for option, key, value in flags:
+        if value is None:
+            continue
+        for text in overrides:
+            given = text.split("=", 1)[0].strip()
+            if given == key or key.startswith(given + "."):
+                raise ConfigError(f"{key} is set twice, by {option} ({key}={_flag_text(value)}) and by {text}; "
+                                  "give one of them")
+        combined.append(f"{key}={_flag_text(value)}")
+    return combined
+
+
+def _flag_text(value: Any) -> str:
+    """An option's value as an override's YAML: strings quoted, so that a path such as 'a: b' stays a string."""
+    return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
 def save_config(config: Config, path: str | Path) -> Path:

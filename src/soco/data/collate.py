@@ -36,3 +36,18 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, tuple):
         return tuple(move_to_device(value, device) for value in batch)
     return batch
+
+
+def to_channels_last(batch: Any) -> Any:
+    """The same nested structure with every 4-D floating tensor (a stack of views) in NHWC memory format."""
+    if isinstance(batch, torch.Tensor):
+        if batch.ndim == 4 and batch.is_floating_point():
+            return batch.contiguous(memory_format=torch.channels_last)
+        return batch
+    if isinstance(batch, dict):
+        return {key: to_channels_last(value) for key, value in batch.items()}
+    if isinstance(batch, list):
+        return [to_channels_last(value) for value in batch]
+    if isinstance(batch, tuple):
+        return tuple(to_channels_last(value) for value in batch)
+    return batch

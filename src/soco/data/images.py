@@ -33,8 +33,12 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def list_images(root: str | Path) -> list[str]:
-    """Every image file under root (recursive), as sorted POSIX paths relative to root."""
+def list_images(root: str | Path, unreadable: dict[str, str] | None = None) -> list[str]:
+    """Every image file under root (recursive), as sorted POSIX paths relative to root.
+
+    A subfolder that cannot be read stops the listing with a DataError, unless `unreadable` is given:
+    then it is recorded there as {relative folder: reason} and the listing goes on.
+    """
     root_path = Path(root).expanduser()
     if not root_path.exists():
         raise DataError(f"image folder {root_path} does not exist")
@@ -55,7 +59,10 @@ def list_images(root: str | Path) -> list[str]:
         try:
             entries = list(os.scandir(folder))
         except OSError as exc:
-            raise DataError(f"cannot read folder {folder}: {exc.strerror or exc}") from exc
+            if unreadable is None or not prefix:  # an unreadable root leaves nothing to list
+                raise DataError(f"cannot read folder {folder}: {exc.strerror or exc}") from exc
+            unreadable[prefix.rstrip("/")] = f"cannot read folder ({exc.strerror or exc})"
+            continue
         for entry in entries:
             if entry.name.startswith("."):
                 continue
@@ -69,8 +76,9 @@ def list_images(root: str | Path) -> list[str]:
             except OSError:
                 continue
     if not found:
+        skipped = f" ({len(unreadable)} unreadable folders, e.g. {min(unreadable)})" if unreadable else ""
         raise DataError(
-            f"no image found in {root_path} (looked for files ending in "
+            f"no image found in {root_path}{skipped} (looked for files ending in "
             f"{', '.join(IMAGE_EXTENSIONS)}, any letter case; hidden files are skipped)"
         )
     found.sort()

@@ -39,6 +39,7 @@ __all__ = [
     "draw_color_params",
     "blur_kernel_size",
     "apply_color",
+    "COLOR_BACKENDS",
     "cut_out_boxes",
     "normalize",
     "denormalize",
@@ -54,6 +55,10 @@ _JITTER_PROB = 0.8
 _GRAYSCALE_PROB = 0.2
 _BLUR_SIGMA = (0.1, 2.0)
 _SOLARIZE_THRESHOLD = 0.5
+# Who computes the colour pipeline: OpenCV (fast) or torchvision's tensor kernels (the reference; the
+# golden-weights test pins it, as its digests were recorded with it).
+COLOR_BACKENDS = ("opencv", "torchvision")
+COLOR_BACKEND = "opencv"
 # "sigma": an odd kernel that covers +-3 sigma (2*ceil(3 sigma)+1), whatever the view size;
 # "tenth": SimCLR's and BYOL's 10% of the view side (23 at 224), which truncates a large sigma on small views.
 BLUR_KERNEL_RULES = ("sigma", "tenth")
@@ -316,8 +321,21 @@ def blur_kernel_size(sigma: float, side: int, rule: str = "sigma") -> int:
     return kernel if kernel % 2 else kernel + 1
 
 
-def apply_color(image: torch.Tensor, params: dict, blur_kernel: str = "sigma") -> torch.Tensor:
-    """The BYOL colour pipeline on a float [0, 1] image, with parameters drawn beforehand."""
+def apply_color(image: torch.Tensor, params: dict, blur_kernel: str = "sigma", backend: str | None = None) -> torch.Tensor:
+    """The BYOL colour pipeline on a float [0, 1] 3xHxW image, with parameters drawn beforehand.
+
+    `backend` "opencv" (the default, COLOR_BACKEND) computes it in `soco.data.color`, several times
+    faster; "torchvision" with torchvision's tensor kernels, the reference that equals it to rounding.
+    """
+    backend = backend or COLOR_BACKEND
+    if backend == "opencv":
+        from soco.data.color import apply_color_hwc
+
+        kernel = blur_kernel_size(params["sigma"], image.shape[-1], blur_kernel) if params["blur"] else None
+        pixels = apply_color_hwc(image.permute(1, 2, 0).numpy(), params, kernel)
+        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+    if backend != "torchvision":
+        raise ValueError(f"colour backend must be one of {COLOR_BACKENDS}, not {backend!r}")
     if params["jitter"]:
         for op in params["order"]:
             if op == 0:

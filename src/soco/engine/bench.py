@@ -12,7 +12,7 @@ from soco.config.schema import Config
 from soco.data.dataset import ImageDataset
 from soco.engine.distributed import DistributedContext, resolve_device
 from soco.engine.optimizers import build_optimizer
-from soco.engine.step import StepRunner
+from soco.engine.step import StepRunner, resolve_precision, smallest_view_side
 from soco.engine.trainer import (
     build_dataset,
     build_model,
@@ -27,19 +27,26 @@ def time_data_loading(dataset: ImageDataset, batch_size: int, workers: int, batc
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=dataset.collate,
         drop_last=True, persistent_workers=False,
     )
-    iterator = iter(loader)
-    next(iterator)  # worker start-up is not throughput
-    started, images = time.perf_counter(), 0
-    for _ in range(batches):
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            break
-        images += len(batch["paths"])
-    seconds = time.perf_counter() - started
+    threads = torch.get_num_threads()
+    if workers == 0:
+        # in the main process on one thread, as a loader worker runs: the rate is then per core
+        torch.set_num_threads(1)
+    try:
+        iterator = iter(loader)
+        next(iterator)  # worker start-up is not throughput
+        started, images = time.perf_counter(), 0
+        for _ in range(batches):
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                break
+            images += len(batch["paths"])
+        seconds = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads)
     rate = images / seconds if seconds > 0 else 0.0
     return {"workers": workers, "images": images, "seconds": seconds, "images_per_second": rate,
-            "images_per_second_per_worker": rate / max(1, workers)}
+            "images_per_second_per_core": rate / max(1, workers)}
 
 
 def time_model_steps(config: Config, batch: dict, steps: int, warmup: int, device: torch.device) -> dict:
@@ -49,7 +56,7 @@ def time_model_steps(config: Config, batch: dict, steps: int, warmup: int, devic
     method = build_model(config, context)
     method.train()
     optimizer = build_optimizer(config.optim, method.parameter_groups(config.optim.weight_decay), lr=0.01)
-    runner = StepRunner(method, method, optimizer, context, config.train.precision, 1)
+    runner = StepRunner(method, method, optimizer, context, config.train.precision, 1, config.train.channels_last)
     images = len(batch["paths"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -65,8 +72,11 @@ def time_model_steps(config: Config, batch: dict, steps: int, warmup: int, devic
             timings.append(time.perf_counter() - started)
     timings.sort()
     median = timings[len(timings) // 2]
+    cores = torch.get_num_threads() if device.type == "cpu" else None
     return {"steps": steps, "batch_size": images, "median_step_seconds": median,
-            "images_per_second": images / median, "peak_memory_mib": peak_memory_mib(device)}
+            "images_per_second": images / median,
+            "images_per_second_per_core": images / median / cores if cores else None,
+            "peak_memory_mib": peak_memory_mib(device)}
 
 
 def bench_dataset(config: Config, images_root: Path, store_dir: Path | None) -> ImageDataset:
@@ -91,7 +101,8 @@ def run_bench(config: Config, images_root: Path, store_dir: Path | None, steps: 
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "method": config_to_dict(config.method),
-        "precision": config.train.precision,
+        "precision": resolve_precision(config.train.precision, device, smallest_view_side(batch)),
+        "channels_last": config.train.channels_last,
         "data_main_process": time_data_loading(dataset, config.train.batch_size, 0, data_batches),
     }
     if workers > 0:

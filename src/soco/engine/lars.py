@@ -11,6 +11,9 @@ class LARS(torch.optim.Optimizer):
     For a group with `lars=True`: update = grad + weight_decay * p, scaled by the trust ratio
     trust_coefficient * |p| / |update| (1 where either norm is zero). Groups with `lars=False` (biases,
     norm layers) get plain SGD momentum with no decay and no trust ratio.
+
+    Each group is updated with a handful of `torch._foreach_*` calls over all its tensors instead of a
+    Python loop of small kernels per parameter (an R50-FPN pair has about 300 tensors).
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, trust_coefficient: float = 0.001):
@@ -25,24 +28,28 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                update = param.grad
-                if group["lars"]:
-                    update = update.add(param, alpha=group["weight_decay"])
-                    param_norm = torch.linalg.vector_norm(param)
-                    update_norm = torch.linalg.vector_norm(update)
-                    trust = torch.where(
-                        (param_norm > 0) & (update_norm > 0),
-                        group["trust_coefficient"] * param_norm / update_norm,
-                        torch.ones_like(param_norm),
-                    )
-                    update = update.mul(trust)
-                state = self.state[param]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.clone(update).detach()
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(update)
-                param.add_(state["momentum_buffer"], alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["lars"]:
+                updates = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+                param_norms = torch.stack(torch._foreach_norm(params))
+                update_norms = torch.stack(torch._foreach_norm(updates))
+                trust = torch.where(
+                    (param_norms > 0) & (update_norms > 0),
+                    group["trust_coefficient"] * param_norms / update_norms,
+                    torch.ones_like(param_norms),
+                )
+                torch._foreach_mul_(updates, list(trust.unbind()))
+            else:
+                updates = grads
+            for param in params:
+                # a zero buffer makes the first step's buffer the update itself (SGD's convention)
+                if "momentum_buffer" not in self.state[param]:
+                    self.state[param]["momentum_buffer"] = torch.zeros_like(param)
+            buffers = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, updates)
+            torch._foreach_add_(params, buffers, alpha=-group["lr"])
         return loss

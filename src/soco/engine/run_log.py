@@ -7,23 +7,36 @@ import time
 from pathlib import Path
 
 from soco.data.pictures import save_figure
+from soco.files import atomic_write_text
 
 
 class RunLog:
-    """Metrics of every logged step to JSON lines and TensorBoard; readable text to train.log."""
+    """Metrics of every logged step to JSON lines and TensorBoard; readable text to train.log.
 
-    def __init__(self, run_dir: Path, enabled: bool = True):
+    `start_step` is the step the run continues from (0 for a new or restarted run): the metrics of
+    later steps, written by a run that stopped after its last checkpoint, are dropped first, so that
+    every step has one line, from the run whose weights the checkpoints hold. train.log keeps every
+    session's lines.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool = True, start_step: int = 0):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self._tensorboard = None
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._metrics = open(self.run_dir / "metrics.jsonl", "a")
+            metrics_path = self.run_dir / "metrics.jsonl"
+            if metrics_path.exists():
+                trim_metrics(metrics_path, start_step)
+            self._metrics = open(metrics_path, "a")
             self._text = open(self.run_dir / "train.log", "a")
+            tensorboard_dir = self.run_dir / "tensorboard"
+            # TensorBoard hides the earlier session's events from `purge_step` on, as metrics.jsonl drops them.
+            purge_step = start_step + 1 if tensorboard_dir.exists() else None
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
+                self._tensorboard = SummaryWriter(str(tensorboard_dir), purge_step=purge_step)
             except ImportError:  # TensorBoard is optional at run time; metrics.jsonl has everything
                 self._tensorboard = None
 
@@ -51,6 +64,26 @@ class RunLog:
             self._text.close()
             if self._tensorboard is not None:
                 self._tensorboard.close()
+
+
+def trim_metrics(path: Path, last_step: int) -> int:
+    """Keep the records of steps up to and including `last_step` (atomically); returns how many were dropped.
+
+    A torn line (a kill in the middle of a write) is dropped too.
+    """
+    path = Path(path)
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= last_step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+    return len(lines) - len(kept)
 
 
 def read_metrics(path: Path) -> list[dict]:

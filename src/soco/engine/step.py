@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from soco.data.collate import move_to_device
+from soco.data.collate import move_to_device, to_channels_last
 from soco.engine.distributed import DistributedContext, all_reduce_mean
 from soco.errors import ConfigError, SocoError
 
@@ -21,10 +21,29 @@ class TrainingDiverged(SocoError):
     """The loss or a gradient became NaN or infinite."""
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' is bf16 on GPUs and fp32 on CPUs; anything else is checked."""
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX), where bf16 autocast pays."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+# oneDNN's bf16 convolution computes garbage weight gradients (1e20-1e37) when a stride-2 3x3 conv meets a
+# 1x1 map (tests/engine/test_precision.py keeps the reproduction): with views of at least this side every
+# ResNet map that a stride-2 conv reads is at least 2x2, so `auto` picks bf16 on the CPU only for them.
+AUTO_BF16_MIN_SIDE = 64
+
+
+def resolve_precision(precision: str, device: torch.device, smallest_view_side: int | None = None) -> str:
+    """'auto' is bf16 on GPUs, and on CPUs with native bf16 (AVX512-BF16, AMX) for views of at least
+    AUTO_BF16_MIN_SIDE pixels; fp32 otherwise. Other values are checked and returned.
+
+    bf16 keeps fp32's exponent range, so it needs no loss scaling; the losses compute in fp32 and BN
+    keeps fp32 statistics (its running buffers and parameters stay fp32 under autocast).
+    """
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        if device.type == "cuda":
+            return "bf16"
+        large_views = smallest_view_side is None or smallest_view_side >= AUTO_BF16_MIN_SIDE
+        return "bf16" if device.type == "cpu" and cpu_has_native_bf16() and large_views else "fp32"
     if precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, not {precision!r}")
     if precision == "fp16" and device.type != "cuda":
@@ -32,9 +51,18 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def autocast_context(precision: str, device: torch.device):
+def smallest_view_side(batch) -> int | None:
+    """The smallest height or width among a batch's image stacks (floating tensors of 4 or more axes), or None."""
+    if isinstance(batch, torch.Tensor):
+        return min(batch.shape[-2:]) if batch.ndim >= 4 and batch.is_floating_point() else None
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    sides = [side for side in (smallest_view_side(value) for value in values) if side is not None]
+    return min(sides) if sides else None
+
+
+def autocast_context(precision: str, device: torch.device, smallest_side: int | None = None):
     """(autocast context, fp16 grad scaler or None) for a precision on a device."""
-    precision = resolve_precision(precision, device)
+    precision = resolve_precision(precision, device, smallest_side)
     if precision == "fp32":
         return contextlib.nullcontext(), None
     if precision == "bf16":
@@ -68,9 +96,11 @@ class StepRunner:
     context: DistributedContext
     precision: str = "fp32"
     accumulate: int = 1
+    channels_last: bool = False  # views go NHWC, as the networks' weights do (trainer.build_model)
 
     def __post_init__(self):
         self.autocast, self.scaler = autocast_context(self.precision, self.context.device)
+        self.resolved_precision: str | None = None  # what the last step ran in (`auto` looks at the views)
 
     def run(self, micro_batches: list[dict], step: int, total_steps: int, lr: float) -> StepResult:
         """Forward and backward every micro-batch, stop on a non-finite loss or gradient, then update.
@@ -83,11 +113,20 @@ class StepRunner:
         extra_sums: dict[str, torch.Tensor] = {}
         for number, batch in enumerate(micro_batches):
             batch = move_to_device(batch, self.context.device)
+            if self.channels_last:
+                batch = to_channels_last(batch)
+            autocast = self.autocast
+            if self.precision == "auto" and self.context.device.type == "cpu":
+                side = smallest_view_side(batch)
+                self.resolved_precision = resolve_precision("auto", self.context.device, side)
+                autocast, _ = autocast_context("auto", self.context.device, side)
+            else:
+                self.resolved_precision = resolve_precision(self.precision, self.context.device)
             sync = contextlib.nullcontext()
             if self.context.is_distributed and number < len(micro_batches) - 1:
                 sync = self.trained.no_sync()
             with sync:
-                with self.autocast:
+                with autocast:
                     outputs = self.trained(batch)
                     loss = outputs["loss"] / self.accumulate
                 (self.scaler.scale(loss) if self.scaler else loss).backward()

@@ -2,14 +2,18 @@
 
 The engine knows no method by name: it builds the method named by `method.name` from the registry,
 the data set from the method's sample transform, and runs every step through the Method contract
-(`soco.engine.step`). The run folder holds config.yaml, metrics.jsonl, train.log, tensorboard/,
-checkpoints/last.pt (and periodic step-N.pt), views.png (one batch as the method sees it), loss.png
-and summary.json.
+(`soco.engine.step`). The run folder holds soco-run.json (what kind of folder it is), config.yaml,
+metrics.jsonl, train.log, tensorboard/, checkpoints/last.pt (and periodic step-N.pt), views.png (one
+batch as the method sees it), loss.png and summary.json.
+
+The records stay those of one run: a resume must use the run's settings (but for RESUMABLE_SETTINGS),
+continues the metrics from its checkpoint's step, and a resume of a finished run writes nothing.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import resource
@@ -25,10 +29,14 @@ import soco
 from soco.config.loading import config_to_dict, save_config
 from soco.config.schema import Config
 from soco.data.dataset import ImageDataset
-from soco.data.proposals.store import ProposalStore
+from soco.data.proposals.store import ProposalStore, left_out_message
 from soco.engine.checkpoint import (
     CHECKPOINT_FORMAT,
-    load_checkpoint,
+    LAST_CHECKPOINT,
+    CheckpointWriteError,
+    load_newest_checkpoint,
+    periodic_checkpoint_name,
+    periodic_checkpoints,
     prune_checkpoints,
     save_checkpoint,
 )
@@ -45,10 +53,27 @@ from soco.engine.step import (  # noqa: F401
     gradients_finite,
 )
 from soco.errors import ConfigError, SocoError
+from soco.files import atomic_write_text
 from soco.methods.base import Method
 from soco.registry import build_method
+from soco.run_folder import (
+    changed_settings,
+    check_run_folder,
+    describe_changes,
+    mark_run_folder,
+)
 
-LAST_CHECKPOINT = "last.pt"
+RUN_KIND = "pretrain"
+# What a resume may change: where, with how many workers and in which memory layout it runs, how often
+# it reports and keeps checkpoints, where caches live. Every other setting changes what is trained, and
+# a resume that differs in one is refused. The image folder and the proposal store are compared as the
+# absolute paths the run read (`data.images`, `data.proposals`), whatever the configuration spelled.
+RESUMABLE_SETTINGS = (
+    "data.cache_dir", "proposals.workers", "train.workers", "train.device", "train.channels_last",
+    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+)
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,6 +92,9 @@ class PretrainSummary:
 
     def lines(self) -> list[str]:
         """Human-readable summary lines."""
+        if self.steps_this_run == 0:
+            return [(f"nothing to train: the run in {self.run_dir} had already finished its {self.steps} steps "
+                     f"(final loss {self.final_loss:.4f}); its records are unchanged")]
         return [
             f"steps: {self.steps} ({self.steps_this_run} this run) in {self.seconds:.1f} s",
             f"throughput: {self.images_per_second:.1f} images/s; peak memory {self.peak_memory_mib:.0f} MiB",
@@ -128,6 +156,9 @@ def peak_memory_mib(device: torch.device) -> float:
 def build_model(config: Config, context: DistributedContext) -> Method:
     """The configured method on its device, with SyncBN when several GPUs train together."""
     method = build_method(config.method).to(context.device)
+    if config.train.channels_last:
+        # before DDP wraps it: DDP's gradient buckets take the parameters' layout when it is built
+        method = method.to(memory_format=torch.channels_last)
     if context.is_distributed and context.device.type == "cuda" and config.train.sync_bn:
         method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
     return method
@@ -161,8 +192,60 @@ def build_dataset(method: Method, images_root: str | Path, store_dir: str | Path
     return ImageDataset(images_root, store, method.sample_transform(), seed=seed)
 
 
+def data_identity(images_root: str | Path, store_dir: str | Path | None) -> dict:
+    """The image folder and proposal store a run reads, as absolute paths (how a resume recognises its data)."""
+    return {
+        "images": str(Path(images_root).expanduser().resolve()),
+        "proposals": str(Path(store_dir).expanduser().resolve()) if store_dir is not None else None,
+    }
+
+
+def refuse_run_inside_images(run_dir: Path, images_root: str | Path) -> None:
+    """SocoError when the run folder is the image folder or inside it: its pictures would become training images."""
+    run, images = run_dir.expanduser().resolve(), Path(images_root).expanduser().resolve()
+    if run == images or run.is_relative_to(images):
+        raise SocoError(f"--out {run_dir} is inside the image folder {images_root}: the run's pictures (views.png, "
+                        "loss.png) would be read as training images; choose a folder outside it")
+
+
+def resume_changes(state: dict, config: Config, data: dict, path: Path) -> list[tuple[str, object, object]]:
+    """The settings a resume changes among RESUMABLE_SETTINGS; SocoError naming every other one that differs."""
+    recorded, current = dict(state.get("config") or {}), config_to_dict(config)
+    ignored = RESUMABLE_SETTINGS
+    if "data" in state:
+        recorded["data"] = {**recorded.get("data", {}), **state["data"]}
+        current["data"] = {**current["data"], **data}
+    else:  # a checkpoint of an older soco: the configuration may not name the folder it read
+        ignored += ("data.images",)
+    recorded_method = (recorded.get("method") or {}).get("name")
+    if recorded_method is not None and recorded_method != config.method.name:
+        # Another method's section has other keys: its name says it all.
+        recorded["method"], current["method"] = {"name": recorded_method}, {"name": config.method.name}
+    refused = changed_settings(recorded, current, ignored)
+    if refused:
+        raise SocoError(f"{path} was made with other settings: {describe_changes(refused)}; resume with the run's "
+                        f"settings (only {', '.join(RESUMABLE_SETTINGS)} may change), or start a new run in "
+                        "another --out")
+    return changed_settings(recorded, current)
+
+
+def checkpoint_report(good: tuple[Path, int] | None, checkpoint_dir: Path) -> str:
+    """Which checkpoints a stopped run leaves to resume from, in words."""
+    if good is None:
+        return "no checkpoint was written yet"
+    path, step = good
+    others = [p.name for p in periodic_checkpoints(checkpoint_dir) if p != path]
+    return (f"the last good checkpoint is {path} (step {step})"
+            + (f"; periodic checkpoints: {', '.join(others)}" if others else ""))
+
+
+def left_out_images(dataset: ImageDataset) -> str | None:
+    """The line on the images the proposal store has no proposals for (the data set leaves them out), or None."""
+    return left_out_message(dataset.store) if dataset.store is not None else None
+
+
 def checkpoint_state(method: Method, optimizer, runner: StepRunner, config: Config, step: int, loss: float,
-                     total_steps: int, skipped: int) -> dict:
+                     total_steps: int, skipped: int, data: dict | None = None) -> dict:
     """Everything a resume and an export need, loadable with torch.load(weights_only=True).
 
     The encoder entries share their tensors with method_state, so torch.save stores them once.
@@ -184,17 +267,23 @@ def checkpoint_state(method: Method, optimizer, runner: StepRunner, config: Conf
         "config": config_to_dict(config),
         "soco_version": soco.__version__,
     }
+    if data is not None:
+        state["data"] = data
     if target is not None:
         state["encoder_target"] = target.state_dict()
     return state
 
 
-def restore_checkpoint(path: Path, method: Method, optimizer) -> dict:
-    """Load a checkpoint of this run into the method and optimiser; returns the checkpoint."""
-    state = load_checkpoint(path)
+def check_resumable(state: dict, path: Path) -> None:
+    """SocoError for a checkpoint that no resume can read (format 1)."""
     if "method_state" not in state:
         raise SocoError(f"{path} was written by soco before the Method redesign (format 1): it cannot be resumed, "
                         "but `soco export` still reads it")
+
+
+def restore_checkpoint(state: dict, path: Path, method: Method, optimizer) -> dict:
+    """Load a checkpoint of this run (read from `path`) into the method and optimiser; returns the checkpoint."""
+    check_resumable(state, path)
     if state.get("method") != method.name:
         raise SocoError(f"{path} is a {state.get('method')!r} run, this configuration trains {method.name!r}")
     method.load_state_dict(state["method_state"])
@@ -214,12 +303,28 @@ def pretrain(
     """Train the configured method on the images of `images_root` (with the proposals of `store_dir`)."""
     started = time.perf_counter()
     run_dir = Path(run_dir)
+    refuse_run_inside_images(run_dir, images_root)
+    check_run_folder(run_dir, RUN_KIND)
     context = init_distributed(config.train.device)
     checkpoint_dir = run_dir / "checkpoints"
     last_path = checkpoint_dir / LAST_CHECKPOINT
-    if not resume and last_path.exists():
-        raise SocoError(f"{run_dir} already holds a run (checkpoints/last.pt): pass --resume to continue it, "
+    if not resume and (last_path.exists() or periodic_checkpoints(checkpoint_dir)):
+        raise SocoError(f"{run_dir} already holds a run (checkpoints/): pass --resume to continue it, "
                         "or choose another --out")
+    data = data_identity(images_root, store_dir)
+
+    # Read and compare before anything is built or written: a refused resume leaves the folder as it was.
+    resumed, notes = None, []
+    if resume:
+        resumed = load_newest_checkpoint(checkpoint_dir)
+    if resumed is not None:
+        resumed_path, state, passed_over = resumed
+        check_resumable(state, resumed_path)
+        if passed_over:
+            notes.append(f"{'; '.join(passed_over)}: resuming from {resumed_path} (step {state.get('step')})")
+        changes = resume_changes(state, config, data, resumed_path)
+        if changes:
+            notes.append(f"resumed with other settings that may change: {describe_changes(changes)}")
 
     # The order of seeding, model construction and loader creation fixes every random stream.
     torch.manual_seed(config.train.seed)
@@ -231,27 +336,48 @@ def pretrain(
     if context.is_distributed:
         device_ids = [context.device.index] if context.device.type == "cuda" else None
         trained = nn.parallel.DistributedDataParallel(method, device_ids=device_ids)
-    runner = StepRunner(method, trained, optimizer, context, config.train.precision, config.train.accumulate)
+    runner = StepRunner(method, trained, optimizer, context, config.train.precision, config.train.accumulate,
+                        config.train.channels_last)
 
     step, skipped, resumed_loss = 0, 0, float("nan")
-    if resume and last_path.exists():
-        state = restore_checkpoint(last_path, method, optimizer)
+    good_checkpoint: tuple[Path, int] | None = None  # the newest checkpoint a resume could start from
+    if resumed is not None:
+        restore_checkpoint(state, resumed_path, method, optimizer)
         step, skipped = int(state["step"]), int(state.get("skipped_images", 0))
         resumed_loss = float(state.get("loss", float("nan")))
+        good_checkpoint = (resumed_path, step)
         if runner.scaler is not None and state.get("grad_scaler"):
             runner.scaler.load_state_dict(state["grad_scaler"])
         if state.get("total_steps") != schedule.total_steps:
             raise SocoError(
-                f"{last_path} was made for {state.get('total_steps')} steps, this configuration gives "
+                f"{resumed_path} was made for {state.get('total_steps')} steps, this configuration gives "
                 f"{schedule.total_steps}: resume with the same data, batch size and length"
             )
+        if step >= schedule.total_steps:
+            # A finished run: its config.yaml, metrics and summary.json stay those of the run that trained it.
+            return PretrainSummary(
+                run_dir=str(run_dir), steps=step, steps_this_run=0, seconds=time.perf_counter() - started,
+                images_per_second=0.0, final_loss=resumed_loss, peak_memory_mib=peak_memory_mib(context.device),
+                skipped_images=skipped, rank_checksums=gather_weight_checksums(method, context),
+            )
 
-    log = RunLog(run_dir, enabled=context.is_main)
+    left_out = left_out_images(dataset)
+    if left_out and context.is_main:
+        _log.warning(left_out)
+    for note in notes:
+        if context.is_main:
+            _log.warning(note)
+    log = RunLog(run_dir, enabled=context.is_main, start_step=step)
     if context.is_main:
-        save_config(config, run_dir / "config.yaml")
+        mark_run_folder(run_dir, RUN_KIND)
+        if step == 0 or not (run_dir / "config.yaml").exists():
+            save_config(config, run_dir / "config.yaml")
         log.text(f"soco {soco.__version__}; method {method.name}; {context.world_size} process(es) on "
                  f"{context.device}; {len(dataset)} images; {schedule.total_steps} steps of "
                  f"{schedule.images_per_step} images; peak lr {schedule.peak_lr:.4g}; starting at step {step}")
+        for line in [left_out, *notes]:
+            if line:
+                log.text(line)
 
     workers = resolve_loader_workers(config.train.workers, context)
     accumulate = config.train.accumulate
@@ -287,7 +413,7 @@ def pretrain(
                 skipped += int(batch["skipped"])
                 if not batch["paths"]:  # every image of this micro-batch was unreadable
                     if context.is_distributed:  # the other processes would wait for this one forever
-                        raise SocoError(f"every image of a micro-batch at step {step} is unreadable: "
+                        raise SocoError(f"every image of a micro-batch at step {step + 1} is unreadable: "
                                         f"{batch['skipped_paths']}")
                     continue
                 micro_batches.append(batch)
@@ -299,8 +425,11 @@ def pretrain(
             try:
                 result = runner.run(micro_batches, step, schedule.total_steps, lr)
             except TrainingDiverged as error:
-                message = (f"{error}; stopped. The last good checkpoint is kept: "
-                           f"{last_path if last_path.exists() else 'none yet'}")
+                # The runner counts steps from 0; the logs and checkpoints name step k after k updates, so
+                # the step that failed is the next one.
+                problem = str(error).split(" at step ")[0]
+                message = (f"{problem} at step {step + 1} (lr {lr:.4g}); stopped: "
+                           f"{checkpoint_report(good_checkpoint, checkpoint_dir)}")
                 log.text(message)
                 raise TrainingDiverged(message) from None
             step += 1
@@ -319,12 +448,24 @@ def pretrain(
                 })
             if context.is_main and (step % config.train.checkpoint_every == 0 or step == schedule.total_steps):
                 state = checkpoint_state(method, optimizer, runner, config, step, result.loss,
-                                         schedule.total_steps, skipped)
-                save_checkpoint(state, last_path)
-                if step % config.train.checkpoint_every == 0:
-                    save_checkpoint(state, checkpoint_dir / f"step-{step:08d}.pt")
-                    prune_checkpoints(checkpoint_dir, config.train.keep_checkpoints)
+                                         schedule.total_steps, skipped, data)
+                try:
+                    save_checkpoint(state, last_path)
+                    good_checkpoint = (last_path, step)
+                    if step % config.train.checkpoint_every == 0:
+                        save_checkpoint(state, checkpoint_dir / periodic_checkpoint_name(step))
+                        prune_checkpoints(checkpoint_dir, config.train.keep_checkpoints)
+                except CheckpointWriteError as error:
+                    message = f"stopped at step {step}: {error}; {checkpoint_report(good_checkpoint, checkpoint_dir)}"
+                    try:
+                        log.text(message)
+                    except OSError:  # the disk that refused the checkpoint may refuse the log line too
+                        pass
+                    raise CheckpointWriteError(message) from None
         del batches, loader
+    except BaseException:
+        log.close()
+        raise
     finally:
         bar.close()
 
@@ -343,7 +484,7 @@ def pretrain(
     if context.is_main:
         if (run_dir / "metrics.jsonl").exists():
             plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{method.name} pretraining loss")
-        (run_dir / "summary.json").write_text(json.dumps(
+        atomic_write_text(run_dir / "summary.json", json.dumps(
             {**asdict(summary), "data_seconds": data_seconds, "model_seconds": model_seconds}, indent=2))
         for line in summary.lines():
             log.text(line)

@@ -1,6 +1,7 @@
-"""Export of any method's pretrained encoder to detectors: torchvision, Detectron2, MMDetection, or a plain ResNet."""
+"""Export of any method's pretrained encoder for detectors in torchvision, Detectron2, MMDetection, or as a ResNet."""
 
 from soco.export.conversion import ExportResult
+from soco.export.detectors import DETECTOR_NAMES, UnknownDetectorError
 from soco.export.formats import FORMAT_NAMES, export_checkpoint, resolve_format
 from soco.export.source import (
     CheckpointNotFoundError,
@@ -16,12 +17,14 @@ from soco.export.torchvision_format import load_into_torchvision
 from soco.export.writing import load_state_dict_file
 
 __all__ = [
+    "DETECTOR_NAMES",
     "FORMAT_NAMES",
     "CheckpointNotFoundError",
     "ExportError",
     "ExportResult",
     "MissingModelError",
     "SourceWeights",
+    "UnknownDetectorError",
     "UnknownFormatError",
     "UnsupportedLayoutError",
     "export_checkpoint",

@@ -5,14 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from soco.export.conversion import Conversion, ExportFormat, note_leftovers
+from soco.export.detectors import Detector
 from soco.export.source import SourceWeights
 from soco.export.writing import provenance, save_state_dict
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
-def convert(source: SourceWeights) -> Conversion:
-    """The ResNet trunk (with the C4 head's layer4) under torchvision resnet names; FPN and box head are dropped."""
+def convert(source: SourceWeights, detector: Detector | None = None) -> Conversion:
+    """The ResNet trunk (with the C4 head's layer4) under torchvision resnet names; FPN and box head are dropped.
+
+    The file is for any detector, so `detector` is not used.
+    """
     conversion = Conversion()
     for name, tensor in source.body().items():
         conversion.add("backbone", name, tensor)

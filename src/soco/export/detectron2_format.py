@@ -1,8 +1,9 @@
 """Detectron2: a .pkl of {"model": {name: numpy array}, "__author__": "soco", "matching_heuristics": True}.
 
-Names are those of Detectron2's R-FPN / R-C4 modules without the model's nesting (stem.conv1, res2.0.conv1.norm,
-fpn_lateral2, box_head.conv1, box_head.fc1), which its matching heuristics map onto backbone.bottom_up.*,
-backbone.fpn_*, roi_heads.box_head.*; the C4 head's res5 is written under its full name roi_heads.res5.*.
+Names are those of Detectron2's R-FPN / R-C4 / RetinaNet modules without the model's nesting (stem.conv1,
+res2.0.conv1.norm, fpn_lateral2, box_head.conv1, box_head.fc1), which its matching heuristics map onto
+backbone.bottom_up.*, backbone.fpn_*, roi_heads.box_head.*; the C4 head's res5 is written under its full name
+roi_heads.res5.*. RetinaNet's FPN starts at res3 (fpn_lateral3..5); its P6/P7 (backbone.top_block) are not pretrained.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from soco.export.conversion import (
     Conversion,
     ExportFormat,
     note_leftovers,
+    place_parts,
     split_box_head,
-    split_fpn,
 )
+from soco.export.detectors import RCNN_C4, RCNN_FPN, RETINANET, Detector
 from soco.export.source import ExportError, SourceWeights
 from soco.export.writing import PRODUCER
 from soco.files import atomic_write
@@ -31,6 +33,12 @@ NORM_FIELD = re.compile(r"^bn(?P<index>\d)\.(?P<field>.+)$")
 DOWNSAMPLE_FIELD = re.compile(r"^downsample\.(?P<sub>[01])\.(?P<field>.+)$")
 PICKLE_PROTOCOL = 4  # readable by any Python 3 from 3.4 on
 DROPPED_FIELD = "num_batches_tracked"  # Detectron2's FrozenBN has no such buffer, and BN does not need one
+# The config keys whose norm must be BN/SyncBN for the exported norms to load, by detector.
+CONFIG_NORMS = {
+    RCNN_FPN.name: "MODEL.FPN.NORM, MODEL.ROI_BOX_HEAD.NORM (4 conv, 1 fc)",
+    RCNN_C4.name: "MODEL.RESNETS.NORM",
+    RETINANET.name: "MODEL.FPN.NORM",
+}
 
 
 def resnet_name(name: str, res5_prefix: str = "") -> str:
@@ -59,9 +67,9 @@ def _conv_norm_name(base: str, sub_name: str) -> str:
     return f"{base}.{sub_name[len('conv.'):]}" if sub_name.startswith("conv.") else f"{base}.{sub_name}"
 
 
-def convert(source: SourceWeights) -> Conversion:
-    """Rename the encoder to Detectron2 names; BN num_batches_tracked is left out."""
-    conversion = Conversion()
+def convert(source: SourceWeights, detector: Detector) -> Conversion:
+    """Rename the encoder to the Detectron2 names of `detector`; BN num_batches_tracked is left out."""
+    conversion = Conversion(detector=detector)
 
     def add(part: str, name: str, tensor: torch.Tensor) -> None:
         if name.endswith("." + DROPPED_FIELD):
@@ -69,21 +77,22 @@ def convert(source: SourceWeights) -> Conversion:
             return
         conversion.add(part, name, tensor.detach().cpu().numpy())
 
-    c4 = source.layout == "c4"
-    for name, tensor in source.body().items():
-        d2_name = resnet_name(name, C4_RES5_PREFIX if c4 else "")
-        add("box head" if d2_name.startswith(C4_RES5_PREFIX) else "backbone", d2_name, tensor)
-    if c4:
-        if any(k.startswith(C4_RES5_PREFIX) for k in conversion.weights):
+    parts = place_parts(source, detector, conversion)
+    for name, tensor in parts.trunk.items():
+        add("backbone", resnet_name(name), tensor)
+    for name, tensor in parts.res5.items():
+        add("box head", resnet_name(name, C4_RES5_PREFIX), tensor)
+    if detector.res5_in_roi_head:
+        if parts.res5:
             conversion.notes.append("res5 (the C4 head) is written as roi_heads.res5.*, Res5ROIHeads' own names")
         else:
             conversion.notes.append(f"the model has no res5 head ({source.absent_because('res5')}): "
                                     "Detectron2's res5 starts untrained")
-    for (kind, index), block in split_fpn(source.fpn()).items():
-        base = f"{'fpn_lateral' if kind == 'inner_blocks' else 'fpn_output'}{index + 2}"
+    for (kind, level), block in parts.fpn.items():
+        base = f"{'fpn_lateral' if kind == 'inner_blocks' else 'fpn_output'}{level}"
         for sub_name, tensor in block.items():
             add("fpn", _conv_norm_name(base, sub_name), tensor)
-    head = source.box_head()
+    head = parts.box_head
     if source.layout == "c5" and head:
         conversion.drop(f"{source.prefixes['box_head']}* (pooled on C5: no Detectron2 model has that head)", len(head))
     elif head:
@@ -94,10 +103,12 @@ def convert(source: SourceWeights) -> Conversion:
         for k, linear in enumerate(linears, start=1):
             for field, tensor in linear.items():
                 add("box head", f"box_head.fc{k}.{field}", tensor)
-    note_leftovers(source, conversion)
-    norms = "MODEL.RESNETS.NORM" if c4 else "MODEL.FPN.NORM, MODEL.ROI_BOX_HEAD.NORM (4 conv, 1 fc)"
-    conversion.notes.append(f"Detectron2 config: MODEL.RESNETS.STRIDE_IN_1X1=False, INPUT.FORMAT=RGB with ImageNet "
-                            f"mean/std, BN/SyncBN in {norms}; see docs/export.md")
+    note_leftovers(source, conversion, detector)
+    if detector.one_stage:
+        conversion.notes.append(f"not pretrained, so built fresh: backbone.top_block.p6/p7 (P6 from res5, P7) and "
+                                f"{detector.title}'s head")
+    conversion.notes.append("Detectron2 config: MODEL.RESNETS.STRIDE_IN_1X1=False, INPUT.FORMAT=RGB with ImageNet "
+                            f"mean/std, BN/SyncBN in {CONFIG_NORMS[detector.name]}; see docs/export.md")
     return conversion
 
 
@@ -135,4 +146,5 @@ FORMAT = ExportFormat(
     suffix=".pkl",
     convert=convert,
     write=write,
+    detectors=tuple(CONFIG_NORMS),
 )

@@ -12,6 +12,13 @@ from soco.export import (
     torchvision_format,
 )
 from soco.export.conversion import Conversion, ExportFormat, ExportResult
+from soco.export.detectors import (
+    DETECTOR_NAMES,
+    Detector,
+    UnknownDetectorError,
+    detector_named,
+    pretrained_detector,
+)
 from soco.export.source import (
     CHECKPOINT_NAME,
     NETWORKS,
@@ -27,10 +34,10 @@ from soco.export.source import (
 
 # Names defined in source.py and conversion.py stay importable from here, where they were before the split.
 __all__ = [
-    "ALIASES", "CHECKPOINT_NAME", "FORMATS", "FORMAT_NAMES", "NETWORKS", "CheckpointNotFoundError", "Conversion",
-    "ExportError", "ExportFormat", "ExportResult", "MissingModelError", "SourceWeights", "UnknownFormatError",
-    "UnsupportedLayoutError", "default_output", "export_checkpoint", "formats", "load_source", "resolve_checkpoint",
-    "resolve_format",
+    "ALIASES", "CHECKPOINT_NAME", "DETECTOR_NAMES", "FORMATS", "FORMAT_NAMES", "NETWORKS", "CheckpointNotFoundError",
+    "Conversion", "ExportError", "ExportFormat", "ExportResult", "MissingModelError", "SourceWeights",
+    "UnknownDetectorError", "UnknownFormatError", "UnsupportedLayoutError", "choose_detector", "default_output",
+    "export_checkpoint", "formats", "load_source", "resolve_checkpoint", "resolve_format",
 ]
 
 FORMATS: dict[str, ExportFormat] = {
@@ -56,11 +63,32 @@ def resolve_format(name: str) -> ExportFormat:
     raise UnknownFormatError(f"unknown export format '{name}'{hint} (formats: {', '.join(FORMATS)})")
 
 
-def default_output(source: SourceWeights, export_format: ExportFormat) -> Path:
-    """Where the export goes without -o: exported/<format><suffix> in the run folder."""
+def choose_detector(source: SourceWeights, export_format: ExportFormat, name: str | None) -> Detector:
+    """The detector `name`, if `export_format` writes for it; by default the one the encoder was pretrained as."""
+    if name is None:
+        return pretrained_detector(source.layout)
+    detector = detector_named(name)
+    if detector.name not in export_format.detectors:
+        writers = [fmt.name for fmt in FORMATS.values() if detector.name in fmt.detectors]
+        written = (f"it writes for: {', '.join(export_format.detectors)}" if export_format.detectors
+                   else "it is a plain ResNet for any detector")
+        raise UnknownDetectorError(f"--to {export_format.name} has no --detector {detector.name} ({written}); "
+                                   f"{detector.name} is written by --to {' or --to '.join(writers)}")
+    return detector
+
+
+def default_output(source: SourceWeights, export_format: ExportFormat, detector: Detector | None = None) -> Path:
+    """Where the export goes without -o: exported/<format>[-<detector>]<suffix> in the run folder.
+
+    The detector is named only when it is not the one the encoder was pretrained as.
+    """
     checkpoint_dir = source.path.parent
     run_dir = checkpoint_dir.parent if checkpoint_dir.name == "checkpoints" else checkpoint_dir
-    stem = export_format.name if source.network == "online" else f"{export_format.name}-target"
+    stem = export_format.name
+    if detector is not None and export_format.detectors and detector != pretrained_detector(source.layout):
+        stem += f"-{detector.name}"
+    if source.network != "online":
+        stem += f"-{source.network}"
     return run_dir / "exported" / f"{stem}{export_format.suffix}"
 
 
@@ -69,16 +97,39 @@ def export_checkpoint(
     to: str,
     output: str | Path | None = None,
     network: str = "online",
+    detector: str | None = None,
 ) -> ExportResult:
-    """Export a run folder's or checkpoint's encoder to framework `to`, written to `output`."""
+    """Export a run folder's or checkpoint's encoder to framework `to` for `detector`, written to `output`.
+
+    `detector` (one of DETECTOR_NAMES) defaults to the one the encoder was pretrained as: R-C4 Faster/Mask R-CNN for
+    a C4 encoder, R-FPN otherwise.
+    """
     export_format = resolve_format(to)
     weights = source if isinstance(source, SourceWeights) else load_source(source, network)
-    conversion = export_format.convert(weights)
-    path = Path(output).expanduser() if output else default_output(weights, export_format)
+    chosen = choose_detector(weights, export_format, detector)
+    conversion = export_format.convert(weights, chosen)
+    path = Path(output).expanduser() if output else default_output(weights, export_format, chosen)
     if path.is_dir():
         raise ExportError(f"{path} is a folder: give -o a file name, e.g. {path / ('model' + export_format.suffix)}")
-    export_format.write(conversion, weights, path)
+    try:
+        export_format.write(conversion, weights, path)
+    except OSError as error:
+        raise ExportError(f"cannot write {path}: {unwritable_reason(path, error)}") from None
     return ExportResult(
         format=export_format.name, output=path, source=weights.description(), counts=dict(conversion.counts),
         dropped=dict(conversion.dropped), notes=list(conversion.notes),
+        detector=conversion.detector if export_format.detectors else None,
     )
+
+
+def unwritable_reason(path: Path, error: OSError) -> str:
+    """Why writing `path` failed, naming the folder or file in the way rather than the temporary file."""
+    existing = next((parent for parent in path.parents if parent.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not error.strerror:
+        return f"{type(error).__name__}: {error}"
+    reason = error.strerror.lower()
+    if isinstance(error, PermissionError) and existing is not None:
+        return f"{reason} in {existing}"  # error.filename is the hidden temporary file, unknown to the user
+    return f"{reason} ({error.filename})" if error.filename else reason

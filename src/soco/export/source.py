@@ -34,6 +34,11 @@ DEFAULT_PREFIXES = {"backbone": BODY_PREFIX, "fpn": FPN_PREFIX, "box_head": HEAD
 
 TensorDict = dict[str, torch.Tensor]
 
+# The first bytes of what torch.save writes: a zip archive, or (the legacy form) a pickle of protocol 2 or later.
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_PROTOCOL_MARK = 0x80
+SNIFF_BYTES = 512
+
 
 class ExportError(SocoError):
     """A checkpoint cannot be exported as asked."""
@@ -137,6 +142,8 @@ class SourceWeights:
 
     def absent_because(self, part: str) -> str:
         """Why the model lacks a part, in the terms of its checkpoint (its config, or its declared layout)."""
+        if self.layout == "c4" and part in ("fpn", "box_head"):  # a C4 encoder has neither
+            return "model.variant=c4" if self.format_version < FORMAT_VERSION else "encoder_layout kind 'c4'"
         if self.format_version < FORMAT_VERSION:
             return "model.fpn=false" if part == "fpn" else "model.head=false"
         if part == "fpn" and self.layout != "fpn":
@@ -205,15 +212,42 @@ def load_source(path: str | Path, network: str = "online") -> SourceWeights:
 
 def read_checkpoint(checkpoint_path: Path) -> dict:
     """The checkpoint's top-level dict, read with the weights-only unpickler; CheckpointNotFoundError otherwise."""
+    not_a_checkpoint = _not_a_checkpoint(checkpoint_path)
+    if not_a_checkpoint:
+        raise CheckpointNotFoundError(f"{checkpoint_path} is not a readable PyTorch checkpoint: {not_a_checkpoint}")
     try:
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means the file is not a checkpoint
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointNotFoundError(
-            f"{checkpoint_path} is not a readable PyTorch checkpoint ({first_line})") from None
+        # Some failures carry a bare detail (a KeyError's '101'), meaningless without the error's name.
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise CheckpointNotFoundError(f"{checkpoint_path} is not a readable PyTorch checkpoint "
+                                      f"({type(error).__name__}{': ' + first_line if first_line else ''})") from None
     if not isinstance(checkpoint, dict):
         raise MissingModelError(f"{checkpoint_path} holds a {type(checkpoint).__name__}, not a soco checkpoint")
     return checkpoint
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """Why the file cannot be a checkpoint at all, told by its first bytes; None when it may be one."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(SNIFF_BYTES)
+    except OSError:
+        return None  # torch.load meets the same error and reports it
+    if not head:
+        return "the file is empty"
+    if head.startswith(ZIP_MAGIC) or head[0] == PICKLE_PROTOCOL_MARK:
+        return None
+    if b"\x00" not in head:
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError as error:
+            # A multi-byte character cut by the read's end still makes a text file.
+            text = head[:error.start].decode("utf-8") if error.start >= len(head) - 3 else None
+        if text is not None:
+            lines = text.strip().splitlines()
+            return f"it is a text file (it begins {lines[0][:40]!r})" if lines else "it is a text file"
+    return "it is neither a zip archive nor a pickle, the two forms torch.save writes"
 
 
 def _tensors(state: dict) -> TensorDict:

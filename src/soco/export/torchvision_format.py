@@ -15,6 +15,7 @@ from soco.export.conversion import (
     note_leftovers,
     require_fpn_model,
 )
+from soco.export.detectors import RCNN_FPN, Detector
 from soco.export.source import ExportError, SourceWeights
 from soco.export.writing import load_state_dict_file, provenance, save_state_dict
 
@@ -29,14 +30,15 @@ def backbone_only(source: SourceWeights) -> bool:
     return source.layout == "c5" and not source.fpn() and not source.box_head()
 
 
-def convert(source: SourceWeights) -> Conversion:
+def convert(source: SourceWeights, detector: Detector) -> Conversion:
     """Rename the encoder to torchvision detection names: the modules are torchvision's own, so only the head moves.
 
     A backbone-only encoder gives backbone.body.* alone: the detector's FPN and heads start from random weights.
+    The detector is always the R-FPN Faster/Mask R-CNN (the registry refuses another).
     """
     if not backbone_only(source):
         require_fpn_model(source, "torchvision")
-    conversion = Conversion()
+    conversion = Conversion(detector=RCNN_FPN)
     for name, tensor in source.body().items():
         conversion.add("backbone", DETECTOR_BODY_PREFIX + name, tensor)
     for name, tensor in source.fpn().items():
@@ -102,4 +104,5 @@ FORMAT = ExportFormat(
     suffix=".pt",
     convert=convert,
     write=write,
+    detectors=(RCNN_FPN.name,),
 )

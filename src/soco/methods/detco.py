@@ -20,6 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from soco.config.validation import (
+    POSITIVE,
+    PROBABILITY,
+    at_least,
+    config_rules,
+    each,
+    one_of,
+)
 from soco.data.pictures import draw_views
 from soco.errors import ConfigError
 from soco.methods.base import backbone_only_layout
@@ -29,13 +37,14 @@ from soco.methods.momentum import MomentumMethod
 from soco.methods.parameter_groups import decay_everything
 from soco.methods.queue import KeyQueue
 from soco.methods.shuffle_bn import shuffled_forward
-from soco.models.backbone import ResNetStages, build_resnet
+from soco.models.backbone import RESNET_BUILDERS, ResNetStages, build_resnet
 from soco.registry import register_method
 
 STAGES = ("res2", "res3", "res4", "res5")
 PATCHES = GRID * GRID
 
 
+@config_rules(depth=one_of(*sorted(RESNET_BUILDERS)), embedding_dim=at_least(1))
 @dataclass
 class DetCoModelConfig:
     """DetCo's network: a ResNet with a global and a local MLP head per stage."""
@@ -45,6 +54,10 @@ class DetCoModelConfig:
     zero_init_residual: bool = False  # MoCo v2 keeps torchvision's default initialisation
 
 
+@config_rules(
+    momentum=PROBABILITY, temperature=POSITIVE, queue_size=at_least(1),
+    stage_weights=each(at_least(0.0), length=len(STAGES)), key_bn_splits=at_least(1),
+)
 @dataclass
 class DetCoConfig:
     """The `method:` section of a DetCo run."""

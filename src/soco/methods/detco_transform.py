@@ -16,6 +16,14 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as F
 
+from soco.config.validation import (
+    FRACTION,
+    POSITIVE,
+    PROBABILITY,
+    at_least,
+    config_rules,
+    interval,
+)
 from soco.data.collate import stack_samples
 from soco.data.views import (
     MOCO_V2_JITTER,
@@ -32,6 +40,10 @@ from soco.errors import ConfigError
 GRID = 3  # 3x3 cells
 
 
+@config_rules(
+    global_size=at_least(1), global_scale=interval(FRACTION), local_size=at_least(GRID), local_scale=interval(FRACTION),
+    patch_size=at_least(1), crop_ratio=interval(POSITIVE), flip_prob=PROBABILITY, blur_prob=PROBABILITY,
+)
 @dataclass
 class DetCoViewsConfig:
     """DetCo's global views and local patch sets (the paper's sizes)."""
@@ -46,6 +58,10 @@ class DetCoViewsConfig:
     blur_prob: float = 0.5
     color_augment: bool = True
     shuffle_patches: bool = False  # permute the nine patches of a set (the paper does not say)
+
+    def check_values(self) -> None:
+        """Relations between this section's keys (each key's own range is in the rules above)."""
+        check_views_config(self)
 
 
 def check_views_config(config: DetCoViewsConfig) -> None:

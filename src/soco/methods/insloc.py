@@ -21,6 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from soco.config.validation import (
+    POSITIVE,
+    PROBABILITY,
+    at_least,
+    config_rules,
+    each,
+    one_of,
+)
 from soco.data.pictures import draw_views
 from soco.errors import ConfigError
 from soco.methods.insloc_transform import InsLocTransform, InsLocViewsConfig
@@ -29,7 +37,12 @@ from soco.methods.momentum import MomentumMethod
 from soco.methods.parameter_groups import decay_everything
 from soco.methods.queue import KeyQueue
 from soco.methods.shuffle_bn import shuffled_forward
-from soco.models.backbone import FPN_LEVEL_NAMES, FPN_STRIDES, build_resnet_fpn
+from soco.models.backbone import (
+    FPN_LEVEL_NAMES,
+    FPN_STRIDES,
+    RESNET_BUILDERS,
+    build_resnet_fpn,
+)
 from soco.models.heads import build_box_head
 from soco.models.roi_pooling import ADAPTIVE_SAMPLING, pool_rois
 from soco.registry import register_method
@@ -37,6 +50,10 @@ from soco.registry import register_method
 POOLED_SIZE = 7
 
 
+@config_rules(
+    depth=one_of(*sorted(RESNET_BUILDERS)), fpn_channels=at_least(1), head_convs=at_least(0), head_fc_dim=at_least(1),
+    embedding_dim=at_least(1),
+)
 @dataclass
 class InsLocModelConfig:
     """InsLoc's network: ResNet-FPN, RoIAlign of each box on every level, the shared head, the embedding."""
@@ -49,6 +66,10 @@ class InsLocModelConfig:
     zero_init_residual: bool = False  # the release keeps the last BN of each block at gamma 1
 
 
+@config_rules(
+    momentum=PROBABILITY, temperature=POSITIVE, queue_size=at_least(1),
+    level_weights=each(at_least(0.0), length=len(FPN_LEVEL_NAMES)), key_bn_splits=at_least(1),
+)
 @dataclass
 class InsLocConfig:
     """The `method:` section of an InsLoc run."""

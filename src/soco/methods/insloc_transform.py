@@ -22,6 +22,15 @@ import torch
 from torchvision.ops import box_iou, nms
 from torchvision.transforms.v2 import functional as F
 
+from soco.config.validation import (
+    FRACTION,
+    POSITIVE,
+    PROBABILITY,
+    at_least,
+    config_rules,
+    each,
+    interval,
+)
 from soco.data.collate import stack_samples
 from soco.data.views import (
     MOCO_V2_JITTER,
@@ -42,6 +51,11 @@ ANCHOR_MIN_IOU = 0.5
 ANCHOR_FALLBACK = 4000
 
 
+@config_rules(
+    canvas_size=at_least(1), crop_scale=interval(FRACTION), crop_ratio=interval(POSITIVE),
+    paste_size=interval(at_least(1)), flip_prob=PROBABILITY, blur_prob=PROBABILITY,
+    anchor_sizes=each(POSITIVE, min_length=1),
+)
 @dataclass
 class InsLocViewsConfig:
     """InsLoc's composites (the release's values at a 256 canvas)."""
@@ -55,6 +69,10 @@ class InsLocViewsConfig:
     color_augment: bool = True
     box_augment: bool = True  # the query's P5 box from the anchor augmentation; off: the true box
     anchor_sizes: list[float] = field(default_factory=lambda: [32.0, 64.0, 128.0, 256.0])
+
+    def check_values(self) -> None:
+        """Relations between this section's keys (each key's own range is in the rules above)."""
+        check_views_config(self)
 
 
 def check_views_config(config: InsLocViewsConfig) -> None:

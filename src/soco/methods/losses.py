@@ -48,8 +48,10 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, negatives: torch.Tensor, te
     query and key are (N, D) rows of the same instances, negatives (K, D); all are expected unit vectors
     (the caller normalises). The key and the negatives carry no gradient; computed in float32.
     """
-    query = query.float()
-    positive = (query * key.detach().float()).sum(dim=-1, keepdim=True)
-    negative = query @ negatives.detach().float().t()
-    logits = torch.cat([positive, negative], dim=1) / temperature
-    return F.cross_entropy(logits, torch.zeros(len(query), dtype=torch.long, device=query.device))
+    # autocast would run the matrix product in bf16/fp16 even on fp32 inputs: logits / 0.2 need fp32
+    with torch.autocast(query.device.type, enabled=False):
+        query = query.float()
+        positive = (query * key.detach().float()).sum(dim=-1, keepdim=True)
+        negative = query @ negatives.detach().float().t()
+        logits = torch.cat([positive, negative], dim=1) / temperature
+        return F.cross_entropy(logits, torch.zeros(len(query), dtype=torch.long, device=query.device))

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from soco.config.validation import PROBABILITY, at_least, config_rules, one_of
 from soco.data.pictures import draw_views
 from soco.errors import ConfigError
 from soco.methods.base import backbone_only_layout
@@ -31,13 +32,14 @@ from soco.methods.scrl_transform import (
     SCRLViewsConfig,
     check_views_config,
 )
-from soco.models.backbone import C5_STRIDE, ResNetBody, build_resnet
+from soco.models.backbone import C5_STRIDE, RESNET_BUILDERS, ResNetBody, build_resnet
 from soco.models.encoder import BoxListEncoder
 from soco.models.heads import MLP
 from soco.models.roi_pooling import ADAPTIVE_SAMPLING
 from soco.registry import register_method
 
 
+@config_rules(depth=one_of(*sorted(RESNET_BUILDERS)), projector_hidden=at_least(1), projection_dim=at_least(1))
 @dataclass
 class SCRLModelConfig:
     """SCRL's network: a ResNet trunk, 1x1 RoIAlign on C5, projector and predictor."""
@@ -49,6 +51,7 @@ class SCRLModelConfig:
     zero_init_residual: bool = False  # the release keeps torchvision's default initialisation
 
 
+@config_rules(ema_base=PROBABILITY)
 @dataclass
 class SCRLConfig:
     """The `method:` section of an SCRL run."""

@@ -23,6 +23,16 @@ from torchvision.ops import box_iou
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from soco.config.validation import (
+    FRACTION,
+    POSITIVE,
+    PROBABILITY,
+    Range,
+    at_least,
+    config_rules,
+    interval,
+    one_of,
+)
 from soco.data.views import (
     ViewParams,
     apply_color,
@@ -44,6 +54,11 @@ SOLARIZE_PROB = (0.0, 0.2)
 SOLARIZE_THRESHOLD = 0.5  # 128 of 255
 
 
+@config_rules(
+    size=at_least(1), crop_scale=interval(FRACTION), crop_ratio=interval(POSITIVE), flip_prob=PROBABILITY,
+    blur=one_of(*BLUR_MODES), boxes_per_image=at_least(1), min_box_size=POSITIVE, box_sampling=one_of(*BOX_SAMPLING),
+    max_overlap=PROBABILITY, overlap_retries=at_least(0), jitter_range=Range(0.0, 1.0, high_open=True),
+)
 @dataclass
 class SCRLViewsConfig:
     """SCRL's two views and the box pairs drawn in their common region (the release's values)."""
@@ -61,6 +76,10 @@ class SCRLViewsConfig:
     overlap_retries: int = 50
     box_jitter: bool = False  # the release's option (off in both its configs): moves the view-2 box only
     jitter_range: float = 0.1  # u ~ U(1 - r, 1 + r)
+
+    def check_values(self) -> None:
+        """Relations between this section's keys (each key's own range is in the rules above)."""
+        check_views_config(self)
 
 
 def check_views_config(config: SCRLViewsConfig) -> None:

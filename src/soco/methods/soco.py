@@ -14,6 +14,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from soco.config.validation import (
+    POSITIVE,
+    PROBABILITY,
+    at_least,
+    between,
+    config_rules,
+    each,
+    one_of,
+)
 from soco.data.pictures import draw_views
 from soco.errors import ConfigError
 from soco.methods.losses import symmetric_pair_loss
@@ -26,6 +35,7 @@ from soco.methods.soco_transform import (
 from soco.models.backbone import (
     FPN_LEVEL_NAMES,
     FPN_STRIDES,
+    RESNET_BUILDERS,
     ResNetBody,
     build_resnet,
     build_resnet_fpn,
@@ -45,6 +55,11 @@ PAPER_THRESHOLDS = (48.0, 96.0, 192.0)
 PAPER_VIEW_SIZE = 224
 
 
+@config_rules(
+    variant=one_of(*VARIANTS), depth=one_of(*sorted(RESNET_BUILDERS)), level_thresholds=each(POSITIVE),
+    fixed_level=between(2, 5), fpn_channels=at_least(1), head_convs=at_least(0), head_fc_dim=at_least(1),
+    projector_hidden=at_least(1), projection_dim=at_least(1),
+)
 @dataclass
 class SoCoModelConfig:
     """SoCo's detector-aligned network: backbone, neck, RoI head, projector and predictor."""
@@ -64,7 +79,12 @@ class SoCoModelConfig:
     projector_hidden: int = 4096
     projection_dim: int = 256
 
+    def check_values(self) -> None:
+        """Relations between this section's keys (the level thresholds: three, increasing)."""
+        check_model_config(self)
 
+
+@config_rules(ema_base=PROBABILITY)
 @dataclass
 class SoCoConfig:
     """The `method:` section of a SoCo run."""

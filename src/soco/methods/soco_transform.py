@@ -23,6 +23,16 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
+from soco.config.validation import (
+    FRACTION,
+    POSITIVE,
+    PROBABILITY,
+    Range,
+    at_least,
+    config_rules,
+    interval,
+    one_of,
+)
 from soco.data.collate import stack_samples
 from soco.data.views import (
     BLUR_KERNEL_RULES,
@@ -55,6 +65,13 @@ SOLARIZE_PROB_OTHERS = 0.2
 RANDOM_CANDIDATES = 32
 
 
+@config_rules(
+    v1_size=at_least(1), v2_size=at_least(1), v3_size=at_least(1), v4_size=at_least(1), v3_mode=one_of(*V3_MODES),
+    crop_scale=interval(FRACTION), crop_ratio=interval(POSITIVE), flip_prob=PROBABILITY, crop_retries=at_least(0),
+    proposals_per_image=at_least(1), box_source=one_of(*BOX_SOURCES), jitter_prob=PROBABILITY,
+    jitter_ratio=Range(0.0, 1.0, high_open=True), blur_kernel=one_of(*BLUR_KERNEL_RULES), cutout_prob=PROBABILITY,
+    cutout_area=interval(FRACTION),
+)
 @dataclass
 class SoCoViewsConfig:
     """How SoCo's views and their boxes are made (sizes in pixels; the paper's by default)."""

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import warnings
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +15,82 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from soco.data.images import load_rgb
+from soco.data.images import image_size, load_rgb
 from soco.errors import DataError, ImageReadError
 
 __all__ = [
-    "load_coco_json",
-    "has_masks",
+    "BoxReport",
     "CocoDetection",
     "collate",
+    "has_masks",
+    "load_coco_json",
     "plain_target",
+    "usable_box",
 ]
+
+
+_log = logging.getLogger(__name__)
+
+# Why an annotation's box is not used as it is written (BoxReport keys, in the order reports list them).
+CLIPPED = "clipped to the image"
+DROPPED_NO_SIZE = "zero or negative width/height"
+DROPPED_OUTSIDE = "outside the image"
+
+
+def usable_box(bbox, width: int, height: int) -> tuple[list[float] | None, str | None]:
+    """(XYXY box clipped to a width x height image, or None when dropped; why it changed, or None when it did not)."""
+    x, y, w, h = (float(v) for v in bbox)
+    if w <= 0 or h <= 0:
+        return None, DROPPED_NO_SIZE
+    box = [min(max(x, 0.0), width), min(max(y, 0.0), height),
+           min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)]
+    if box[2] <= box[0] or box[3] <= box[1]:
+        return None, DROPPED_OUTSIDE  # torchvision's detectors reject boxes without area
+    return box, (CLIPPED if box != [x, y, x + w, y + h] else None)
+
+
+@dataclass
+class BoxReport:
+    """What loading did to a file's boxes: how many were kept, clipped, dropped (by reason) or crowd."""
+
+    path: str
+    total: int = 0
+    crowd: int = 0
+    kept: int = 0
+    clipped: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+    @property
+    def usable(self) -> int:
+        """Boxes a detector trains on or is scored against: kept as written plus clipped."""
+        return self.kept + self.clipped
+
+    def changed(self) -> bool:
+        """Whether any box was clipped or dropped."""
+        return bool(self.clipped or sum(self.dropped.values()))
+
+    def line(self) -> str:
+        """'<file>: 40 boxes: 37 used as written, 2 clipped to the image, 1 dropped (outside the image: 1)'."""
+        return f"{self.path}: {self.summary()}"
+
+    def summary(self) -> str:
+        """The counts in words, without the file name."""
+        if not self.total:
+            return "no annotation at all"
+        parts = [f"{self.kept} used as written"]
+        if self.clipped:
+            parts.append(f"{self.clipped} {CLIPPED}")
+        if self.dropped:
+            reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.dropped.items()))
+            parts.append(f"{sum(self.dropped.values())} dropped ({reasons})")
+        if self.crowd:
+            parts.append(f"{self.crowd} crowd (ignore regions, never trained on)")
+        return f"{self.total} boxes: {', '.join(parts)}"
+
+    def as_dict(self) -> dict:
+        """The counts as plain JSON values."""
+        return {"total": self.total, "crowd": self.crowd, "kept": self.kept, "clipped": self.clipped,
+                "dropped": dict(sorted(self.dropped.items()))}
 
 
 def _fail(path: Path, message: str) -> DataError:
@@ -114,7 +183,9 @@ class CocoDetection(torch.utils.data.Dataset):
 
     Category ids map to contiguous labels 1..K in increasing id order (0 is the background of torchvision's
     detectors); `categories` fixes the map from another set (validation takes the training set's). Crowd
-    annotations are skipped, boxes are clipped to the image and empty ones dropped. In training mode each
+    annotations are skipped, boxes are clipped to the image and empty ones dropped: `box_report` counts
+    them by reason (logged as a warning when any box changed), and a training set without one usable box
+    is refused with a DataError naming the file. In training mode each
     image is flipped horizontally with probability `flip_prob`, decided by (seed, epoch, index) alone so
     that the augmentation is the same whatever the worker count and after a resume.
     """
@@ -160,6 +231,43 @@ class CocoDetection(torch.utils.data.Dataset):
             raise DataError(f"{len(missing)} of the {len(self.images)} images named in {self.annotation_file} are "
                             f"missing from {self.images_dir}: {shown}")
         self._flip = v2.RandomHorizontalFlip(p=1.0)
+        self.box_report = self._check_boxes()
+        if self.box_report.changed():
+            _log.warning(self.box_report.line())
+        if train and not self.box_report.usable:
+            raise DataError(f"{self.annotation_file}: no usable box to train on ({self.box_report.summary()})")
+
+    def _declared_size(self, index: int) -> tuple[int, int]:
+        """(width, height) of the index-th image: as the file declares it, else from the image's header."""
+        info = self.images[index]
+        if isinstance(info.get("width"), int) and isinstance(info.get("height"), int):
+            return info["width"], info["height"]
+        try:
+            return image_size(self.images_dir / info["file_name"])
+        except ImageReadError as exc:
+            raise DataError(f"{exc} (named in {self.annotation_file})") from None
+
+    def _check_boxes(self) -> BoxReport:
+        """Count, without decoding any image, which boxes __getitem__ will use as written, clip or drop."""
+        report = BoxReport(str(self.annotation_file))
+        for index, info in enumerate(self.images):
+            annotations = self.annotations[info["id"]]
+            if not annotations:
+                continue
+            width, height = self._declared_size(index)
+            for ann in annotations:
+                report.total += 1
+                if ann.get("iscrowd", 0):
+                    report.crowd += 1
+                    continue
+                box, change = usable_box(ann["bbox"], width, height)
+                if box is None:
+                    report.dropped[change] += 1
+                elif change:
+                    report.clipped += 1
+                else:
+                    report.kept += 1
+        return report
 
     def __len__(self) -> int:
         """Number of images (with or without boxes)."""
@@ -210,11 +318,9 @@ class CocoDetection(torch.utils.data.Dataset):
         for ann in self.annotations[self.image_id(index)]:
             if ann.get("iscrowd", 0):
                 continue
-            x, y, w, h = (float(v) for v in ann["bbox"])
-            box = [min(max(x, 0.0), width), min(max(y, 0.0), height),
-                   min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)]
-            if box[2] <= box[0] or box[3] <= box[1]:
-                continue  # torchvision's detectors reject boxes without area
+            box, _ = usable_box(ann["bbox"], width, height)
+            if box is None:
+                continue  # counted in box_report
             boxes.append(box)
             labels.append(self.category_to_label[ann["category_id"]])
             if self.masks:

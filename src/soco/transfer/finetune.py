@@ -23,14 +23,16 @@ from soco.engine.checkpoint import load_checkpoint, save_checkpoint
 from soco.engine.rng import restore_rng_state, rng_state
 from soco.errors import ConfigError, SocoError
 from soco.files import atomic_write_text
+from soco.transfer.architectures import ARCHITECTURES, TWO_STAGE
 from soco.transfer.coco_data import CocoDetection, collate, has_masks, plain_target
 from soco.transfer.detector import (
-    ARCHITECTURES,
     build_detector,
     convert_sync_bn,
+    describe,
     load_pretrained,
 )
 from soco.transfer.evaluate import coco_evaluate, detections_to_coco, summary_line
+from soco.transfer.weights import check_depth, detector_widths, read_weights
 
 __all__ = [
     "TransferConfig",
@@ -58,7 +60,9 @@ TRANSFER_PREFIX = "transfer"  # the section name an override may carry: 'transfe
 class TransferConfig:
     """Fine-tuning settings; the defaults suit 400x400 tiles (e.g. DeepForest) on a CPU."""
 
-    model: str = "auto"  # faster_rcnn, mask_rcnn, or auto: mask_rcnn when the training annotations have masks
+    # faster_rcnn, mask_rcnn, faster_rcnn_c4, retinanet, fcos (docs/transfer.md), or auto: mask_rcnn when the
+    # training annotations have masks, else faster_rcnn
+    model: str = "auto"
     depth: int = 50  # ResNet depth of the backbone: 18, 34, 50, 101, 152
     min_size: int = 400  # the detector's resize: shorter side to min_size ...
     max_size: int = 667  # ... unless the longer side would exceed max_size (800/1333 ratio)
@@ -78,8 +82,9 @@ class TransferConfig:
     eval_every: int = 0  # also evaluate every N epochs (0: only after training)
     eval_batch_size: int = 4
     detections_per_img: int = 100
-    # Proposal and RoI sampling (torchvision's and Detectron2's defaults). The 4conv1fc head costs about
-    # 0.12 GFLOP per RoI forward, so on a CPU these numbers, not the backbone, set the speed.
+    # Proposal and RoI sampling of the two-stage detectors (torchvision's and Detectron2's defaults; retinanet
+    # and fcos have neither). The 4conv1fc head costs about 0.12 GFLOP per RoI forward, so on a CPU these
+    # numbers, not the backbone, set the speed.
     rpn_pre_nms_train: int = 2000
     rpn_post_nms_train: int = 2000
     rpn_pre_nms_test: int = 1000
@@ -124,7 +129,7 @@ def validate_config(config: TransferConfig) -> None:
     from soco.models.backbone import RESNET_BUILDERS
 
     checks = [
-        (config.model in ("auto", *ARCHITECTURES), f"model must be auto, {' or '.join(ARCHITECTURES)}"),
+        (config.model in ("auto", *ARCHITECTURES), f"model must be auto, {', '.join(ARCHITECTURES)}"),
         (config.depth in RESNET_BUILDERS, f"depth must be one of {sorted(RESNET_BUILDERS)}"),
         (config.min_size >= 32 and config.max_size >= config.min_size, "need 32 <= min_size <= max_size"),
         (config.epochs >= 1, "epochs must be at least 1"),
@@ -206,8 +211,10 @@ def _epoch_batches(n: int, batch: int, seed: int, epoch: int, rank: int, world_s
     return batches
 
 
-def detector_options(config: TransferConfig) -> dict:
-    """torchvision keyword arguments of the proposal and RoI sampling settings."""
+def detector_options(config: TransferConfig, model: str = "faster_rcnn") -> dict:
+    """torchvision keyword arguments of the proposal and RoI sampling settings (none for a one-stage detector)."""
+    if model not in TWO_STAGE:
+        return {}
     return {
         "rpn_pre_nms_top_n_train": config.rpn_pre_nms_train, "rpn_post_nms_top_n_train": config.rpn_post_nms_train,
         "rpn_pre_nms_top_n_test": config.rpn_pre_nms_test, "rpn_post_nms_top_n_test": config.rpn_post_nms_test,
@@ -314,6 +321,9 @@ def finetune(
     if not resume and checkpoint_path.exists():
         raise SocoError(f"{out_dir} already holds a fine-tuning run ({CHECKPOINT_NAME}): pass --resume to "
                         "continue it, or choose another --out")
+    from soco.run_folder import claim_run_folder
+
+    claim_run_folder(out_dir, "transfer")  # refuses a file, an image folder, another kind of run's folder
 
     train_set = CocoDetection(train_annotations, train_images, train=True, flip_prob=config.flip_prob,
                               seed=config.seed)
@@ -345,17 +355,26 @@ def finetune(
             # The metrics would name weights that did not start this run.
             raise SocoError(f"{checkpoint_path} started from weights {state.get('weights')}, not {weights_id}")
 
+    pretrained = None
+    if state is not None:
+        widths = state.get("detector_widths") or {}  # the run's widths; its checkpoint replaces every weight
+    elif weights is not None:
+        pretrained = read_weights(weights)
+        check_depth(pretrained, config.depth, weights)
+        widths = detector_widths(pretrained)  # a pretraining run's FPN and head widths, so every tensor fits
+    else:
+        widths = {}
     torch.manual_seed(config.seed)
     model = build_detector(architecture, num_classes=len(train_set.category_ids) + 1, depth=config.depth,
                            min_size=config.min_size, max_size=config.max_size,
                            detections_per_img=config.detections_per_img,
-                           **detector_options(config))
+                           **widths, **detector_options(config, architecture))
     weights_report = None
     if state is not None:
-        weights_report = state.get("weights_loaded")  # the checkpoint replaces every weight anyway
-    elif weights is not None:
-        report = load_pretrained(model, weights)
-        weights_report = {"loaded": report.loaded, "random": report.random}
+        weights_report = state.get("weights_loaded")
+    elif pretrained is not None:
+        report = load_pretrained(model, pretrained, name=Path(weights).expanduser())
+        weights_report = {"loaded": report.loaded, "random": report.random, "not_loaded": report.not_loaded}
         if context.is_main:
             log(report.line())
     elif context.is_main:
@@ -385,7 +404,7 @@ def finetune(
         device_ids = [context.device.index] if context.device.type == "cuda" else None
         trained = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if context.is_main:
-        log(f"fine-tuning {architecture} R{config.depth}-FPN on {len(train_set)} images "
+        log(f"fine-tuning {describe(architecture, config.depth)} on {len(train_set)} images "
             f"({train_set.num_boxes()} boxes, {len(train_set.category_ids)} categories); "
             f"{config.epochs} epochs x {plan.iters_per_epoch} iterations of {config.batch_size * plan.world_size} "
             f"images; lr {plan.lr:.4g}, warm-up {plan.warmup_iters} it, decay at {plan.milestones}; "
@@ -440,7 +459,7 @@ def finetune(
                     "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": rng_state(), "history": history,
                     "config": settings, "total_iters": plan.total_iters, "model_type": architecture,
-                    "weights": weights_id, "weights_loaded": weights_report,
+                    "weights": weights_id, "weights_loaded": weights_report, "detector_widths": widths,
                     "soco_version": soco.__version__,
                 }, checkpoint_path)
             if context.is_distributed:

@@ -11,8 +11,14 @@ from soco.data.proposals.filter import filter_proposals
 from soco.data.proposals.selective_search import (
     ALGORITHM_NAMES,
     DEFAULT_ALGORITHM,
+    MAX_FAST_REGIONS,
     ProposalAlgorithm,
+    _corner_inside_pairs,
+    _drop_near_duplicates,
     _hierarchical_grouping,
+    _package_grouping,
+    _segment,
+    fast_selective_search_boxes,
     get_algorithm,
 )
 from soco.errors import ConfigError
@@ -47,7 +53,7 @@ def two_rectangles() -> np.ndarray:
 
 
 def large_scene() -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """A 600x400 image (large enough that `fast` downscales) with one green rectangle at known pixels."""
+    """A 600x400 image (large enough that `rich` downscales) with one green rectangle at known pixels."""
     rng = np.random.default_rng(1)
     image = np.full((400, 600, 3), 200, dtype=np.int16)
     box = (150, 100, 390, 300)
@@ -109,9 +115,9 @@ def test_grouping_merges_the_most_similar_neighbours_first():
     assert len(out) == 5
 
 
-def test_fast_boxes_are_in_original_pixels():
+def test_rich_boxes_are_in_original_pixels():
     image, rectangle = large_scene()
-    boxes = get_algorithm("fast")(image)
+    boxes = get_algorithm("rich")(image)
     assert_valid_boxes(boxes, 600, 400)
     # Boxes left in working pixels (160 px wide) could neither reach 600 nor match the rectangle.
     np.testing.assert_array_equal(boxes.max(axis=0)[2:], [600, 400])
@@ -121,16 +127,16 @@ def test_fast_boxes_are_in_original_pixels():
     assert np.all(np.abs(best - np.array(rectangle)) <= 4), best
 
 
-def test_fast_keeps_the_object_after_filtering():
+def test_rich_keeps_the_object_after_filtering():
     image, rectangle = large_scene()
-    kept, _ = filter_proposals(get_algorithm("fast")(image), 600, 400)
+    kept, _ = filter_proposals(get_algorithm("rich")(image), 600, 400)
     assert box_iou(rectangle, kept).max() >= 0.95
 
 
 @pytest.mark.parametrize("name", ALGORITHM_NAMES)
 def test_deterministic(name):
     rng = np.random.default_rng(2)
-    if name == "fast":
+    if name in ("fast", "rich"):
         image = rng.integers(0, 256, size=(300, 500, 3), dtype=np.uint8)
     else:
         image = rng.integers(0, 256, size=(60, 80, 3), dtype=np.uint8)
@@ -174,7 +180,7 @@ def test_non_uint8_is_rejected():
         get_algorithm("fast")(np.zeros((10, 10, 3), dtype=np.float32))
 
 
-@pytest.mark.parametrize(("typo", "meant"), [("fsat", "fast"), ("referense", "reference")])
+@pytest.mark.parametrize(("typo", "meant"), [("fsat", "fast"), ("referense", "reference"), ("ritch", "rich")])
 def test_unknown_name_suggests_the_closest(typo, meant):
     with pytest.raises(ConfigError) as caught:
         get_algorithm(typo)
@@ -185,7 +191,216 @@ def test_unknown_name_suggests_the_closest(typo, meant):
 
 
 def test_names_and_default():
-    assert ALGORITHM_NAMES == ("fast", "reference")
+    assert ALGORITHM_NAMES == ("fast", "rich", "reference")
     assert DEFAULT_ALGORITHM == "fast"
     for name in ALGORITHM_NAMES:
         assert get_algorithm(name).name == name
+
+
+# --- fast: the selectivesearch package's semantics on a shrunk copy --------------------------------
+
+# Three flat rectangles on a flat grey background, x1 y1 x2 y2 (exclusive), every edge a multiple of 3.
+THREE_RECTANGLES = (
+    ((9, 12, 39, 42), (220, 30, 30)),
+    ((51, 6, 84, 33), (30, 40, 210)),
+    ((45, 45, 90, 66), (40, 170, 60)),
+)
+
+
+def flat_scene(height: int, width: int, rectangles, background=(128, 128, 128), noise: int = 0) -> np.ndarray:
+    """Flat rectangles painted in order on a flat background, with optional seeded noise of +-noise."""
+    image = np.zeros((height, width, 3), dtype=np.int16)
+    image[:] = background
+    for (x1, y1, x2, y2), colour in rectangles:
+        image[y1:y2, x1:x2] = colour
+    if noise:
+        image += np.random.default_rng(3).integers(-noise, noise + 1, size=image.shape, dtype=np.int16)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def scaled(rectangles, factor: int):
+    """The rectangles with every coordinate multiplied by factor."""
+    return tuple((tuple(c * factor for c in box), colour) for box, colour in rectangles)
+
+
+@pytest.mark.parametrize(("factor", "noise"), [(1, 0), (1, 6), (4, 0), (4, 6)])
+def test_fast_default_finds_each_rectangle(factor, noise):
+    # factor 4 gives a 384x288 image that the default shrinks to 256x192 before segmenting.
+    rectangles = scaled(THREE_RECTANGLES, factor)
+    image = flat_scene(72 * factor, 96 * factor, rectangles, noise=noise)
+    boxes = get_algorithm("fast")(image)
+    assert_valid_boxes(boxes, 96 * factor, 72 * factor)
+    for box, _ in rectangles:
+        assert box_iou(box, boxes).max() >= 0.9, box
+
+
+def test_fast_hierarchy_of_three_rectangles_gives_four_boxes():
+    # Without blur the segmentation is the 4 flat regions, numbered in raster order: background
+    # (first pixel), blue (row 6), red (row 12), green (row 45). Every rectangle has its corners strictly
+    # inside the background's box and none inside another rectangle's, so the neighbour pairs are the
+    # 3 (background, rectangle) pairs; the 3 merges each give the whole image again. Distinct boxes:
+    # the 4 regions, in region order.
+    image = flat_scene(72, 96, THREE_RECTANGLES)
+    assert int(_segment(image, 500.0, 0.0, 10).max()) + 1 == 4
+    boxes = fast_selective_search_boxes(image, sigmas=(0.0,))
+    expected = [[0, 0, 96, 72], [51, 6, 84, 33], [9, 12, 39, 42], [45, 45, 90, 66]]
+    np.testing.assert_array_equal(boxes, np.array(expected, dtype=np.float32))
+
+
+def test_fast_maps_shrunk_boxes_to_exact_original_pixels():
+    # 384x288 is shrunk by 1.5 to 256x192; edges on multiples of 3 original pixels fall on whole
+    # working pixels, so the four boxes come back exactly (x4 the previous test's).
+    image = flat_scene(288, 384, scaled(THREE_RECTANGLES, 4))
+    boxes = fast_selective_search_boxes(image, sigmas=(0.0,))
+    expected = [[0, 0, 384, 288], [204, 24, 336, 132], [36, 48, 156, 168], [180, 180, 360, 264]]
+    np.testing.assert_array_equal(boxes, np.array(expected, dtype=np.float32))
+
+
+def test_fast_never_merges_regions_without_a_corner_inside():
+    # Two halves touch along a column, but neither has a corner strictly inside the other's box:
+    # the package never merges them, so there is no whole-image box.
+    image = flat_scene(64, 80, (((40, 0, 80, 64), (30, 40, 210)),), background=(220, 30, 30))
+    boxes = fast_selective_search_boxes(image, sigmas=(0.0,))
+    np.testing.assert_array_equal(boxes, np.array([[0, 0, 40, 64], [40, 0, 80, 64]], dtype=np.float32))
+
+
+def test_corner_inside_pairs_follow_the_package_order():
+    # Inclusive boxes. 1 has its top-left corner inside 0; 2 lies inside 0 entirely; 3 contains all of
+    # 0, 1 and 2, but only the later box's corners are tested and none of 3's is inside them; 4 starts
+    # on 0's right edge (x = 50, not strictly inside) and lies inside 3.
+    boxes = np.array(
+        [[10, 10, 50, 50], [40, 40, 70, 70], [20, 20, 30, 30], [0, 0, 90, 90], [50, 10, 60, 20]], dtype=np.float64
+    )
+    pairs = _corner_inside_pairs(boxes, chunk=2)
+    assert sorted(map(tuple, pairs.tolist())) == [(0, 1), (0, 2), (3, 4)]
+
+
+def test_package_grouping_merges_by_histogram_size_and_fill():
+    # Three 1x1-pixel regions side by side in a 3x1 image (inclusive boxes). Pairs (0, 1) and (1, 2).
+    # Size term: 1 - 2/3 for both pairs; fill: both unions are 2x0 boxes (inclusive max - min), so
+    # 1 - (0 - 2)/3. Histograms: 0-1 share 0.75, 1-2 share 0.25, so 0 and 1 merge first, then (01, 2).
+    sizes = np.ones(3)
+    boxes = np.array([[0, 0, 0, 0], [1, 0, 1, 0], [2, 0, 2, 0]], dtype=np.float64)
+    hists = np.array([[1.0, 0.0], [0.75, 0.25], [0.0, 1.0]])
+    out = _package_grouping(sizes, boxes, hists, np.array([[0, 1], [1, 2]]), image_size=3.0)
+    np.testing.assert_array_equal(out, [[0, 0, 0, 0], [1, 0, 1, 0], [2, 0, 2, 0], [0, 0, 1, 0], [0, 0, 2, 0]])
+
+
+def test_package_grouping_leaves_isolated_regions_unmerged():
+    # Regions 0 and 1 are neighbours, 2 has no pair: one merge, 3 + 1 boxes, no whole-image box.
+    sizes = np.array([4.0, 4.0, 4.0])
+    boxes = np.array([[0, 0, 1, 1], [2, 0, 3, 1], [0, 3, 3, 3]], dtype=np.float64)
+    out = _package_grouping(sizes, boxes, np.ones((3, 2)) / 2, np.array([[0, 1]]), image_size=16.0)
+    assert len(out) == 4
+    np.testing.assert_array_equal(out[3], [0, 0, 3, 1])
+
+
+def test_package_grouping_with_a_hub_matches_the_plain_greedy_order():
+    # A region neighbouring every other (the package's background) makes every merge touch many rows;
+    # the lazily bounded rows must still merge in exactly the plain greedy order.
+    rng = np.random.default_rng(4)
+    n = 40
+    sizes = rng.integers(1, 50, size=n).astype(np.float64)
+    corners = rng.integers(0, 60, size=(n, 2)).astype(np.float64)
+    boxes = np.concatenate([corners, corners + rng.integers(0, 10, size=(n, 2))], axis=1)
+    hists = rng.random((n, 6))
+    hists /= hists.sum(axis=1, keepdims=True)
+    pairs = np.array([(0, b) for b in range(1, n)] + [(b, b + 1) for b in range(1, n - 1, 3)])
+    out = _package_grouping(sizes, boxes, hists, pairs, image_size=4900.0)
+    np.testing.assert_array_equal(out, plain_greedy(sizes, boxes, hists, pairs, 4900.0))
+
+
+def plain_greedy(sizes, boxes, hists, pairs, image_size):
+    """The package's loop written plainly: recompute every current pair's similarity at every step."""
+    regions = {i: (sizes[i], boxes[i].copy(), hists[i].copy()) for i in range(len(sizes))}
+    links = {tuple(p) for p in pairs.tolist()}
+    out = [b.copy() for b in boxes]
+
+    def sim(a, b):
+        (sa, ba, ha), (sb, bb, hb) = regions[a], regions[b]
+        extent = np.maximum(ba[2:], bb[2:]) - np.minimum(ba[:2], bb[:2])
+        fill = 1.0 - (extent[0] * extent[1] - sa - sb) / image_size
+        return np.minimum(ha, hb).sum() + (1.0 - (sa + sb) / image_size) + fill
+
+    while links:
+        a, b = max(sorted(links), key=lambda pair: sim(*pair))
+        a, b = min(a, b), max(a, b)
+        (sa, ba, ha), (sb, bb, hb) = regions.pop(a), regions.pop(b)
+        box = np.concatenate([np.minimum(ba[:2], bb[:2]), np.maximum(ba[2:], bb[2:])])
+        regions[a] = (sa + sb, box, (ha * sa + hb * sb) / (sa + sb))
+        out.append(box)
+        links = {tuple(sorted(a if x == b else x for x in link)) for link in links if set(link) != {a, b}}
+    return np.array(out)
+
+
+def test_drop_near_duplicates_keeps_the_first_of_each_pair():
+    # [0,0,20,20] vs [0,0,20,19]: IoU 380/400 = 0.95 -> dropped at 0.95, kept at 0.96.
+    # [0,0,20,18]: IoU 0.9 with the first, 360/380 = 0.947 with the second.
+    boxes = np.array([[0, 0, 20, 20], [0, 0, 20, 19], [0, 0, 20, 18], [50, 50, 60, 60]], dtype=np.float64)
+    np.testing.assert_array_equal(_drop_near_duplicates(boxes, 0.95), boxes[[0, 2, 3]])
+    np.testing.assert_array_equal(_drop_near_duplicates(boxes, 0.96), boxes)
+    # At 0.9 the first box drops both others; the 10x10 box is too small to have a near-duplicate.
+    np.testing.assert_array_equal(_drop_near_duplicates(boxes, 0.9), boxes[[0, 3]])
+
+
+def test_drop_near_duplicates_a_dropped_box_drops_nothing():
+    # B is within 0.95 of A and of C, but A and C are not (IoU 0.9): dropping B leaves C.
+    a, b, c = [0, 0, 40, 20], [0, 0, 40, 19], [0, 0, 40, 18]
+    boxes = np.array([a, b, c], dtype=np.float64)
+    np.testing.assert_array_equal(_drop_near_duplicates(boxes, 0.94), boxes[[0, 2]])
+
+
+def test_segment_coarsens_until_the_grouping_matrix_fits():
+    # 64x64 noise with k=1 and no minimum gives one region per pixel (4096). Doubling min_size to 2
+    # gives regions of at least 2 pixels, hence at most 2048.
+    noise = np.random.default_rng(0).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    labels = _segment(noise, 1.0, 0.0, 1)
+    assert MAX_FAST_REGIONS == 2048
+    assert 1024 < int(labels.max()) + 1 <= MAX_FAST_REGIONS
+    assert np.bincount(labels.ravel()).min() >= 2
+
+
+def test_fast_is_about_as_many_kept_boxes_as_rectangles_allow():
+    # The three-rectangle scene at 288x384 (default blur): each rectangle passes SoCo's filter once it
+    # is found, and the kept set is a handful, not the pooled hierarchies' dozens of `rich`.
+    image = flat_scene(288, 384, scaled(THREE_RECTANGLES, 4), noise=6)
+    fast_kept, _ = filter_proposals(get_algorithm("fast")(image), 384, 288)
+    rich_kept, _ = filter_proposals(get_algorithm("rich")(image), 384, 288)
+    for box, _ in scaled(THREE_RECTANGLES, 4):
+        assert box_iou(box, fast_kept).max() >= 0.9
+    assert len(fast_kept) < len(rich_kept)
+
+
+# --- rich: today's set, unchanged ------------------------------------------------------------------
+
+# `fast` before the package-matching version (same code, now named `rich`), on two_rectangles().
+RICH_TWO_RECTANGLES = [
+    [0, 0, 33, 72], [28, 0, 96, 46], [8, 10, 40, 42], [52, 28, 88, 66], [76, 28, 88, 41], [36, 31, 52, 48],
+    [64, 40, 72, 46], [59, 40, 96, 72], [9, 42, 67, 72], [32, 48, 40, 54], [44, 51, 52, 64], [9, 31, 67, 72],
+    [9, 31, 96, 72], [9, 0, 96, 72], [0, 0, 96, 72], [8, 10, 52, 48], [52, 28, 96, 72], [8, 10, 67, 72],
+    [28, 0, 96, 72], [0, 0, 67, 72], [44, 28, 88, 66], [44, 28, 96, 72],
+]
+
+
+def test_rich_gives_the_previous_default_boxes():
+    boxes = get_algorithm("rich")(two_rectangles())
+    np.testing.assert_array_equal(boxes, np.array(RICH_TWO_RECTANGLES, dtype=np.float32))
+
+
+def test_rich_gives_the_previous_default_boxes_on_a_photo():
+    from skimage.data import astronaut
+
+    boxes = get_algorithm("rich")(astronaut())
+    # Recorded from the previous default before the change: 597 boxes, their column sums, a few rows.
+    assert len(boxes) == 597
+    np.testing.assert_array_equal(boxes.sum(axis=0), [117493, 116758, 174150, 197924])
+    np.testing.assert_array_equal(boxes[:3], [[0, 0, 13, 70], [0, 0, 32, 160], [26, 0, 144, 99]])
+    np.testing.assert_array_equal(boxes[-2:], [[0, 0, 339, 512], [0, 0, 368, 512]])
+
+
+def test_fingerprint_follows_name_and_parameters():
+    fast, rich = get_algorithm("fast"), get_algorithm("rich")
+    assert fast.fingerprint == get_algorithm("fast").fingerprint
+    assert len({fast.fingerprint, rich.fingerprint, get_algorithm("reference").fingerprint}) == 3
+    changed = ProposalAlgorithm("fast", dict(fast.params, max_side=320))
+    assert changed.fingerprint != fast.fingerprint

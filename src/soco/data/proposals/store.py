@@ -12,14 +12,18 @@ Layout of a store folder (all arrays little-endian .npy, opened with mmap):
     raw_counts.npy     int32 (n,), proposals before the filter
     box_offsets.npy    int64 (n+1,), boxes of image i are boxes[box_offsets[i]:box_offsets[i+1]]
     boxes.npy          float32 (total, 4), x1 y1 x2 y2 in original-image pixels
-    failures.json      {path: reason} for unreadable images
-meta.json is written last, so a folder without it is not a finished store.
+    failures.json      {path: reason} for unreadable images, and for unreadable folders (path ends in "/")
+meta.json is written last, so a folder without it is not a finished store. Opening a store checks that
+these files agree with each other (shapes, offsets, counts), so one damaged value is refused by name
+instead of handing an image another image's boxes.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,18 +35,23 @@ from soco.files import atomic_write, atomic_write_text
 STORE_FORMAT = "soco-proposals"
 STORE_VERSION = 1
 FAILED_LEVEL = -1
-_ARRAYS = (
-    "path_bytes",
-    "path_offsets",
-    "path_table",
-    "sizes",
-    "fingerprints",
-    "byte_sizes",
-    "levels",
-    "raw_counts",
-    "box_offsets",
-    "boxes",
-)
+# Every array of a store with its dtype and shape; "n" is the number of images, None any length.
+_ARRAY_LAYOUT = {
+    "path_bytes": ("uint8", (None,)),
+    "path_offsets": ("int64", ("n+1",)),
+    "path_table": ("int64", (None,)),
+    "sizes": ("int32", ("n", 2)),
+    "fingerprints": ("uint64", ("n",)),
+    "byte_sizes": ("int64", ("n",)),
+    "levels": ("int8", ("n",)),
+    "raw_counts": ("int32", ("n",)),
+    "box_offsets": ("int64", ("n+1",)),
+    "boxes": ("float32", (None, 4)),
+}
+_ARRAYS = tuple(_ARRAY_LAYOUT)
+STORE_FILES = (*(f"{name}.npy" for name in _ARRAYS), "failures.json")
+FAILURES_FILE = "failures.json"
+_SUMMED = ("path_offsets", "box_offsets")  # the arrays that say which path and boxes are whose
 
 
 @dataclass
@@ -74,6 +83,34 @@ def listing_digest(paths: list[str]) -> str:
     return digest.hexdigest()
 
 
+def image_listing(images_root: str | Path) -> tuple[list[str], dict[str, str]]:
+    """Sorted store paths of a folder (images, and unreadable folders as "sub/"), and {"sub/": reason}."""
+    from soco.data.images import list_images
+
+    unreadable: dict[str, str] = {}
+    paths = list_images(images_root, unreadable=unreadable)
+    folders = {f"{folder}/": reason for folder, reason in unreadable.items()}
+    return sorted([*paths, *folders]), folders
+
+
+def is_folder_entry(path: str) -> bool:
+    """Whether a store path stands for an unreadable folder rather than an image."""
+    return path.endswith("/")
+
+
+def left_out_message(store: ProposalStore) -> str | None:
+    """The line a training run logs about images its store has no proposals for; None when there are none."""
+    if store.failed_count == 0:
+        return None
+    failures = store.failures()
+    folders = sum(is_folder_entry(path) for path in failures)
+    images = len(failures) - folders
+    parts = [f"{images} image{'s' if images != 1 else ''} left out (failed proposals)"] if images else []
+    if folders:
+        parts.append(f"{folders} unreadable folder{'s' if folders != 1 else ''} left out")
+    return f"{', '.join(parts)}: see {store.failures_file}"
+
+
 def _build_path_table(encoded_paths: list[bytes]) -> np.ndarray:
     """Open-addressing hash table with linear probing, at most half full."""
     size = 1
@@ -87,6 +124,14 @@ def _build_path_table(encoded_paths: list[bytes]) -> np.ndarray:
             slot = (slot + 1) & mask
         table[slot] = index
     return table
+
+
+def no_space_error(path: str | Path) -> ProposalStoreError:
+    """The one-line error of a disk that filled up while `path` was written."""
+    return ProposalStoreError(
+        f"no space left on device while writing {path}; the work so far is kept, "
+        "free some space and run the same command again to continue"
+    )
 
 
 def _atomic_save_array(folder: Path, name: str, array: np.ndarray) -> None:
@@ -134,11 +179,31 @@ def write_store(folder: str | Path, records: list[ImageRecord], meta: dict) -> P
         "box_offsets": box_offsets,
         "boxes": boxes.astype(np.float32),
     }
-    for name, array in arrays.items():
-        _atomic_save_array(folder, name, array)
     failures = {r.path: r.reason for r in records if r.level == FAILED_LEVEL}
-    atomic_write_text(folder / "failures.json", json.dumps(failures, indent=1, sort_keys=True))
-    levels = arrays["levels"]
+    writing = folder
+    try:
+        for name, array in arrays.items():
+            writing = folder / f"{name}.npy"
+            _atomic_save_array(folder, name, array)
+        writing = folder / FAILURES_FILE
+        atomic_write_text(writing, json.dumps(failures, indent=1, sort_keys=True))
+        writing = meta_path
+        _write_meta(meta_path, meta, arrays, paths)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise no_space_error(writing) from None
+        raise
+    return folder
+
+
+def _offset_sums(arrays: dict[str, np.ndarray]) -> dict[str, int]:
+    """Sums of the offset arrays: a wrong value that keeps them increasing still changes its sum."""
+    return {name: int(np.asarray(arrays[name]).sum(dtype=np.int64)) for name in _SUMMED}
+
+
+def _write_meta(meta_path: Path, meta: dict, arrays: dict[str, np.ndarray], paths: list[str]) -> None:
+    """meta.json, the file whose arrival finishes a store."""
+    n, box_offsets, levels = len(paths), arrays["box_offsets"], arrays["levels"]
     full_meta = {
         "format": STORE_FORMAT,
         "version": STORE_VERSION,
@@ -148,14 +213,117 @@ def write_store(folder: str | Path, records: list[ImageRecord], meta: dict) -> P
         "num_failed": int((levels == FAILED_LEVEL).sum()),
         "num_fallback": {str(level): int((levels == level).sum()) for level in (1, 2, 3)},
         "listing_digest": listing_digest(paths),
+        "offset_sums": _offset_sums(arrays),
     }
     atomic_write_text(meta_path, json.dumps(full_meta, indent=2, sort_keys=True))
-    return folder
 
 
 def is_store(folder: str | Path) -> bool:
     """True when `folder` holds a finished store."""
     return (Path(folder) / "meta.json").is_file()
+
+
+def _not_a_store_error(folder: Path) -> ProposalStoreError:
+    """Why `folder` (an existing path without meta.json) is not a store, with what to do instead."""
+    from soco.data.images import IMAGE_EXTENSIONS
+
+    if not folder.is_dir():
+        return ProposalStoreError(f"{folder} is a file, not a proposal store (a store is a folder)")
+    if (folder / "parts" / "run.json").is_file():
+        return ProposalStoreError(
+            f"{folder} is not a finished proposal store (its run stopped before the end); "
+            "run the same `soco proposals` command again to finish it"
+        )
+    hint = ""
+    if _holds_images(folder, IMAGE_EXTENSIONS):
+        hint = f"; it holds images: make a store of them with `soco proposals {folder} -o STORE`"
+    return ProposalStoreError(f"{folder} is not a proposal store (no meta.json){hint}")
+
+
+def _holds_images(folder: Path, extensions: tuple[str, ...], budget: int = 2000) -> bool:
+    """Whether an image file lies in `folder` or one level below (looking at `budget` entries at most)."""
+    for visited, (_, subfolders, files) in enumerate(os.walk(folder)):
+        if any(name.lower().endswith(extensions) for name in files):
+            return True
+        budget -= len(files) + len(subfolders)
+        if budget <= 0:
+            return False
+        if visited:  # below the top: one level down is enough to recognise an image folder
+            subfolders.clear()
+    return False
+
+
+def _damaged(file: Path, problem: str) -> ProposalStoreError:
+    """The one-line error of a store file that is unreadable or disagrees with the others."""
+    return ProposalStoreError(
+        f"proposal store file {file} {problem}: the store is damaged; delete {file.parent} and run "
+        "`soco proposals` again"
+    )
+
+
+def _check_consistency(folder: Path, arrays: dict[str, np.ndarray], meta: dict, failures: dict) -> None:
+    """Refuse a store whose files disagree (vectorised: a few milliseconds for a million images)."""
+    n = len(arrays["path_offsets"]) - 1
+    for name, (dtype, shape) in _ARRAY_LAYOUT.items():
+        array, file = arrays[name], folder / f"{name}.npy"
+        expected = tuple({"n": n, "n+1": n + 1}.get(d, d) for d in shape)
+        if array.dtype.newbyteorder("<") != np.dtype(dtype).newbyteorder("<"):
+            raise _damaged(file, f"has dtype {array.dtype}, expected {dtype}")
+        if array.ndim != len(expected) or any(e is not None and e != a for e, a in zip(expected, array.shape)):
+            wanted = "x".join("any" if e is None else str(e) for e in expected)
+            raise _damaged(file, f"has shape {array.shape}, expected {wanted} for {n} images")
+    if n < 0 or meta.get("num_images") != n:
+        raise _damaged(folder / "path_offsets.npy", f"lists {n} images, meta.json says {meta.get('num_images')}")
+    for name, total_name, total in (
+        ("path_offsets", "path_bytes.npy length", len(arrays["path_bytes"])),
+        ("box_offsets", "number of boxes in boxes.npy", len(arrays["boxes"])),
+    ):
+        offsets = arrays[name]
+        if offsets[0] != 0:
+            raise _damaged(folder / f"{name}.npy", f"starts at {offsets[0]}, not 0")
+        if n and (offsets[1:] < offsets[:-1]).any():
+            where = int(np.flatnonzero(offsets[1:] < offsets[:-1])[0])
+            raise _damaged(folder / f"{name}.npy", f"decreases at image {where} ({offsets[where]} > {offsets[where + 1]})")
+        if offsets[-1] != total:
+            raise _damaged(folder / f"{name}.npy", f"ends at {offsets[-1]}, the {total_name} is {total}")
+    recorded = meta.get("offset_sums") or {}  # absent in stores written before it was added
+    for name, total in _offset_sums(arrays).items():
+        if name in recorded and recorded[name] != total:
+            raise _damaged(folder / f"{name}.npy", f"sums to {total}, meta.json recorded {recorded[name]} (a value changed)")
+    if meta.get("num_boxes") != len(arrays["boxes"]):
+        raise _damaged(folder / "boxes.npy", f"holds {len(arrays['boxes'])} boxes, meta.json says {meta.get('num_boxes')}")
+    table = arrays["path_table"]
+    if len(table) < max(1, n) or len(table) & (len(table) - 1):
+        raise _damaged(folder / "path_table.npy", f"has {len(table)} slots for {n} images (need a power of 2 >= n)")
+    levels = arrays["levels"]
+    if n and (levels.min() < FAILED_LEVEL or levels.max() > 3):
+        raise _damaged(folder / "levels.npy", f"holds levels outside {FAILED_LEVEL}..3")
+    failed = levels == FAILED_LEVEL
+    failed_count = int(failed.sum())
+    if len(failures) != failed_count or meta.get("num_failed", failed_count) != failed_count:
+        raise _damaged(
+            folder / FAILURES_FILE,
+            f"lists {len(failures)} failures, levels.npy marks {failed_count} images failed "
+            f"and meta.json says {meta.get('num_failed')}",
+        )
+    if failed_count and (arrays["box_offsets"][1:][failed] != arrays["box_offsets"][:-1][failed]).any():
+        raise _damaged(folder / "box_offsets.npy", "gives boxes to an image marked failed")
+
+
+def _load_json(file: Path):
+    """A store's JSON file, or a one-line error naming it when it is missing, empty or unparsable."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise _damaged(file, "is missing") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise _damaged(file, f"cannot be read ({error})") from None
+    if not text.strip():
+        raise _damaged(file, "is empty")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise _damaged(file, f"is truncated or unparsable ({error})") from None
 
 
 class ProposalStore:
@@ -167,28 +335,34 @@ class ProposalStore:
         if not self.folder.exists():
             raise ProposalStoreError(f"proposal store {self.folder} does not exist")
         if not meta_path.is_file():
-            raise ProposalStoreError(
-                f"{self.folder} is not a finished proposal store (no meta.json); "
-                "run `soco proposals` again to finish it"
-            )
-        try:
-            self.meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as error:
-            raise ProposalStoreError(f"{meta_path}: corrupt ({error})") from None
-        if self.meta.get("format") != STORE_FORMAT:
-            raise ProposalStoreError(f"{self.folder}: not a soco proposal store")
+            raise _not_a_store_error(self.folder)
+        self.meta = _load_json(meta_path)
+        if not isinstance(self.meta, dict) or self.meta.get("format") != STORE_FORMAT:
+            raise ProposalStoreError(f"{self.folder}: not a soco proposal store ({meta_path} names another format)")
         if self.meta.get("version") != STORE_VERSION:
             raise ProposalStoreError(
                 f"{self.folder}: store format version {self.meta.get('version')}, "
                 f"this soco reads version {STORE_VERSION}"
             )
-        try:
-            for name in _ARRAYS:
-                setattr(self, f"_{name}", np.load(self.folder / f"{name}.npy", mmap_mode="r"))
-        except (OSError, ValueError) as error:
-            raise ProposalStoreError(f"{self.folder}: corrupt or incomplete store ({error})") from None
-        if len(self._path_offsets) != self.meta["num_images"] + 1:
-            raise ProposalStoreError(f"{self.folder}: arrays disagree with meta.json")
+        arrays = {}
+        for name in _ARRAYS:
+            file = self.folder / f"{name}.npy"
+            try:
+                arrays[name] = np.load(file, mmap_mode="r")
+            except FileNotFoundError:
+                raise _damaged(file, "is missing") from None
+            except (OSError, ValueError, EOFError) as error:
+                problem = "is empty (0 bytes)" if file.is_file() and file.stat().st_size == 0 else (
+                    f"is truncated or unparsable ({type(error).__name__}: {error})"
+                )
+                raise _damaged(file, problem) from None
+        failures_path = self.folder / FAILURES_FILE
+        self._failures = _load_json(failures_path)
+        if not isinstance(self._failures, dict):
+            raise _damaged(failures_path, "is not a {path: reason} object")
+        _check_consistency(self.folder, arrays, self.meta, self._failures)
+        for name, array in arrays.items():
+            setattr(self, f"_{name}", array)
 
     def __len__(self) -> int:
         return len(self._path_offsets) - 1
@@ -243,10 +417,13 @@ class ProposalStore:
         table = self._path_table
         mask = len(table) - 1
         slot = path_hash(encoded) & mask
+        count = len(self)
         while True:
             index = int(table[slot])
             if index == -1:
                 raise KeyError(path)
+            if not 0 <= index < count:  # checked here, not at opening: reading the whole table costs
+                raise _damaged(self.folder / "path_table.npy", f"points to image {index} of {count}")
             start, end = self._path_offsets[index], self._path_offsets[index + 1]
             if bytes(self._path_bytes[start:end]) == encoded:
                 return index
@@ -265,8 +442,18 @@ class ProposalStore:
         return np.asarray(self._boxes[self._box_offsets[index] : self._box_offsets[index + 1]])
 
     def failures(self) -> dict[str, str]:
-        """{path: reason} for every image that could not be read."""
-        return json.loads((self.folder / "failures.json").read_text())
+        """{path: reason} for every image that could not be read (and folder, path ending in "/")."""
+        return dict(self._failures)
+
+    @property
+    def failed_count(self) -> int:
+        """How many images (and unreadable folders) have no proposals, so training leaves them out."""
+        return int(self.meta["num_failed"])
+
+    @property
+    def failures_file(self) -> Path:
+        """The file listing every failure with its reason."""
+        return self.folder / FAILURES_FILE
 
     def valid_indices(self) -> np.ndarray:
         """Indices of images that were read successfully."""
@@ -277,7 +464,7 @@ class ProposalStore:
         path = self.path(index)
         width, height = (int(v) for v in self._sizes[index])
         level = int(self._levels[index])
-        reason = self.failures().get(path, "") if level == FAILED_LEVEL else ""
+        reason = self._failures.get(path, "") if level == FAILED_LEVEL else ""
         return ImageRecord(
             path=path,
             fingerprint=int(self._fingerprints[index]),
@@ -293,39 +480,58 @@ class ProposalStore:
     def check_images(self, images_root: str | Path, fingerprint_sample: int | None = 256) -> None:
         """Refuse images that are not the ones this store was made from (listing, sizes, fingerprints).
 
-        Every file's size is compared (a stat each); fingerprints for an evenly spread sample of
-        `fingerprint_sample` images, or for all of them when it is None.
+        Every readable image's size is compared (a stat each); fingerprints for an evenly spread sample
+        of `fingerprint_sample` of them, or for all of them when it is None. Failed images are not
+        checked: training leaves them out.
         """
-        from soco.data.images import file_fingerprint, list_images
+        from soco.data.images import file_fingerprint
 
         images_root = Path(images_root)
-        paths = list_images(images_root)
+        paths, _ = image_listing(images_root)
+        update = f"run `soco proposals {images_root} -o {self.folder}` to update the store"
         if listing_digest(paths) != self.meta["listing_digest"]:
             ours = set(self.paths())
-            extra = sorted(set(paths) - ours)[:3]
-            missing = sorted(ours - set(paths))[:3]
+            extra = sorted(set(paths) - ours)
+            missing = sorted(ours - set(paths))
+            same_folder = str(Path(images_root).expanduser().resolve()) == self.meta.get("images_root")
+            if same_folder:
+                raise ProposalStoreError(
+                    f"proposal store {self.folder} was made for another image folder than {images_root} is now "
+                    f"({len(extra)} images added, e.g. {extra[:3]}; {len(missing)} removed, e.g. {missing[:3]}): "
+                    f"{update}"
+                )
             raise ProposalStoreError(
                 f"proposal store {self.folder} was made for another image folder "
                 f"({self.meta.get('images_root')}, {len(self)} images) than {images_root} "
-                f"({len(paths)} images); not in the store: {extra or 'none'}; not in the folder: {missing or 'none'}"
+                f"({len(paths)} images); not in the store: {extra[:3] or 'none'}; "
+                f"not in the folder: {missing[:3] or 'none'}"
             )
+        readable = self.valid_indices()
         sizes = self.byte_sizes
-        for index, path in enumerate(paths):
-            if (images_root / path).stat().st_size != sizes[index]:
+        for index in readable:
+            file = images_root / paths[index]
+            try:
+                size = file.stat().st_size
+            except OSError:
+                size = -1
+            if size != sizes[index]:
                 raise ProposalStoreError(
-                    f"{images_root / path} changed since proposal store {self.folder} was made "
-                    "(file size differs): recompute the proposals"
+                    f"{file} changed since proposal store {self.folder} was made (file size differs): {update}"
                 )
-        count = len(paths)
-        sample = range(count) if fingerprint_sample is None or fingerprint_sample >= count else (
-            np.linspace(0, count - 1, fingerprint_sample).astype(int)
+        count = len(readable)
+        sample = readable if fingerprint_sample is None or fingerprint_sample >= count else (
+            readable[np.linspace(0, count - 1, fingerprint_sample).astype(int)]
         )
         for index in sample:
-            data = (images_root / paths[index]).read_bytes()
-            if file_fingerprint(data) != int(self.fingerprints[index]):
+            file = images_root / paths[index]
+            try:
+                fingerprint = file_fingerprint(file.read_bytes())
+            except OSError:
+                fingerprint = None
+            if fingerprint != int(self.fingerprints[index]):
                 raise ProposalStoreError(
-                    f"{images_root / paths[index]} changed since proposal store {self.folder} was made "
-                    "(content fingerprint differs): recompute the proposals"
+                    f"{file} changed since proposal store {self.folder} was made "
+                    f"(content fingerprint differs): {update}"
                 )
 
     def disk_bytes(self) -> int:

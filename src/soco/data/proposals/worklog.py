@@ -78,26 +78,45 @@ class WorkLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.records, valid_length = read_log(self.path)
-        self._handle = open(self.path, "ab")
+        # Unbuffered: a record is handed to the OS by append itself, and a failed write (a full disk)
+        # leaves nothing queued that a later flush would add behind a cut record.
+        self._handle = open(self.path, "ab", buffering=0)
         if self._handle.tell() != valid_length:
             self._handle.truncate(valid_length)
             self._handle.seek(valid_length)
+        self._length = valid_length
 
     def append(self, record: ImageRecord) -> None:
-        """Append one record and hand it to the OS at once (a killed process loses nothing written)."""
-        self._handle.write(encode_record(record))
-        self._handle.flush()
+        """Append one record and hand it to the OS at once (a killed process loses nothing written).
+
+        When the write fails (no space left), the partial record is cut away and the error raised, so
+        the log keeps every earlier record and stays appendable.
+        """
+        data = memoryview(encode_record(record))
+        try:
+            while data:
+                written = self._handle.write(data)
+                data = data[written:]
+        except OSError:
+            try:
+                self._handle.truncate(self._length)
+                self._handle.seek(self._length)
+            except OSError:
+                pass  # a torn tail is cut on the next opening anyway
+            raise
+        self._length = self._handle.tell()
 
     def sync(self) -> None:
         """Force written records to disk (protects against power loss, not only process kills)."""
-        self._handle.flush()
         os.fsync(self._handle.fileno())
 
     def close(self) -> None:
-        """Flush, sync and close."""
+        """Sync and close."""
         if not self._handle.closed:
-            self.sync()
-            self._handle.close()
+            try:
+                self.sync()
+            finally:
+                self._handle.close()
 
     def __enter__(self) -> WorkLog:
         return self

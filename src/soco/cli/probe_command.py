@@ -1,0 +1,95 @@
+"""`soco probe`: k-NN and linear-probe accuracy of pretrained weights on labelled boxes, against a random init."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+DEFAULT_PROBE_OUT = Path("runs") / "probe"
+RESULTS_NAME = "probe.json"
+STAGE_CHOICES = ("c2", "c3", "c4", "c5")  # soco.transfer.probe.STAGES, without importing torch here
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `soco probe`."""
+    parser.add_argument("--weights", required=True, metavar="FILE|none",
+                        help="`soco export --to torchvision` or `--to backbone` file; 'none': the random floor only")
+    parser.add_argument("--labels", required=True, metavar="COCO.json", help="COCO annotations of the boxes to probe")
+    parser.add_argument("--data", default=None, metavar="IMAGES",
+                        help="folder the file_names are relative to (default: 'images' next to --labels)")
+    parser.add_argument("--out", default=None, help=f"folder for {RESULTS_NAME} (default: {DEFAULT_PROBE_OUT})")
+    parser.add_argument("--depth", type=int, default=None, help="ResNet depth (default: read from the file, else 50)")
+    parser.add_argument("--stage", default="c5", choices=STAGE_CHOICES, help="ResNet stage pooled (default c5)")
+    parser.add_argument("--k", type=int, default=20, help="neighbours of the k-NN vote (default 20)")
+    parser.add_argument("--steps", type=int, default=300, help="linear-probe training steps (default 300)")
+    parser.add_argument("--max-images", type=int, default=200, help="images with boxes probed (default 200)")
+    parser.add_argument("--test-fraction", type=float, default=0.5, help="share of images held out (default 0.5)")
+    parser.add_argument("--no-background", action="store_true",
+                        help="only the labelled classes (default: add one background box per object)")
+    parser.add_argument("--seed", type=int, default=0, help="image order, split and background boxes (default 0)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _backbone(depth: int, seed: int, state: dict | None = None, name: Path | None = None):
+    """The ResNet-FPN body of a freshly built detector (the random floor), with a weights file's tensors if given."""
+    import torch
+
+    from soco.transfer.detector import build_detector, load_pretrained
+    from soco.transfer.weights import detector_widths
+
+    torch.manual_seed(seed)
+    # The file's FPN and head widths, so that every tensor it holds loads (only the body is probed).
+    widths = detector_widths(state) if state is not None else {}
+    model = build_detector("faster_rcnn", num_classes=2, depth=depth, **widths)
+    report = load_pretrained(model, state, name=name) if state is not None else None
+    return model.backbone.body, report
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `soco probe`."""
+    import torch
+
+    from soco.errors import ConfigError, SocoError
+    from soco.files import atomic_write_text
+    from soco.transfer.coco_data import CocoDetection
+    from soco.transfer.probe import format_table, probe_backbones
+    from soco.transfer.weights import check_depth, read_weights, resnet_depth
+
+    weights = None if args.weights.strip().lower() == "none" else Path(args.weights).expanduser()
+    if weights is not None and not weights.is_file():
+        raise SocoError(f"weights file {weights} does not exist (or pass --weights none)")
+    state = read_weights(weights) if weights is not None else None
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    depth = args.depth or (resnet_depth(state) if state is not None else None) or 50
+    if state is not None:
+        check_depth(state, depth, weights)
+    images = Path(args.data).expanduser() if args.data else Path(args.labels).expanduser().parent / "images"
+    dataset = CocoDetection(args.labels, images)
+    backbones, loaded = {}, None
+    if weights is not None:
+        backbones[f"pretrained ({weights.name})"], loaded = _backbone(depth, args.seed, state, weights)
+        print(loaded.line())
+    backbones["random init"], _ = _backbone(depth, args.seed)
+    for backbone in backbones.values():
+        backbone.to(device)
+    results = probe_backbones(
+        backbones, dataset, stage=args.stage, k=args.k, linear_steps=args.steps, background=not args.no_background,
+        test_fraction=args.test_fraction, max_images=args.max_images, seed=args.seed, progress=not args.quiet,
+    )
+    print(format_table(results, title=f"probe of ResNet-{depth} on {dataset.annotation_file}"))
+    out = Path(args.out) if args.out else DEFAULT_PROBE_OUT
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "labels": str(dataset.annotation_file), "images": str(images), "weights": str(weights) if weights else None,
+        "depth": depth, "device": str(device), "seed": args.seed, "background": not args.no_background,
+        "max_images": args.max_images, "test_fraction": args.test_fraction, "linear_steps": args.steps,
+        "loaded": loaded.loaded if loaded else None,
+        "results": {name: result.as_dict() for name, result in results.items()},
+    }
+    atomic_write_text(out / RESULTS_NAME, json.dumps(record, indent=2))
+    print(f"results: {out / RESULTS_NAME}")
+    return 0

@@ -1,0 +1,270 @@
+"""Every value of a configuration checked in one place, before anything is built or written.
+
+A configuration dataclass declares the rule of each of its keys with the `@config_rules(key=rule, ...)`
+class decorator (the shared sections in `schema.py`, each method's section in its own file); the rules
+are ranges (`at_least`, `above`, `between`), choices (`one_of`), `[low, high]` pairs (`interval`), lists
+(`each`) and free text (`ANY_TEXT`). Relations between the keys of one section (a minimum below its
+maximum) live in the dataclass's optional `check_values(self)` method, which raises ConfigError. The
+types themselves are checked while loading (`loading.py`). `validate_section` walks a section and its
+nested sections; every problem is a one-line ConfigError that names the key.
+
+The command line's own numbers (`--steps`, `--workers`) are checked by the argparse types at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from soco.errors import ConfigError
+
+RULES_ATTRIBUTE = "__config_rules__"
+RELATIONS_HOOK = "check_values"
+
+
+def _shown(value: Any) -> str:
+    """A value as the user would write it in YAML (true, 0.5, 'text', [1, 2])."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_shown(item) for item in value) + "]"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
+        return str(int(value))  # a bound of 0.0 reads as 0
+    return str(value)
+
+
+def _is_number(value: Any) -> bool:
+    """True for ints and floats, not for bools."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Range:
+    """A finite number between `low` and `high`; either end may be absent or open."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def describe(self) -> str:
+        """The range in words: 'at least 1', 'greater than 0', 'in [0, 1)'."""
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{_shown(self.low)}, {_shown(self.high)}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'greater than' if self.low_open else 'at least'} {_shown(self.low)}"
+        if self.high is not None:
+            return f"{'less than' if self.high_open else 'at most'} {_shown(self.high)}"
+        return "a finite number"
+
+    def contains(self, value: Any) -> bool:
+        """Whether `value` is a finite number within the range."""
+        if not _is_number(value) or not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with `value`, or None."""
+        return None if self.contains(value) else f"must be {self.describe()}, not {_shown(value)}"
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """One of a few named values."""
+
+    choices: tuple
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with `value` (with the closest choice), or None."""
+        if value in self.choices:
+            return None
+        hint = ""
+        if isinstance(value, str):
+            close = difflib.get_close_matches(value, [str(c) for c in self.choices], n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"must be one of {', '.join(_shown(c) for c in self.choices)}, not {_shown(value)}{hint}"
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A `[low, high]` pair with low <= high, both ends within `bounds`."""
+
+    bounds: Range
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with the pair, or None."""
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            return f"must be [low, high], not {_shown(value)}"
+        low, high = value
+        if not (self.bounds.contains(low) and self.bounds.contains(high)):
+            return f"must be [low, high] with both ends {self.bounds.describe()}, not {_shown(value)}"
+        if low > high:
+            return f"must be [low, high] with low <= high, not {_shown(value)}"
+        return None
+
+
+@dataclass(frozen=True)
+class Each:
+    """A list whose every item is within `item`, with an exact length or a minimum one."""
+
+    item: Range
+    length: int | None = None
+    min_length: int = 0
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with the list, or None."""
+        if not isinstance(value, (list, tuple)):
+            return f"must be a list, not {_shown(value)}"
+        if self.length is not None and len(value) != self.length:
+            return f"must hold {self.length} values, not {len(value)}: {_shown(value)}"
+        if len(value) < self.min_length:
+            return f"must hold at least {self.min_length} value(s), not {_shown(value)}"
+        bad = [item for item in value if not self.item.contains(item)]
+        if bad:
+            return f"every value must be {self.item.describe()}, not {_shown(bad[0])} in {_shown(value)}"
+        return None
+
+
+@dataclass(frozen=True)
+class Text:
+    """Any string (a path, a free name): declared so that every key of a section has a rule."""
+
+    def problem(self, value: Any) -> str | None:
+        """Strings are checked by type while loading; nothing more to say."""
+        return None if isinstance(value, str) else f"must be a string, not {_shown(value)}"
+
+
+Rule = Range | OneOf | Interval | Each | Text
+
+
+def at_least(low: float) -> Range:
+    """A number >= low."""
+    return Range(low=low)
+
+
+def above(low: float) -> Range:
+    """A number > low."""
+    return Range(low=low, low_open=True)
+
+
+def between(low: float, high: float) -> Range:
+    """A number in [low, high]."""
+    return Range(low=low, high=high)
+
+
+def one_of(*choices: Any) -> OneOf:
+    """One of `choices`."""
+    return OneOf(tuple(choices))
+
+
+def interval(bounds: Range) -> Interval:
+    """A [low, high] pair within `bounds`."""
+    return Interval(bounds)
+
+
+def each(item: Range, length: int | None = None, min_length: int = 0) -> Each:
+    """A list of numbers within `item`."""
+    return Each(item, length, min_length)
+
+
+PROBABILITY = between(0.0, 1.0)
+FRACTION = Range(0.0, 1.0, low_open=True)  # (0, 1]: a share of an image that cannot be empty
+POSITIVE = above(0.0)
+ANY_TEXT = Text()
+
+
+def config_rules(**rules: Rule) -> Callable[[type], type]:
+    """Class decorator (above @dataclass): the rule of each named key of a configuration dataclass."""
+
+    def attach(cls: type) -> type:
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"@config_rules goes above @dataclass (on {cls.__name__})")
+        fields = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(rules) - fields)
+        if unknown:
+            raise TypeError(f"@config_rules on {cls.__name__} names keys it does not have: {', '.join(unknown)}")
+        setattr(cls, RULES_ATTRIBUTE, dict(rules))
+        return cls
+
+    return attach
+
+
+def rules_of(cls: type) -> dict[str, Rule]:
+    """The rules a configuration dataclass declares for its own keys (not those of nested sections)."""
+    return dict(cls.__dict__.get(RULES_ATTRIBUTE, {}))
+
+
+def validate_section(section: Any, prefix: str) -> None:
+    """ConfigError naming the first key of `section` (nested sections included) that breaks its rule or a relation."""
+    rules = rules_of(type(section))
+    for field in dataclasses.fields(section):
+        key = f"{prefix}.{field.name}" if prefix else field.name
+        value = getattr(section, field.name)
+        if dataclasses.is_dataclass(value):
+            validate_section(value, key)
+            continue
+        rule = rules.get(field.name)
+        problem = rule.problem(value) if rule is not None else None
+        if problem:
+            raise ConfigError(f"{key}: {problem}")
+    relations = getattr(section, RELATIONS_HOOK, None)
+    if relations is not None:
+        relations()
+
+
+SHARED_SECTIONS = ("data", "proposals", "optim", "train")
+
+
+def validate_shared(config: Any) -> None:
+    """Check the sections every method shares (data, proposals, optim, train)."""
+    for name in SHARED_SECTIONS:
+        validate_section(getattr(config, name), name)
+
+
+def validate(config: Any) -> None:
+    """Check every value of a pretraining Config: the shared sections, then the method's section."""
+    validate_shared(config)
+    if config.method is not None:
+        validate_section(config.method, "method")
+
+
+# The command line's own numbers: argparse types, so that a bad value is argparse's one-line error.
+
+
+def _number(text: str) -> float:
+    """A number as users write it: 3, 1e3, 0.5, 1_000."""
+    try:
+        return float(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+
+
+def count_argument(minimum: int, note: str = "") -> Callable[[str], int]:
+    """An argparse type: a whole number >= minimum ('1e3' is 1000); `note` follows the error message."""
+
+    def parse(text: str) -> int:
+        value = _number(text)
+        if not math.isfinite(value) or not value.is_integer():
+            raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {text}{note}")
+        return int(value)
+
+    return parse
+
+
+def positive_number_argument(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    value = _number(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number greater than 0, not {text}")
+    return value
