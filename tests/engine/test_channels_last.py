@@ -40,7 +40,7 @@ def test_channels_last_gives_the_same_loss_and_gradients(name, tiny_data):
     images, store = tiny_data
     preset = method_class(name).tiny_preset
     common = ["train.device=cpu", "train.precision=fp32", "train.batch_size=4"]
-    nchw = load_config(preset, common)
+    nchw = load_config(preset, [*common, "train.channels_last=false"])
     nhwc = load_config(preset, [*common, "train.channels_last=true"])
     uses = method_class(name).uses_proposals(nchw.method)
     batch = first_batch(bench_dataset(nchw, images, store if uses else None), 4)

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from soco.config.loading import load_config
+from soco.config.schema import ProposalsConfig
 from soco.data import views
+from soco.data.proposals.pipeline import run_proposals
 from soco.engine.trainer import pretrain
 
 BEFORE_THE_REDESIGN = {
@@ -42,13 +44,22 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_soco_tiny_with_the_old_thresholds_and_blur_gives_bitwise_the_old_weights(tiny_data, tmp_path, one_thread,
-                                                                                  monkeypatch):
-    images, store = tiny_data
+@pytest.fixture(scope="module")
+def rich_store(tiny_data, tmp_path_factory):
+    """The tiny images' proposals by the `rich` algorithm: the `fast` set of the recording's time."""
+    images, _ = tiny_data
+    store = tmp_path_factory.mktemp("rich") / "store"
+    run_proposals(images, store, ProposalsConfig(workers=1, algorithm="rich"), progress=False)
+    return store
+
+
+def test_soco_tiny_with_the_old_thresholds_and_blur_gives_bitwise_the_old_weights(tiny_data, rich_store, tmp_path,
+                                                                                  one_thread, monkeypatch):
+    images, store = tiny_data[0], rich_store
     # the digests were recorded with torchvision's colour kernels (OpenCV's equal them only to rounding)
     monkeypatch.setattr(views, "COLOR_BACKEND", "torchvision")
     config = load_config("soco_tiny", ["train.device=cpu", "train.steps=4", "train.seed=0",
-                                       "train.precision=fp32",  # the digests were recorded in fp32
+                                       "train.precision=fp32", "train.channels_last=false",  # as recorded
                                        "method.model.level_thresholds=[48,96,192]", "method.views.blur_kernel=tenth"])
     pretrain(config, tmp_path / "run", images, store, progress=False)
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)

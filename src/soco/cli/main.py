@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     proposals.add_argument("--workers", type=count_argument(0), default=None,
                            help="processes; 0: one per core (default: proposals.workers of the config, 0)")
     proposals.add_argument("--shard", default=None, help="I/N: compute only shard I of N (0-based)")
-    proposals.add_argument("--algorithm", default=None, help="'fast' (default) or 'reference'")
+    proposals.add_argument("--algorithm", default=None,
+                           help="'fast' (default: the selectivesearch package's grouping, fast), 'rich' (the "
+                                "earlier default, more boxes) or 'reference' (the paper's, full resolution, slow)")
     proposals.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_arguments(proposals)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -71,10 +72,17 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 
 def default_store_for(images_root: Path, config: Config) -> Path:
-    """Cache folder of the proposals of an image folder, keyed by its listing and the algorithm."""
+    """Cache folder of the proposals of an image folder, keyed by its listing, the algorithm with its
+    parameters and the filter: a changed algorithm (e.g. a new default) gets a new store, never an old one."""
+    from soco.data.proposals.selective_search import get_algorithm
+
     digest = listing_digest(list_images(images_root))[:12]
+    proposals = config.proposals
+    settings = (get_algorithm(proposals.algorithm).fingerprint, proposals.min_side, proposals.max_aspect,
+                proposals.min_relative_scale, proposals.max_relative_scale)
+    settings_digest = hashlib.blake2b(repr(settings).encode(), digest_size=4).hexdigest()
     cache = Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
-    return cache / "proposals" / f"{images_root.name}-{digest}-{config.proposals.algorithm}"
+    return cache / "proposals" / f"{images_root.name}-{digest}-{proposals.algorithm}-{settings_digest}"
 
 
 def ensure_proposals(images_root: Path, store: Path, config: Config, quiet: bool) -> None:

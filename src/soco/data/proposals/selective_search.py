@@ -1,23 +1,29 @@
 """Selective search (Uijlings et al.) that turns an RGB image into raw, unfiltered proposal boxes.
 
-Two algorithms share one implementation of the hierarchical grouping:
+Three algorithms:
 
-* ``reference``: the algorithm of SoCo's release, at the image's original resolution: Felzenszwalb
-  segmentation (scale=300, sigma=0.9, min_size=100), HSV colour histograms (25 bins per channel),
-  LBP texture histograms (10 bins per channel), similarity = colour + texture + size + fill, greedy
-  merging of the most similar adjacent pair until one region is left; every region yields a box.
-* ``fast`` (the default): the same grouping on a copy of the image shrunk to at most ``max_side``
-  (160) pixels, segmented by OpenCV's C++ Felzenszwalb, with cheaper pixel features (OpenCV HSV, a
-  3x3 LBP) and four similarity weightings whose boxes are pooled (the "diversification" of Uijlings
-  et al.). SoCo's filter keeps only boxes of at least 32 px and 0.3 * sqrt(W * H) relative scale, so
-  the detail lost by shrinking seldom reaches a kept box. On the default photos it is about 25x
-  (640 px photos) to 700x (3000 px photos) faster per core than ``reference``, and its kept boxes
-  match about 98% of the reference's kept boxes at IoU >= 0.5 (see benchmarks/proposals.py).
+* ``fast`` (the default): the selective search of the ``selectivesearch`` package, which SoCo's release
+  copied, with the parameters scale=500, sigma=0.9, min_size=10, on a copy shrunk to at most
+  ``max_side`` (256) pixels: OpenCV's C++ Felzenszwalb, then greedy hierarchies with the package's own
+  semantics, quirks included, because they decide which regions form (see
+  ``fast_selective_search_boxes``). The package's boxes are unstable at the level of its segmentation:
+  moving its sigma from 0.9 to 0.8 keeps 0.86-0.87 of its kept boxes (IoU 0.5), so a faster
+  segmentation cannot reproduce it box for box. Two hierarchies (two blurs) are pooled and near
+  duplicates dropped: on the default photos this recalls 0.88-0.92 of the package's kept boxes, 0.76-0.83
+  of its own kept boxes are matched, with 1.2-1.3 times as many, at 35-96x less CPU time in total
+  (benchmarks/results/proposals.md).
+* ``rich``: the previous default: the same grouping as ``reference`` on a 160 px copy, pooled over
+  four similarity weightings (the "diversification" of Uijlings et al.). About 3.4 times as many kept
+  boxes as the package; 0.37-0.60 of them match a package box, and they recall 0.58-0.98 of its boxes.
+* ``reference``: the algorithm of SoCo's release, at the image's original resolution, with the
+  release's parameters (scale=300, sigma=0.9, min_size=100) and its histograms repaired: HSV colour
+  histograms (25 bins per channel), LBP texture histograms (10 bins per channel), similarity = colour
+  + texture + size + fill, greedy merging of the most similar touching pair; every region yields a box.
 
 Boxes are float32 ``(N, 4)`` arrays of ``x1 y1 x2 y2`` in original-image pixels with an exclusive
 max edge (a region covering columns 3..10 gives ``x1 = 3, x2 = 11``), clipped to the image.
 
-Differences from the classic pure-Python implementation, all deliberate:
+Differences of ``reference`` and ``rich`` from the classic pure-Python implementation, all deliberate:
 
 * Neighbours are regions that touch (4-connectivity on the label map), as in the paper; the classic
   code used bounding-box overlap, which also merges regions that never touch.
@@ -32,7 +38,9 @@ from __future__ import annotations
 
 import copy
 import difflib
+import hashlib
 import heapq
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,7 +84,7 @@ def _reference_pixel_bins(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return colour, texture * TEXTURE_BINS // _LBP_CODES
 
 
-def _fast_pixel_bins(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _rich_pixel_bins(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Colour and texture bins from OpenCV's 8-bit HSV and a 3x3 LBP (cheaper, nearly the same)."""
     import cv2
 
@@ -258,16 +266,16 @@ def _downscale(rgb: np.ndarray, max_side: int) -> np.ndarray:
 
 # Uijlings et al.'s diversification by similarity: colour+texture+size+fill, then each of colour and
 # texture dropped, then size+fill alone. Each weighting yields a different hierarchy from one segmentation.
-FAST_SIMILARITIES = ((1.0, 1.0, 1.0, 1.0), (0.0, 1.0, 1.0, 1.0), (1.0, 0.0, 1.0, 1.0), (0.0, 0.0, 1.0, 1.0))
+RICH_SIMILARITIES = ((1.0, 1.0, 1.0, 1.0), (0.0, 1.0, 1.0, 1.0), (1.0, 0.0, 1.0, 1.0), (0.0, 0.0, 1.0, 1.0))
 
 
-def fast_selective_search_boxes(
+def rich_selective_search_boxes(
     rgb: np.ndarray,
     max_side: int = 160,
     ks: Sequence[float] = (100.0,),
     sigma: float = 0.0,
     min_size: int = 30,
-    similarities: Sequence[Sequence[float]] = FAST_SIMILARITIES,
+    similarities: Sequence[Sequence[float]] = RICH_SIMILARITIES,
 ) -> np.ndarray:
     """Selective search on a downscaled copy, pooled over thresholds ks and similarity weightings."""
     import cv2
@@ -282,7 +290,7 @@ def fast_selective_search_boxes(
     try:
         small = _downscale(rgb, max_side)
         small_h, small_w = small.shape[:2]
-        colour_bins, texture_bins = _fast_pixel_bins(small)
+        colour_bins, texture_bins = _rich_pixel_bins(small)
         results = []
         for k in ks:
             # OpenCV's C++ Felzenszwalb works on 0..255 pixels, so its k is on the scale of skimage's
@@ -300,14 +308,277 @@ def fast_selective_search_boxes(
                 results.append(boxes)
     finally:
         cv2.setNumThreads(previous_threads)
-    boxes = np.concatenate(results)
+    boxes = _to_original_pixels(np.concatenate(results), small_w, small_h, width, height)
+    # Pooled hierarchies share many regions (the whole image at least); keeping one copy is lossless.
+    return deduplicate_boxes(boxes)
+
+
+# The `selectivesearch` package computes its colour histograms on skimage's HSV of an image scaled
+# 0..255: hue and saturation lie in [0, 1] but are binned over [0, 255], so both always fill the first
+# bin (a constant 2 in every colour similarity) and only the value, max(R, G, B), is binned for real.
+_VALUE_BIN_EDGES = np.linspace(0.0, 255.0, COLOUR_BINS + 1)  # np.histogram's edges for range (0, 255)
+_VALUE_BIN = np.minimum(np.searchsorted(_VALUE_BIN_EDGES, np.arange(256), side="right") - 1, COLOUR_BINS - 1)
+# Its texture histograms bin LBP codes 0..255 over [0, 1]: only code 0 (all eight neighbours darker)
+# and code 1 (only the right-hand neighbour as bright or brighter) are counted, per channel.
+_PACKAGE_TEXTURE_CODES = 2
+# The grouping keeps an (n, n) similarity matrix; the segmentation is coarsened until n fits.
+MAX_FAST_REGIONS = 2048
+
+
+def _package_pixel_bins(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Value bin of every pixel, and per channel 0 / 1 for LBP code 0 / 1 and 2 for any other code."""
+    value = _VALUE_BIN[rgb.max(axis=2)]
+    # skimage samples pixels outside the image as 0, as the padding here does. It interpolates the
+    # diagonal neighbours at distance 1 where this takes the corner pixels: with skimage's segmentation
+    # at full resolution, either way reproduces 99% of the package's kept boxes.
+    centre = rgb.astype(np.int16)
+    padded = np.pad(centre, ((1, 1), (1, 1), (0, 0)), constant_values=0)
+    height, width = rgb.shape[:2]
+    right_as_bright = padded[1:-1, 2:] >= centre
+    other_as_bright = np.zeros(rgb.shape, dtype=bool)
+    for dy, dx in ((-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1), (1, 0), (1, 1)):
+        other_as_bright |= padded[1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width] >= centre
+    texture = np.where(other_as_bright, 2, right_as_bright.astype(np.int64))
+    return value, texture
+
+
+def _package_region_features(
+    labels: np.ndarray, value_bins: np.ndarray, texture_codes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sizes, inclusive boxes, histograms and neighbour pairs of the package, regions in its order.
+
+    The package numbers regions in the order a raster scan first meets them, and its neighbour test
+    depends on that order, so the regions here follow it too.
+    """
+    height, width = labels.shape
+    _, first_pixel, flat = np.unique(labels.ravel(), return_index=True, return_inverse=True)
+    rank = np.empty(len(first_pixel), dtype=np.int64)
+    rank[np.argsort(first_pixel, kind="stable")] = np.arange(len(first_pixel))
+    flat = rank[flat.ravel()]
+    n = len(first_pixel)
+    sizes = np.bincount(flat, minlength=n).astype(np.float64)
+
+    rows = np.repeat(np.arange(height, dtype=np.float64), width)
+    cols = np.tile(np.arange(width, dtype=np.float64), height)
+    x1, y1 = np.full(n, float(width)), np.full(n, float(height))
+    x2, y2 = np.zeros(n), np.zeros(n)
+    np.minimum.at(x1, flat, cols)
+    np.minimum.at(y1, flat, rows)
+    np.maximum.at(x2, flat, cols)  # inclusive max: the package's fill term uses max - min
+    np.maximum.at(y2, flat, rows)
+    boxes = np.stack([x1, y1, x2, y2], axis=1)
+
+    value = np.bincount(flat * COLOUR_BINS + value_bins.ravel(), minlength=n * COLOUR_BINS)
+    codes = texture_codes.reshape(-1, 3)
+    counted = codes < _PACKAGE_TEXTURE_CODES
+    texture_index = (flat[:, None] * 3 + np.arange(3)) * _PACKAGE_TEXTURE_CODES + codes
+    texture = np.bincount(texture_index[counted], minlength=n * 3 * _PACKAGE_TEXTURE_CODES)
+    # Both are divided by the region's pixel count, as the package does (not by their own sums).
+    hists = np.concatenate(
+        [value.reshape(n, COLOUR_BINS), texture.reshape(n, 3 * _PACKAGE_TEXTURE_CODES)], axis=1
+    ) / sizes[:, None]
+    return sizes, boxes, hists, _corner_inside_pairs(boxes)
+
+
+def _corner_inside_pairs(boxes: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """Pairs (a, b), a < b, where a corner of box b lies strictly inside box a (the package's neighbours).
+
+    Only b's corners are tested, as in the package, so the relation depends on the region order.
+    """
+    x1, y1, x2, y2 = boxes.T
+    found = []
+    for start in range(0, len(boxes), chunk):
+        a = np.arange(start, min(start + chunk, len(boxes)))[:, None]
+        inside_x1 = (x1[a] < x1) & (x1 < x2[a])
+        inside_x2 = (x1[a] < x2) & (x2 < x2[a])
+        inside_y1 = (y1[a] < y1) & (y1 < y2[a])
+        inside_y2 = (y1[a] < y2) & (y2 < y2[a])
+        corner = (inside_x1 & inside_y1) | (inside_x2 & inside_y2)
+        corner |= (inside_x1 & inside_y2) | (inside_x2 & inside_y1)
+        corner &= np.arange(len(boxes)) > a
+        rows, cols = np.nonzero(corner)
+        found.append(np.stack([rows + start, cols], axis=1))
+    return np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64)
+
+
+def _package_grouping(
+    sizes: np.ndarray, boxes: np.ndarray, hists: np.ndarray, pairs: np.ndarray, image_size: float
+) -> np.ndarray:
+    """The package's greedy grouping: merge the most similar neighbour pair until no pair is left.
+
+    Returns the inclusive boxes of the regions, then of every merge in order. Similarity is histogram
+    intersection + size + fill (the package's constant 2 of hue and saturation left out). The (n, n)
+    matrix holds the current similarities (-inf between non-neighbours); each row keeps an upper bound
+    of its maximum, exact unless marked stale, so that a merge touching hundreds of neighbours costs a
+    few vector operations instead of hundreds of heap pushes.
+    """
+    n = len(sizes)
+    if n < 2 or len(pairs) == 0:
+        return boxes.copy()
+    leaves = boxes
+    sizes, boxes, hists = sizes.copy(), boxes.copy(), hists.copy()
+
+    def similarity(a: int | np.ndarray, others: np.ndarray) -> np.ndarray:
+        hist_sim = np.minimum(hists[a], hists[others]).sum(axis=-1)
+        size_ab = sizes[a] + sizes[others]
+        extent = np.maximum(boxes[a, 2:], boxes[others, 2:]) - np.minimum(boxes[a, :2], boxes[others, :2])
+        box_area = extent[..., 0] * extent[..., 1]
+        return hist_sim + (1.0 - size_ab / image_size) + (1.0 - (box_area - size_ab) / image_size)
+
+    sim = np.full((n, n), -np.inf)
+    first, second = pairs[:, 0], pairs[:, 1]
+    sim[first, second] = sim[second, first] = similarity(first, second)
+    best = sim.argmax(axis=1)
+    bound = sim[np.arange(n), best]
+    stale = np.zeros(n, dtype=bool)
+    merged = []
+    while True:
+        row = int(np.argmax(bound))
+        if bound[row] == -np.inf:
+            break
+        if stale[row]:
+            best[row] = sim[row].argmax()
+            bound[row], stale[row] = sim[row, best[row]], False
+            continue
+        a, b = sorted((row, int(best[row])))  # the merged region takes the lower slot
+        size_a, size_b = sizes[a], sizes[b]
+        sizes[a] = size_a + size_b
+        boxes[a, :2] = np.minimum(boxes[a, :2], boxes[b, :2])
+        boxes[a, 2:] = np.maximum(boxes[a, 2:], boxes[b, 2:])
+        hists[a] = (hists[a] * size_a + hists[b] * size_b) / sizes[a]
+        merged.append(boxes[a].copy())
+
+        neighbours = np.maximum(sim[a], sim[b]) > -np.inf
+        neighbours[a] = neighbours[b] = False
+        sim[a], sim[b], sim[:, a], sim[:, b] = -np.inf, -np.inf, -np.inf, -np.inf
+        bound[a] = bound[b] = -np.inf
+        stale[a] = stale[b] = False
+        others = np.flatnonzero(neighbours)
+        if len(others) == 0:
+            continue
+        values = similarity(a, others)
+        sim[a, others] = sim[others, a] = values
+        top = int(values.argmax())
+        best[a], bound[a] = others[top], values[top]
+        # A neighbour's row lost its entries for a and b and gained the new one. If the new value is
+        # at least its old bound it is the row's exact maximum; else the old bound still bounds the row,
+        # exact only if the row's best partner was neither a nor b.
+        old_bound = bound[others]
+        lost_best = stale[others] | (best[others] == a) | (best[others] == b)
+        new_is_max = values >= old_bound
+        best[others[new_is_max]] = a
+        bound[others] = np.maximum(old_bound, values)
+        stale[others] = lost_best & ~new_is_max
+    return np.concatenate([leaves, np.asarray(merged).reshape(-1, 4)])
+
+
+def _segment(small: np.ndarray, k: float, sigma: float, min_size: int) -> np.ndarray:
+    """OpenCV's Felzenszwalb label map, coarsened (min_size doubled) until it has few enough regions."""
+    import cv2
+
+    while True:
+        segmenter = cv2.ximgproc.segmentation.createGraphSegmentation(sigma=sigma, k=k, min_size=min_size)
+        labels = segmenter.processImage(small)
+        if int(labels.max()) + 1 <= MAX_FAST_REGIONS:
+            return labels
+        min_size *= 2  # only noise-like images get here: thousands of regions of a few pixels
+
+
+def fast_selective_search_boxes(
+    rgb: np.ndarray,
+    max_side: int = 256,
+    scale: float = 500.0,
+    sigmas: Sequence[float] = (0.5, 0.8),
+    min_size: int = 10,
+    duplicate_iou: float = 0.925,
+) -> np.ndarray:
+    """The ``selectivesearch`` package's selective search on a copy shrunk to at most max_side pixels.
+
+    ``scale`` and ``min_size`` are the package's (min_size in original pixels, shrunk with the area).
+    As in the package, similarity is the intersection of value histograms (25 bins of max(R, G, B))
+    and of LBP code-0/code-1 counts, plus size and fill; neighbours are regions with a bounding-box
+    corner strictly inside an earlier region's box (raster order), whether or not they touch; pairs
+    are merged greedily until none is left (regions without neighbours never merge, so the last box
+    need not be the whole image). The package's boxes change with small changes of its segmentation,
+    so one hierarchy is built per blur in ``sigmas`` (of the shrunk copy) and their boxes pooled; a
+    box whose IoU with an earlier one is at least ``duplicate_iou`` (the same box give or take a
+    working pixel or two) is dropped, which brings the count back to about the package's.
+    """
+    import cv2
+
+    rgb = _as_rgb_uint8(rgb)
+    height, width = rgb.shape[:2]
+    if height < 2 or width < 2:
+        return _whole_image(width, height)
+    previous_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # callers parallelise over images; the benchmark reports per-core rates
+    try:
+        small = _downscale(rgb, max_side)
+        small_h, small_w = small.shape[:2]
+        area_factor = (small_h * small_w) / (height * width)
+        pixel_bins = _package_pixel_bins(small)
+        results = []
+        for sigma in sigmas:
+            # OpenCV's k is on the package's `scale` (both act on 0..255 pixel differences). Kept
+            # unscaled on the shrunk copy, where each region has fewer pixels, it matches the package's
+            # boxes better than scaled with the area (which leaves many tiny regions the package lacks).
+            labels = _segment(small, float(scale), float(sigma), max(1, round(min_size * area_factor)))
+            features = _package_region_features(labels, *pixel_bins)
+            results.append(_package_grouping(*features, image_size=float(small_h * small_w)))
+    finally:
+        cv2.setNumThreads(previous_threads)
+    boxes = np.concatenate(results) + np.array([0.0, 0.0, 1.0, 1.0])  # inclusive max -> exclusive edge
+    boxes = _drop_near_duplicates(boxes, float(duplicate_iou))
+    return deduplicate_boxes(_to_original_pixels(boxes, small_w, small_h, width, height))
+
+
+def _drop_near_duplicates(boxes: np.ndarray, min_iou: float, chunk: int = 512) -> np.ndarray:
+    """Drop each whole-pixel box whose IoU with an earlier kept box is at least min_iou (order kept).
+
+    If two different whole-pixel boxes differ along x, one of them is at least ox + 1 wide where ox is
+    their overlap along x, so their IoU is at most ox / (ox + 1), and reaching min_iou needs both to be
+    at least min_iou / (1 - min_iou) pixels wide (19 at 0.95); likewise along y. Only boxes with such
+    a side are compared with each other.
+    """
+    boxes = deduplicate_boxes(boxes)
+    if len(boxes) < 2 or min_iou >= 1.0:
+        return boxes
+    if min_iou <= 0.0:
+        raise ValueError(f"duplicate_iou must lie in (0, 1], got {min_iou}")
+    sides = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    candidates = np.flatnonzero(sides >= min_iou / (1.0 - min_iou) - 1e-9)
+    x1, y1, x2, y2 = boxes[candidates].T
+    areas = (x2 - x1) * (y2 - y1)
+    pairs = [np.zeros((0, 2), dtype=np.int64)]
+    for start in range(0, len(candidates), chunk):
+        rows = slice(start, start + chunk)
+        overlap_w = np.minimum(x2[rows, None], x2) - np.maximum(x1[rows, None], x1)
+        overlap_h = np.minimum(y2[rows, None], y2) - np.maximum(y1[rows, None], y1)
+        inter = np.clip(overlap_w, 0, None) * np.clip(overlap_h, 0, None)
+        iou = inter / (areas[rows, None] + areas - inter)
+        first, second = np.nonzero(iou >= min_iou)
+        first += start
+        later = second > first
+        pairs.append(np.stack([first[later], second[later]], axis=1))
+    pairs = np.concatenate(pairs)
+    dropped = np.zeros(len(candidates), dtype=bool)
+    # Pairs in order of their first box: a box's own fate is settled before it may drop later ones.
+    for first, second in pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))].tolist():
+        if not dropped[first]:
+            dropped[second] = True
+    keep = np.ones(len(boxes), dtype=bool)
+    keep[candidates[dropped]] = False
+    return boxes[keep]
+
+
+def _to_original_pixels(boxes: np.ndarray, small_w: int, small_h: int, width: int, height: int) -> np.ndarray:
+    """Boxes with exclusive edges in the shrunk copy's pixels -> whole original pixels, float32."""
     # Column c of the small image covers [c * sx, (c + 1) * sx) of the original, so exclusive edges
     # scale exactly; rounding gives whole original pixels.
     sx, sy = width / small_w, height / small_h
     boxes = np.round(boxes * np.array([sx, sy, sx, sy]))
     boxes = np.clip(boxes, 0.0, np.array([width, height, width, height], dtype=np.float64))
-    # Pooled hierarchies share many regions (the whole image at least); keeping one copy is lossless.
-    return deduplicate_boxes(boxes.astype(np.float32))
+    return boxes.astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -319,25 +590,37 @@ class ProposalAlgorithm:
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         """Return the raw (N, 4) float32 x1 y1 x2 y2 proposal boxes of an RGB uint8 image."""
-        if self.name == "reference":
-            return selective_search_boxes(rgb, **self.params)
-        if self.name == "fast":
-            return fast_selective_search_boxes(rgb, **self.params)
-        raise ConfigError(_unknown_message(self.name))
+        if self.name not in _FUNCTIONS:
+            raise ConfigError(_unknown_message(self.name))
+        return _FUNCTIONS[self.name](rgb, **self.params)
+
+    @property
+    def fingerprint(self) -> str:
+        """Short digest of the name and parameters: what a cache of proposals must be keyed by."""
+        settings = json.dumps({"name": self.name, "params": self.params}, sort_keys=True)
+        return hashlib.blake2b(settings.encode(), digest_size=6).hexdigest()
 
 
-ALGORITHM_NAMES = ("fast", "reference")
+# "fast" first: the default. "rich" is the default before the package-matching "fast" existed.
+ALGORITHM_NAMES = ("fast", "rich", "reference")
 DEFAULT_ALGORITHM = "fast"
 
+_FUNCTIONS = {
+    "fast": fast_selective_search_boxes,
+    "rich": rich_selective_search_boxes,
+    "reference": selective_search_boxes,
+}
+
 _PARAMS: dict[str, dict[str, Any]] = {
-    "reference": {"scale": 300.0, "sigma": 0.9, "min_size": 100},
-    "fast": {
+    "fast": {"max_side": 256, "scale": 500.0, "sigmas": [0.5, 0.8], "min_size": 10, "duplicate_iou": 0.925},
+    "rich": {
         "max_side": 160,
         "ks": [100.0],
         "sigma": 0.0,
         "min_size": 30,
-        "similarities": [list(weights) for weights in FAST_SIMILARITIES],
+        "similarities": [list(weights) for weights in RICH_SIMILARITIES],
     },
+    "reference": {"scale": 300.0, "sigma": 0.9, "min_size": 100},
 }
 
 
