@@ -321,9 +321,9 @@ def finetune(
     if not resume and checkpoint_path.exists():
         raise SocoError(f"{out_dir} already holds a fine-tuning run ({CHECKPOINT_NAME}): pass --resume to "
                         "continue it, or choose another --out")
-    from soco.run_folder import claim_run_folder
+    from soco.run_folder import check_run_folder, mark_run_folder
 
-    claim_run_folder(out_dir, "transfer")  # refuses a file, an image folder, another kind of run's folder
+    check_run_folder(out_dir, "transfer")  # refuses a file, an image folder, another kind of run's folder
 
     train_set = CocoDetection(train_annotations, train_images, train=True, flip_prob=config.flip_prob,
                               seed=config.seed)
@@ -341,6 +341,7 @@ def finetune(
         raise SocoError(f"{train_set.annotation_file} lists no image")
     if len(val_set) == 0:
         raise SocoError(f"{val_set.annotation_file} lists no image")
+    mark_run_folder(out_dir, "transfer")  # only now: bad data leaves no folder behind
 
     plan = _plan(config, len(train_set), context.world_size)
     settings = dataclasses.asdict(config)
