@@ -50,6 +50,10 @@ CASES = [
      ["soco proposals: error: argument --workers: must be at least 0, not -1"], ["store"]),
     ("proposals-huge-scale", ["proposals", "{tmp}/empty", "-o", "{tmp}/store", "proposals.max_relative_scale=1e30"],
      ["proposals.max_relative_scale: must be in (0, 1], not 1e+30"], ["store"]),
+    ("proposals-override-under-flag", ["proposals", "{tmp}/empty", "-o", "{tmp}/store", "proposals.workers=abc",
+                                       "--workers", "2"],
+     ["proposals.workers is set twice, by --workers (proposals.workers=2) and by proposals.workers=abc; "
+      "give one of them"], ["store"]),
     ("proposals-merge-usage", ["proposals", "merge", "{tmp}/empty"],
      ["soco proposals merge: error: the following arguments are required: -o/--output"], []),
     ("proposals-merge-not-shards", ["proposals", "merge", "{tmp}/empty", "-o", "{tmp}/merged"],

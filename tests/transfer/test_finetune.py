@@ -16,6 +16,7 @@ pytest.importorskip("pycocotools")
 
 from soco.cli.transfer_commands import add_transfer_arguments, resolve_transfer_config, run_transfer  # noqa: E402
 from soco.errors import ConfigError, SocoError  # noqa: E402
+from soco.run_folder import MARKER  # noqa: E402
 from soco.transfer.detector import build_detector, convert_sync_bn, load_pretrained  # noqa: E402
 from soco.transfer.finetune import (  # noqa: E402
     CHECKPOINT_NAME,
@@ -195,6 +196,7 @@ def test_run_from_scratch_writes_metrics_picture_and_checkpoint(straight):
     assert saved["finished"] and saved["weights"] == "none" and saved["seed"] == 0
     assert {"AP", "AP50", "AP75"} <= set(saved["bbox"]) and 0.0 <= saved["bbox"]["AP"] <= 1.0
     assert [h["epoch"] for h in saved["history"]] == [1, 2]
+    assert json.loads((out / MARKER).read_text())["kind"] == "transfer"  # the folder says what it holds
     assert all(h["loss"] > 0 for h in saved["history"])
     assert saved["settings"]["depth"] == 18 and saved["model"] == "faster_rcnn"
     assert saved["plan"]["total_iters"] == 2 and saved["plan"]["lr"] == pytest.approx(0.02 * 2 / 16)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from soco.config.loading import load_config, save_config
+from soco.config.loading import load_config, save_config, with_flags
 from soco.data.proposals.filter import FilterLevel
 from soco.data.proposals.pipeline import Shard, merge_stores, run_proposals
 from soco.data.proposals.store import FAILED_LEVEL, ProposalStore
@@ -43,11 +43,8 @@ def _silence_stdout() -> None:
 
 def proposals(args: argparse.Namespace) -> int:
     """Compute or continue a proposal store for an image folder."""
-    overrides = list(args.overrides)
-    if args.workers is not None:
-        overrides.append(f"proposals.workers={args.workers}")
-    if args.algorithm is not None:
-        overrides.append(f"proposals.algorithm={args.algorithm}")
+    overrides = with_flags(args.overrides, [("--workers", "proposals.workers", args.workers),
+                                            ("--algorithm", "proposals.algorithm", args.algorithm)])
     config = load_config(args.config or "default", overrides)
     shard = Shard.parse(args.shard) if args.shard else Shard()
     summary = run_proposals(args.images, args.output, config.proposals, shard, progress=not args.quiet)
