@@ -103,3 +103,26 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_on_stderr_and_in_trai
     assert (out / "train.log").read_text().splitlines()[-1].endswith(f" {expected}")
     assert torch.load(last, weights_only=True)["step"] == 2
     assert sorted(path.name for path in last.parent.iterdir()) == ["last.pt", "step-00000002.pt"]
+
+
+def test_an_unreadable_subfolder_does_not_stop_the_default_store_lookup(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from soco.cli.pretrain_command import default_store_for
+    from soco.config.loading import load_config
+
+    images = make_image_folder(tmp_path / "images", 6, size=(48, 40))
+    config = load_config("soco_tiny", [f"data.cache_dir={tmp_path / 'cache'}"])
+    readable = default_store_for(images, config)
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        # as root, chmod 000 does not stop reading: the folder refuses through scandir instead
+        if isinstance(path, (str, os.PathLike)) and Path(path).name == "group1":
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    without_group1 = default_store_for(images, config)
+    assert without_group1.parent == readable.parent == tmp_path / "cache" / "proposals"
+    assert without_group1 != readable  # the listing it keys on lost group1's images

@@ -76,7 +76,8 @@ def default_store_for(images_root: Path, config: Config) -> Path:
     parameters and the filter: a changed algorithm (e.g. a new default) gets a new store, never an old one."""
     from soco.data.proposals.selective_search import get_algorithm
 
-    digest = listing_digest(list_images(images_root))[:12]
+    # an unreadable subfolder is left out here as `soco proposals` records and leaves it out
+    digest = listing_digest(list_images(images_root, unreadable={}))[:12]
     proposals = config.proposals
     settings = (get_algorithm(proposals.algorithm).fingerprint, proposals.min_side, proposals.max_aspect,
                 proposals.min_relative_scale, proposals.max_relative_scale)
