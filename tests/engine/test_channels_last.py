@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from soco.config.loading import load_config
-from soco.data.collate import to_channels_last
+from soco.data.collate import map_tensors, to_channels_last
 from soco.engine.bench import bench_dataset, first_batch
 from soco.engine.distributed import DistributedContext
 from soco.engine.trainer import build_model
@@ -13,13 +13,7 @@ from soco.registry import method_class, method_names
 
 def to_dtype(batch, dtype):
     """The batch with its floating tensors in `dtype`."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(dtype) if batch.is_floating_point() else batch
-    if isinstance(batch, dict):
-        return {key: to_dtype(value, dtype) for key, value in batch.items()}
-    if isinstance(batch, list):
-        return [to_dtype(value, dtype) for value in batch]
-    return batch
+    return map_tensors(batch, lambda tensor: tensor.to(dtype) if tensor.is_floating_point() else tensor)
 
 
 def loss_and_gradients(config, batch, dtype):

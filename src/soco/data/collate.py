@@ -25,29 +25,25 @@ def stack_samples(samples: list[Any]) -> Any:
     return list(samples)
 
 
+def map_tensors(batch: Any, function) -> Any:
+    """The same nested structure (dicts, lists, tuples) with `function` applied to every tensor."""
+    if isinstance(batch, torch.Tensor):
+        return function(batch)
+    if isinstance(batch, dict):
+        return {key: map_tensors(value, function) for key, value in batch.items()}
+    if isinstance(batch, list):
+        return [map_tensors(value, function) for value in batch]
+    if isinstance(batch, tuple):
+        return tuple(map_tensors(value, function) for value in batch)
+    return batch
+
+
 def move_to_device(batch: Any, device: torch.device) -> Any:
     """The same nested structure with every tensor on `device` (non-blocking from pinned memory)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {key: move_to_device(value, device) for key, value in batch.items()}
-    if isinstance(batch, list):
-        return [move_to_device(value, device) for value in batch]
-    if isinstance(batch, tuple):
-        return tuple(move_to_device(value, device) for value in batch)
-    return batch
+    return map_tensors(batch, lambda tensor: tensor.to(device, non_blocking=True))
 
 
 def to_channels_last(batch: Any) -> Any:
     """The same nested structure with every 4-D floating tensor (a stack of views) in NHWC memory format."""
-    if isinstance(batch, torch.Tensor):
-        if batch.ndim == 4 and batch.is_floating_point():
-            return batch.contiguous(memory_format=torch.channels_last)
-        return batch
-    if isinstance(batch, dict):
-        return {key: to_channels_last(value) for key, value in batch.items()}
-    if isinstance(batch, list):
-        return [to_channels_last(value) for value in batch]
-    if isinstance(batch, tuple):
-        return tuple(to_channels_last(value) for value in batch)
-    return batch
+    return map_tensors(batch, lambda tensor: tensor.contiguous(memory_format=torch.channels_last)
+                       if tensor.ndim == 4 and tensor.is_floating_point() else tensor)

@@ -17,6 +17,8 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
+from soco.data.color import apply_color_hwc
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -329,8 +331,6 @@ def apply_color(image: torch.Tensor, params: dict, blur_kernel: str = "sigma", b
     """
     backend = backend or COLOR_BACKEND
     if backend == "opencv":
-        from soco.data.color import apply_color_hwc
-
         kernel = blur_kernel_size(params["sigma"], image.shape[-1], blur_kernel) if params["blur"] else None
         pixels = apply_color_hwc(image.permute(1, 2, 0).numpy(), params, kernel)
         return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()

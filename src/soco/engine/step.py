@@ -100,7 +100,6 @@ class StepRunner:
 
     def __post_init__(self):
         self.autocast, self.scaler = autocast_context(self.precision, self.context.device)
-        self.resolved_precision: str | None = None  # what the last step ran in (`auto` looks at the views)
 
     def run(self, micro_batches: list[dict], step: int, total_steps: int, lr: float) -> StepResult:
         """Forward and backward every micro-batch, stop on a non-finite loss or gradient, then update.
@@ -117,11 +116,8 @@ class StepRunner:
                 batch = to_channels_last(batch)
             autocast = self.autocast
             if self.precision == "auto" and self.context.device.type == "cpu":
-                side = smallest_view_side(batch)
-                self.resolved_precision = resolve_precision("auto", self.context.device, side)
-                autocast, _ = autocast_context("auto", self.context.device, side)
-            else:
-                self.resolved_precision = resolve_precision(self.precision, self.context.device)
+                # on the CPU, `auto` depends on the views' size (AUTO_BF16_MIN_SIDE)
+                autocast, _ = autocast_context("auto", self.context.device, smallest_view_side(batch))
             sync = contextlib.nullcontext()
             if self.context.is_distributed and number < len(micro_batches) - 1:
                 sync = self.trained.no_sync()
