@@ -293,3 +293,35 @@ def test_loads_what_soco_export_writes(tmp_path):
             assert torch.equal(ours[name], value), name
         elif name.startswith("box_head."):
             assert torch.equal(ours["roi_heads." + name], value), name
+
+
+def test_frozen_backbone_keeps_resnet_fpn_and_bn_statistics_while_heads_train(data, tmp_path):
+    config = dataclasses.replace(TINY, epochs=1, freeze="backbone", picture_images=0)
+    torch.manual_seed(config.seed)
+    initial = build_detector("faster_rcnn", num_classes=2, depth=18, min_size=64, max_size=64).state_dict()
+    lines = []
+    finetune(config, *data, tmp_path, progress=False, log=lines.append)
+    trained = torch.load(tmp_path / CHECKPOINT_NAME, map_location="cpu", weights_only=True)["model"]
+    backbone = [k for k in initial if k.startswith("backbone.")]
+    assert any(k.endswith("running_mean") for k in backbone) and any(".fpn." in k for k in backbone)
+    assert all(torch.equal(trained[k], initial[k]) for k in backbone)  # weights and BN statistics alike
+    heads = [k for k in initial if k.startswith(("rpn.", "roi_heads.")) and initial[k].is_floating_point()]
+    assert sum(not torch.equal(trained[k], initial[k]) for k in heads) > len(heads) // 2
+    assert any(line.startswith("frozen: the backbone and FPN") for line in lines)
+
+
+def test_width_settings_build_that_detector_and_must_agree_with_the_weights(data, tmp_path):
+    config = dataclasses.replace(TINY, epochs=1, picture_images=0, fpn_channels=32, box_head_convs=[16, 16],
+                                 box_head_fcs=[24])
+    finetune(config, *data, tmp_path / "scratch", progress=False, log=lambda _: None)
+    state = torch.load(tmp_path / "scratch" / CHECKPOINT_NAME, map_location="cpu", weights_only=True)["model"]
+    assert state["backbone.fpn.inner_blocks.0.0.weight"].shape[0] == 32
+    assert state["roi_heads.box_head.1.0.weight"].shape[:2] == (16, 16)
+    assert state["roi_heads.box_head.3.weight"].shape == (24, 16 * 7 * 7)
+    # a file with a 256-wide FPN cannot go into a 32-wide one
+    weights = tmp_path / "fpn256.pt"
+    torch.save(build_detector("faster_rcnn", 2, depth=18).state_dict(), weights)
+    with pytest.raises(ConfigError, match=r"fpn_channels=32, but .*fpn256.pt holds fpn_channels=256"):
+        finetune(config, *data, tmp_path / "mismatch", weights=weights, progress=False, log=lambda _: None)
+    with pytest.raises(ConfigError, match="freeze must be one of none, backbone"):
+        apply_overrides(TINY, ["freeze=fpn"])

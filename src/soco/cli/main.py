@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     probe = commands.add_parser("probe", help="k-NN and linear-probe accuracy of pretrained weights on labelled boxes")
     probe_command.add_arguments(probe)
+    from soco.cli import study_command
+
+    study = commands.add_parser("study", help="what pretraining buys: every method fine-tuned, several seeds (resumable)")
+    study_command.add_arguments(study)
 
     inspect = commands.add_parser("inspect", help="summary of a proposal store")
     inspect.add_argument("store", metavar="STORE", help="a proposal store folder (made by `soco proposals`)")
@@ -169,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
             from soco.cli import probe_command
 
             return probe_command.run(args)
+        if args.command == "study":
+            from soco.cli import study_command
+
+            return study_command.run(args)
         if args.command == "export":
             from soco.cli import export_command
 

@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+from soco.cli.probe_command import STAGE_CHOICES
 from soco.config.loading import load_config, with_flags
 from soco.config.schema import Config
 from soco.config.validation import count_argument, positive_number_argument
@@ -15,8 +16,10 @@ from soco.data.images import list_images
 from soco.data.photos import assemble_photos, default_cache_dir
 from soco.data.proposals.pipeline import run_proposals
 from soco.data.proposals.store import is_store, listing_digest
+from soco.errors import ConfigError, DataError
 
 DEFAULT_PRESET = "soco_small"
+DEFAULT_PROBE_MAX_IMAGES = 200  # as `soco probe`
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +49,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed of the weights, the data order and the views (sets train.seed; default 0)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    probe = parser.add_argument_group("box probe during pretraining (the `soco probe` health check)")
+    probe.add_argument("--probe-labels", default=None, metavar="COCO.json",
+                       help="COCO file of labelled boxes: k-NN and linear-probe accuracy of the online encoder's box "
+                            "features every --probe-every steps, against the run's random init, in train.log, "
+                            "metrics.jsonl and TensorBoard (probe/*)")
+    probe.add_argument("--probe-images", default=None, metavar="DIR",
+                       help="folder the file_names are relative to (default: 'images' next to --probe-labels)")
+    probe.add_argument("--probe-every", type=count_argument(0), default=None, metavar="N",
+                       help="probe every N steps and after the last; 0: never (default: train.checkpoint_every)")
+    probe.add_argument("--probe-max-images", type=count_argument(2), default=DEFAULT_PROBE_MAX_IMAGES, metavar="N",
+                       help=f"images with boxes probed (default {DEFAULT_PROBE_MAX_IMAGES})")
+    probe.add_argument("--probe-stage", default=None, choices=STAGE_CHOICES,
+                       help="ResNet stage pooled (default: the encoder's last: c5, or c4 for a C4 model)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.batch_size=32")
 
 
@@ -117,23 +133,121 @@ def resolve_data(config: Config, proposals: str | None, quiet: bool) -> tuple[Pa
     return images_root, store
 
 
+def probe_paths(args: argparse.Namespace) -> tuple[Path, Path] | None:
+    """(labels file, image folder) of the probe, checked to exist; None without --probe-labels. Imports no torch."""
+    if args.probe_labels is None:
+        options = (("--probe-images", args.probe_images), ("--probe-every", args.probe_every),
+                   ("--probe-stage", args.probe_stage))
+        given = [option for option, value in options if value is not None]
+        if args.probe_max_images != DEFAULT_PROBE_MAX_IMAGES:
+            given.append("--probe-max-images")
+        if given:
+            raise ConfigError(f"{' and '.join(given)} {'need' if len(given) > 1 else 'needs'} --probe-labels, "
+                              "the COCO file of the boxes to probe")
+        return None
+    labels = Path(args.probe_labels).expanduser()
+    if not labels.is_file():
+        state = "is not a file" if labels.exists() else "does not exist"
+        raise DataError(f"--probe-labels: annotation file {labels} {state}")
+    images = Path(args.probe_images).expanduser() if args.probe_images else labels.parent / "images"
+    if not images.is_dir():
+        hint = "" if args.probe_images else " (the default, next to the labels; pass --probe-images)"
+        raise DataError(f"--probe-images: image folder {images} does not exist{hint}")
+    return labels, images
+
+
+class ProbeHook:
+    """A step hook (`soco.engine.hooks.StepHook`): the box probe of the online encoder every `every` steps.
+
+    Each probe scores the encoder's ResNet on the same crops as the random-init floor, which is measured
+    once, before training, on the run's own step-0 weights (the method built from `train.seed`, as the
+    trainer builds it), so that every record carries its floor. The probe reads no global random state
+    and leaves every module in its mode (`soco.transfer.probe`), so training is the same with or without it.
+    """
+
+    def __init__(self, dataset, every: int, stage: str, max_images: int, seed: int, floor):
+        self.dataset, self.every, self.stage = dataset, every, stage
+        self.max_images, self.seed, self.floor = max_images, seed, floor
+
+    def start(self, step: int, method, log) -> None:
+        """The floor, once per session, in train.log."""
+        floor = self.floor
+        log.text(f"probe every {self.every} steps (and after the last) on {self.dataset.annotation_file}: "
+                 f"{floor.stage} box features, {floor.train_crops} training and {floor.test_crops} test crops of "
+                 f"{floor.train_images + floor.test_images} images; random init (step 0): k-NN "
+                 f"{floor.knn_accuracy:.1%}, linear {floor.linear_accuracy:.1%}; majority class "
+                 f"{floor.majority_accuracy:.1%}")
+
+    def after_step(self, step: int, method, log) -> None:
+        """Probe the online encoder; its scores and the floor to metrics.jsonl and TensorBoard, a line to train.log."""
+        from soco.transfer.probe import probe_backbone
+
+        result = probe_backbone(method.encoder(), self.dataset, stage=self.stage, max_images=self.max_images,
+                                seed=self.seed)
+        log.scalars(step, {
+            "probe/knn": result.knn_accuracy, "probe/linear": result.linear_accuracy,
+            "probe/knn_random": self.floor.knn_accuracy, "probe/linear_random": self.floor.linear_accuracy,
+            "probe/majority": result.majority_accuracy,
+        })
+        log.text(f"probe at step {step}: k-NN {result.knn_accuracy:.1%} (random init {self.floor.knn_accuracy:.1%}), "
+                 f"linear {result.linear_accuracy:.1%} (random init {self.floor.linear_accuracy:.1%}); "
+                 f"majority class {result.majority_accuracy:.1%}")
+
+
+def build_probe_hook(args: argparse.Namespace, config: Config, paths: tuple[Path, Path]) -> ProbeHook | None:
+    """The probe of `soco pretrain --probe-labels`, its floor measured now (errors before any folder is made); None when
+    --probe-every is 0."""
+    every = config.train.checkpoint_every if args.probe_every is None else args.probe_every
+    if every == 0:
+        return None
+    import torch
+
+    from soco.engine.distributed import resolve_device
+    from soco.registry import build_method
+    from soco.transfer.coco_data import CocoDetection
+    from soco.transfer.probe import STAGES, probe_backbone, resnet_trunk
+
+    labels, images = paths
+    dataset = CocoDetection(labels, images)
+    # The run's own initial weights: the trainer seeds with train.seed and builds the method first. Forked, so
+    # that building this copy draws nothing from the random state of whoever calls.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.train.seed)
+        trunk = resnet_trunk(build_method(config.method).encoder())
+    stages = [name for name, (layer, _) in STAGES.items() if hasattr(trunk, layer)]
+    stage = args.probe_stage or stages[-1]
+    if stage not in stages:
+        raise ConfigError(f"--probe-stage {stage}: the {config.method.name} encoder's ResNet ends at {stages[-1]}")
+    device = resolve_device(config.train.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # where this process will train
+    floor = probe_backbone(trunk.to(device), dataset, stage=stage, max_images=args.probe_max_images,
+                           seed=config.train.seed, progress=not args.quiet)
+    return ProbeHook(dataset, every, stage, args.probe_max_images, config.train.seed, floor)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run `soco pretrain`."""
     config = resolve_config(args)  # first: a bad value is reported before torch is even imported
+    probe = probe_paths(args)
     from soco.engine.trainer import RUN_KIND, pretrain
     from soco.run_folder import check_run_folder
 
     preset_name = Path(preset_for(args)).stem
     run_dir = Path(args.out) if args.out else Path("runs") / preset_name
     check_run_folder(run_dir, RUN_KIND)  # before proposals are computed: a wrong --out costs nothing
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    # Only the main process probes; the floor is measured before proposals are computed or any folder is made.
+    hook = build_probe_hook(args, config, probe) if probe is not None and main_process else None
     images_root, store = resolve_data(config, args.proposals, args.quiet)
     from soco.engine.distributed import shutdown_distributed
 
     try:
-        summary = pretrain(config, run_dir, images_root, store, resume=args.resume, progress=not args.quiet)
+        summary = pretrain(config, run_dir, images_root, store, resume=args.resume, progress=not args.quiet,
+                           hooks=[hook] if hook is not None else [])
     finally:
         shutdown_distributed()
-    if int(os.environ.get("RANK", "0")) == 0:
+    if main_process:
         for line in summary.lines():
             print(line)
     return 0

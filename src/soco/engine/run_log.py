@@ -11,12 +11,14 @@ from soco.files import atomic_write_text
 
 
 class RunLog:
-    """Metrics of every logged step to JSON lines and TensorBoard; readable text to train.log.
+    """Metrics of every logged step (and other scalars, such as probe scores) to JSON lines and TensorBoard;
+    readable text to train.log.
 
     `start_step` is the step the run continues from (0 for a new or restarted run): the metrics of
     later steps, written by a run that stopped after its last checkpoint, are dropped first, so that
-    every step has one line, from the run whose weights the checkpoints hold. train.log keeps every
-    session's lines.
+    every step has one line of metrics, from the run whose weights the checkpoints hold. Other scalars
+    (probe scores) get lines of their own, cut back the same way; a metrics line is the one with "loss".
+    train.log keeps every session's lines.
     """
 
     def __init__(self, run_dir: Path, enabled: bool = True, start_step: int = 0):
@@ -56,6 +58,18 @@ class RunLog:
             for key, value in values.items():
                 if isinstance(value, (int, float)):
                     self._tensorboard.add_scalar(f"train/{key}", value, step)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """Named numbers of one step that are not training metrics ('probe/knn': 0.61): a record of their own
+        in metrics.jsonl (so that a resume cuts them back with the rest) and TensorBoard scalars under their names."""
+        if not self.enabled:
+            return
+        self._metrics.write(json.dumps({"step": step, **values}) + "\n")
+        self._metrics.flush()
+        if self._tensorboard is not None:
+            for key, value in values.items():
+                self._tensorboard.add_scalar(key, value, step)
+            self._tensorboard.flush()  # a probe comes rarely: show it now, not at the writer's next periodic flush
 
     def close(self) -> None:
         """Flush and close every file."""

@@ -8,6 +8,8 @@ batch as the method sees it), loss.png and summary.json.
 
 The records stay those of one run: a resume must use the run's settings (but for RESUMABLE_SETTINGS),
 continues the metrics from its checkpoint's step, and a resume of a finished run writes nothing.
+Step hooks (`soco.engine.hooks`, e.g. the box probe of `soco pretrain --probe-labels`) add work on the
+main process every N steps without the engine knowing what it is.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import math
 import os
 import resource
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,6 +44,7 @@ from soco.engine.checkpoint import (
     save_checkpoint,
 )
 from soco.engine.distributed import DistributedContext, all_reduce_sum, init_distributed
+from soco.engine.hooks import StepHook, hook_due
 from soco.engine.optimizers import build_optimizer
 from soco.engine.rng import restore_rng_state, rng_state
 from soco.engine.run_log import RunLog, plot_loss_curve
@@ -299,8 +303,13 @@ def pretrain(
     store_dir: str | Path | None,
     resume: bool = False,
     progress: bool = True,
+    hooks: Sequence[StepHook] = (),
 ) -> PretrainSummary:
-    """Train the configured method on the images of `images_root` (with the proposals of `store_dir`)."""
+    """Train the configured method on the images of `images_root` (with the proposals of `store_dir`).
+
+    `hooks` run on the main process only, every `hook.every` steps and after the last (`soco.engine.hooks`): e.g.
+    the box probe.
+    """
     started = time.perf_counter()
     run_dir = Path(run_dir)
     refuse_run_inside_images(run_dir, images_root)
@@ -379,6 +388,7 @@ def pretrain(
             if line:
                 log.text(line)
 
+    hooks = list(hooks) if context.is_main else []
     workers = resolve_loader_workers(config.train.workers, context)
     accumulate = config.train.accumulate
     start_step, last_loss = step, resumed_loss
@@ -387,6 +397,8 @@ def pretrain(
     bar = tqdm(total=schedule.total_steps, initial=step, unit="step", disable=not (progress and context.is_main),
                dynamic_ncols=True, desc=f"pretrain {method.name}")
     try:
+        for hook in hooks:
+            hook.start(step, method, log)
         sampler = RunBatchSampler(
             len(dataset), config.train.batch_size, config.train.seed, context.rank, context.world_size,
             batches_used_per_epoch=schedule.steps_per_epoch * accumulate, start_batch=step * accumulate,
@@ -446,6 +458,10 @@ def pretrain(
                     "images_per_second": images_per_second, "data_seconds": step_data_seconds,
                     "step_seconds": step_seconds, "skipped_images": skipped,
                 })
+            # Before the checkpoint: a run killed in a hook resumes before this step and calls it again.
+            for hook in hooks:
+                if hook_due(hook, step, schedule.total_steps):
+                    hook.after_step(step, method, log)
             if context.is_main and (step % config.train.checkpoint_every == 0 or step == schedule.total_steps):
                 state = checkpoint_state(method, optimizer, runner, config, step, result.loss,
                                          schedule.total_steps, skipped, data)

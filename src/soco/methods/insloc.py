@@ -51,8 +51,8 @@ POOLED_SIZE = 7
 
 
 @config_rules(
-    depth=one_of(*sorted(RESNET_BUILDERS)), fpn_channels=at_least(1), head_convs=at_least(0), head_fc_dim=at_least(1),
-    embedding_dim=at_least(1),
+    depth=one_of(*sorted(RESNET_BUILDERS)), fpn_channels=at_least(1), head_convs=at_least(0),
+    head_conv_channels=at_least(1), head_fc_dim=at_least(1), embedding_dim=at_least(1),
 )
 @dataclass
 class InsLocModelConfig:
@@ -61,6 +61,7 @@ class InsLocModelConfig:
     depth: int = 50
     fpn_channels: int = 256
     head_convs: int = 4
+    head_conv_channels: int = 256  # the head's conv width (torchvision's 4conv1fc: 256)
     head_fc_dim: int = 1024
     embedding_dim: int = 128
     zero_init_residual: bool = False  # the release keeps the last BN of each block at gamma 1
@@ -90,7 +91,8 @@ class InstanceEncoder(nn.Module):
     def __init__(self, model: InsLocModelConfig):
         super().__init__()
         self.backbone = build_resnet_fpn(model.depth, model.fpn_channels, zero_init_residual=model.zero_init_residual)
-        self.box_head = build_box_head(model.fpn_channels, model.head_convs, model.head_fc_dim, POOLED_SIZE)
+        self.box_head = build_box_head(model.fpn_channels, model.head_convs, model.head_fc_dim, POOLED_SIZE,
+                                       model.head_conv_channels)
         self.embed = nn.Sequential(OrderedDict(
             fc=nn.Linear(model.head_fc_dim, model.head_fc_dim), relu=nn.ReLU(inplace=True),
             projection=nn.Linear(model.head_fc_dim, model.embedding_dim)))

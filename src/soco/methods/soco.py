@@ -57,8 +57,8 @@ PAPER_VIEW_SIZE = 224
 
 @config_rules(
     variant=one_of(*VARIANTS), depth=one_of(*sorted(RESNET_BUILDERS)), level_thresholds=each(POSITIVE),
-    fixed_level=between(2, 5), fpn_channels=at_least(1), head_convs=at_least(0), head_fc_dim=at_least(1),
-    projector_hidden=at_least(1), projection_dim=at_least(1),
+    fixed_level=between(2, 5), fpn_channels=at_least(1), head_convs=at_least(0), head_conv_channels=at_least(1),
+    head_fc_dim=at_least(1), projector_hidden=at_least(1), projection_dim=at_least(1),
 )
 @dataclass
 class SoCoModelConfig:
@@ -75,6 +75,7 @@ class SoCoModelConfig:
     pool_all_levels: bool = False  # the release's way: pool on every level and mask (for comparison)
     fpn_channels: int = 256
     head_convs: int = 4
+    head_conv_channels: int = 256  # the head's conv width (torchvision's and Detectron2's 4conv1fc: 256)
     head_fc_dim: int = 1024
     projector_hidden: int = 4096
     projection_dim: int = 256
@@ -117,7 +118,7 @@ def check_model_config(model: SoCoModelConfig) -> None:
     if thresholds and (len(thresholds) != len(FPN_STRIDES) - 1 or any(b <= a for a, b in zip(thresholds, thresholds[1:]))):
         raise ConfigError(f"{prefix}.level_thresholds: need 3 increasing values (or [] for the scaled "
                           f"defaults), got {thresholds}")
-    for key in ("fpn_channels", "head_fc_dim", "projector_hidden", "projection_dim"):
+    for key in ("fpn_channels", "head_conv_channels", "head_fc_dim", "projector_hidden", "projection_dim"):
         if getattr(model, key) <= 0:
             raise ConfigError(f"{prefix}.{key}: must be positive, got {getattr(model, key)}")
     if model.head_convs < 0:
@@ -160,7 +161,8 @@ def build_encoder(model: SoCoModelConfig, thresholds: tuple[float, ...]) -> Obje
         box_head = C4Head(network.layer4)
         representation_dim = c5_channels(network)
     else:
-        box_head = build_box_head(pooled_channels, model.head_convs, model.head_fc_dim, FPN_POOLED_SIZE)
+        box_head = build_box_head(pooled_channels, model.head_convs, model.head_fc_dim, FPN_POOLED_SIZE,
+                                  model.head_conv_channels)
         representation_dim = model.head_fc_dim
     projector = MLP(representation_dim, model.projector_hidden, model.projection_dim)
     return ObjectEncoder(backbone, feature_names, pooler, box_head, projector, model.pool_all_levels)

@@ -82,6 +82,15 @@ class TransferConfig:
     eval_every: int = 0  # also evaluate every N epochs (0: only after training)
     eval_batch_size: int = 4
     detections_per_img: int = 100
+    # Widths of the FPN and the 4conv1fc box head. 0 / empty: the weights' widths (a pretraining file may have its
+    # own, weights.detector_widths), else torchvision's 256 / 4x256 / 1024. Set them to compare arms whose files
+    # hold different parts (a backbone-only file next to a backbone+FPN+head file) on one detector.
+    fpn_channels: int = 0
+    box_head_convs: list[int] = field(default_factory=list)
+    box_head_fcs: list[int] = field(default_factory=list)
+    # none: every weight trains. backbone: the ResNet and the FPN (the detector's `backbone` module) keep their
+    # initial weights and BN statistics; the RPN and the heads train (a reading of what the representation holds).
+    freeze: str = "none"
     # Proposal and RoI sampling of the two-stage detectors (torchvision's and Detectron2's defaults; retinanet
     # and fcos have neither). The 4conv1fc head costs about 0.12 GFLOP per RoI forward, so on a CPU these
     # numbers, not the backbone, set the speed.
@@ -100,7 +109,9 @@ class TransferConfig:
 # Settings that change the trained weights: a resume must not change them.
 _RESUME_KEYS = ("model", "depth", "min_size", "max_size", "epochs", "batch_size", "base_lr", "lr", "momentum",
                 "weight_decay", "weight_decay_norm", "warmup_fraction", "warmup_factor", "steps", "gamma",
-                "flip_prob", "rpn_pre_nms_train", "rpn_post_nms_train", "roi_batch_per_image", "seed")
+                "flip_prob", "rpn_pre_nms_train", "rpn_post_nms_train", "roi_batch_per_image", "seed", "fpn_channels",
+                "box_head_convs", "box_head_fcs", "freeze")
+FREEZE_CHOICES = ("none", "backbone")
 
 
 class TransferDiverged(SocoError):
@@ -149,6 +160,9 @@ def validate_config(config: TransferConfig) -> None:
          "detections_per_img, rpn_*_nms_* and roi_batch_per_image must be at least 1"),
         (config.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
         (config.picture_images >= 0, "picture_images must be >= 0"),
+        (config.fpn_channels >= 0 and all(int(w) >= 1 for w in [*config.box_head_convs, *config.box_head_fcs]),
+         "fpn_channels must be >= 0 and box head widths >= 1"),
+        (config.freeze in FREEZE_CHOICES, f"freeze must be one of {', '.join(FREEZE_CHOICES)}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -184,6 +198,31 @@ def _plan(config: TransferConfig, train_images: int, world_size: int) -> _Plan:
     warmup = max(1, round(config.warmup_fraction * total)) if config.warmup_fraction > 0 else 0
     milestones = [round(share * total) for share in config.steps]
     return _Plan(world_size, iters_per_epoch, total, lr, warmup, milestones)
+
+
+def chosen_widths(config: TransferConfig, from_weights: dict, weights: str | Path | None) -> dict:
+    """build_detector width keywords: the weights' widths, with the config's where set (they must agree)."""
+    widths = dict(from_weights)
+    asked = {"fpn_channels": config.fpn_channels or None, "box_head_convs": list(config.box_head_convs) or None,
+             "box_head_fcs": list(config.box_head_fcs) or None}
+    for key, value in asked.items():
+        if value is None:
+            continue
+        if key in widths and widths[key] != value:
+            raise ConfigError(f"transfer settings: {key}={value}, but {weights} holds {key}={widths[key]}; "
+                              f"leave {key} unset to take the file's")
+        widths[key] = value
+    return widths
+
+
+def freeze_backbone(model: nn.Module) -> int:
+    """Stop training the detector's backbone module (ResNet + FPN): no gradients, BN in eval; returns tensors frozen."""
+    frozen = 0
+    for parameter in model.backbone.parameters():
+        parameter.requires_grad_(False)
+        frozen += 1
+    model.backbone.eval()
+    return frozen
 
 
 def _param_groups(model: nn.Module, config: TransferConfig) -> list[dict]:
@@ -365,6 +404,8 @@ def finetune(
         widths = detector_widths(pretrained)  # a pretraining run's FPN and head widths, so every tensor fits
     else:
         widths = {}
+    if state is None:
+        widths = chosen_widths(config, widths, weights)
     torch.manual_seed(config.seed)
     model = build_detector(architecture, num_classes=len(train_set.category_ids) + 1, depth=config.depth,
                            min_size=config.min_size, max_size=config.max_size,
@@ -380,6 +421,10 @@ def finetune(
             log(report.line())
     elif context.is_main:
         log("weights: none (training from scratch: random init, zero-init residual BN)")
+    if config.freeze == "backbone":
+        frozen = freeze_backbone(model)
+        if context.is_main:
+            log(f"frozen: the backbone and FPN ({frozen} tensors, BN statistics included); the RPN and heads train")
     model.to(context.device)
     if config.sync_bn:
         model = convert_sync_bn(model, context.world_size, context.device)
@@ -419,6 +464,8 @@ def finetune(
     try:
         while epoch < last_epoch:
             trained.train()
+            if config.freeze == "backbone":
+                model.backbone.eval()  # frozen BN keeps its statistics
             train_set.set_epoch(epoch)
             batches = _epoch_batches(len(train_set), config.batch_size, config.seed, epoch, context.rank,
                                      context.world_size)

@@ -1,0 +1,136 @@
+"""`soco study`: what pretraining buys, every arm fine-tuned under one budget with several seeds; resumable."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+DEFAULT_STUDY_OUT = Path("runs") / "study"
+REPORT_STEM = "study"  # study_<budget>.md / .json / .png
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `soco study`."""
+    parser.add_argument("--budget", default="cpu", choices=["cpu", "gpu"],
+                        help="cpu: R18, 96 px views, 200 px tiles (about 3 h on 2 cores); gpu: the paper's R50-FPN "
+                             "(docs/study.md)")
+    parser.add_argument("--arms", nargs="+", default=None, metavar="ARM",
+                        help="arms to run (default: all: scratch byol_image soco scrl insloc detco, and SoCo at the "
+                             "budget's other lengths, e.g. soco@75); ARM@STEPS pretrains ARM to STEPS")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="fine-tuning seeds (default 0 1 2)")
+    parser.add_argument("--readings", nargs="+", default=["full", "frozen"], choices=["full", "frozen"],
+                        help="full: every weight fine-tunes; frozen: backbone and FPN frozen (default both)")
+    parser.add_argument("--train", default=None, metavar="ANN.json",
+                        help="COCO training annotations (default: DeepForest tiles); their images are also the "
+                             "unlabeled pretraining data")
+    parser.add_argument("--train-images", default=None, metavar="DIR", help="default: 'images' next to --train")
+    parser.add_argument("--val", default=None, metavar="ANN.json", help="COCO validation annotations")
+    parser.add_argument("--val-images", default=None, metavar="DIR", help="default: 'images' next to --val")
+    parser.add_argument("--unlabeled", nargs="*", default=None, metavar="DIR",
+                        help="extra unlabeled folders to pretrain on (default data: the default photos; "
+                             "--train data: none)")
+    parser.add_argument("--out", default=str(DEFAULT_STUDY_OUT), help=f"study folder (default {DEFAULT_STUDY_OUT})")
+    parser.add_argument("--report", default=None, metavar="DIR",
+                        help="where study_BUDGET.md, .json and .png go (default: the study folder)")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
+    parser.add_argument("--no-probe", action="store_true", help="skip the box-feature probe of the pretrained arms")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _data(args: argparse.Namespace, budget):
+    from soco.errors import ConfigError
+    from soco.study.runner import StudyData, default_data
+
+    if (args.train is None) != (args.val is None):
+        raise ConfigError("--train and --val go together (or give neither for the default DeepForest data)")
+    if args.train is None:
+        data = default_data(budget, progress=not args.quiet)
+        if args.unlabeled is not None:
+            data.unlabeled = [Path(d).expanduser() for d in args.unlabeled]
+        return data
+    train, val = Path(args.train).expanduser(), Path(args.val).expanduser()
+    for path in (train, val):
+        if not path.is_file():
+            raise ConfigError(f"annotations file {path} does not exist")
+    return StudyData(train, Path(args.train_images).expanduser() if args.train_images else train.parent / "images",
+                     val, Path(args.val_images).expanduser() if args.val_images else val.parent / "images",
+                     unlabeled=[Path(d).expanduser() for d in (args.unlabeled or [])], name=str(train))
+
+
+def write_report(study_dir: Path, report_dir: Path, budget, data_name: str, command: str) -> Path:
+    """study.md, study.json and study.png from every finished run of the study folder; returns the .md path."""
+    from soco.files import atomic_write_text
+    from soco.study.report import collect_runs, markdown_table, plot_study, summarise
+    from soco.study.runner import PROBE_NAME, TIMINGS_NAME
+
+    runs = collect_runs(study_dir)
+    summaries = summarise(runs)
+    timings = json.loads((study_dir / TIMINGS_NAME).read_text()) if (study_dir / TIMINGS_NAME).is_file() else {}
+    probe = json.loads((study_dir / PROBE_NAME).read_text()) if (study_dir / PROBE_NAME).is_file() else {}
+    report_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{REPORT_STEM}_{budget.name}"
+    picture = plot_study(runs, report_dir / f"{stem}.png", budget.pretrain_steps,
+                         title=f"soco study, {budget.name} budget, {data_name}")
+    total_minutes = sum(timings.values()) / 60
+    lines = [f"# What pretraining buys ({budget.name} budget)", "",
+             f"`{command}`", "",
+             f"Data: {data_name}. Compute so far: {total_minutes:.0f} min of wall time "
+             f"({platform.processor() or platform.machine()}).", "",
+             *[f"- {note}" for note in budget.notes],
+             f"- pretraining: {budget.pretrain_steps} steps ({', '.join(budget.pretrain_overrides)}); SoCo also to "
+             f"{', '.join(str(s) for s in budget.extra_lengths)} steps",
+             f"- fine-tuning: {budget.transfer}", "",
+             "A gap is real when it exceeds twice the larger seed standard deviation of the two arms.", "",
+             markdown_table(summaries)]
+    if probe:
+        lines += ["Box-feature probe on the validation boxes (object vs background crops; k-NN / linear accuracy):",
+                  "", "| stage | backbone | k-NN | linear | majority |", "| --- | --- | --- | --- | --- |"]
+        for stage, scores in probe.items():
+            for name, score in scores.items():
+                lines.append(f"| {stage} | {name} | {100 * score['knn']:.1f}% | {100 * score['linear']:.1f}% | "
+                             f"{100 * score['majority']:.1f}% |")
+        lines.append("")
+    if picture:
+        lines += [f"![learning curves]({picture.name})", ""]
+    markdown = report_dir / f"{stem}.md"
+    atomic_write_text(markdown, "\n".join(lines) + "\n")
+    atomic_write_text(report_dir / f"{stem}.json", json.dumps({
+        "budget": budget.name, "data": data_name, "command": command, "timings_seconds": timings, "probe": probe,
+        "rows": [{"arm": s.arm, "reading": s.reading, "seeds": s.seeds, "ap_per_seed": s.ap_per_seed,
+                  "ap50_per_seed": s.ap50_per_seed, "ap_mean": s.ap_mean, "ap_std": s.ap_std}
+                 for s in summaries],
+        "curves": [{"arm": r.arm, "reading": r.reading, "seed": r.seed, "curve": r.curve} for r in runs],
+    }, indent=1) + "\n")
+    return markdown
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run (or continue) `soco study`, then write its report."""
+    import sys
+
+    from soco.study.design import BUDGETS, select_arms
+    from soco.study.runner import run_study
+
+    budget = BUDGETS[args.budget]
+    arms = select_arms(args.arms, budget)
+    seeds = args.seeds if args.seeds is not None else list(budget.seeds)
+    study_dir = Path(args.out).expanduser()
+    report_dir = Path(args.report).expanduser() if args.report else study_dir
+    data = _data(args, budget)
+    command = "soco study " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else "soco study"
+    started = time.perf_counter()
+
+    def report() -> None:
+        write_report(study_dir, report_dir, budget, data.name, command)
+
+    if not args.report_only:
+        run_study(budget, arms, seeds, args.readings, data, study_dir, device=args.device,
+                  progress=False if args.quiet else None, probe=not args.no_probe, after_each=report)
+    markdown = write_report(study_dir, report_dir, budget, data.name, command)
+    print(markdown.read_text())
+    print(f"study: {time.perf_counter() - started:.0f} s this call; report in {markdown}")
+    return 0

@@ -1,0 +1,231 @@
+"""Reading a study folder into numbers: AP per arm and reading over seeds, gaps against twice the seed spread, a plot.
+
+A gap between two arms counts as real when it exceeds twice the larger of their two seed standard deviations
+(sample standard deviation over seeds); with fewer than two seeds on either side no spread is known and the
+gap is reported as unjudged.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from soco.study.design import BASELINE, READINGS, SCRATCH, parse_length_arm
+
+__all__ = ["RunResult", "ArmSummary", "Gap", "collect_runs", "summarise", "gap", "markdown_table",
+           "plot_study", "SPREAD_FACTOR"]
+
+SPREAD_FACTOR = 2.0  # a gap is real when it exceeds this many seed standard deviations
+
+
+@dataclass
+class RunResult:
+    """One finished fine-tuning run: its final AP and the AP after each evaluated epoch (percent)."""
+
+    arm: str
+    reading: str
+    seed: int
+    ap: float
+    ap50: float
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, AP)
+
+
+@dataclass
+class ArmSummary:
+    """AP of one arm and reading over its seeds."""
+
+    arm: str
+    reading: str
+    seeds: list[int]
+    ap_per_seed: list[float]
+    ap50_per_seed: list[float]
+
+    @property
+    def ap_mean(self) -> float:
+        """Mean AP over seeds."""
+        return statistics.mean(self.ap_per_seed)
+
+    @property
+    def ap_std(self) -> float | None:
+        """Sample standard deviation of AP over seeds (None with one seed)."""
+        return statistics.stdev(self.ap_per_seed) if len(self.ap_per_seed) > 1 else None
+
+    @property
+    def ap50_mean(self) -> float:
+        """Mean AP50 over seeds."""
+        return statistics.mean(self.ap50_per_seed)
+
+    @property
+    def ap50_std(self) -> float | None:
+        """Sample standard deviation of AP50 over seeds (None with one seed)."""
+        return statistics.stdev(self.ap50_per_seed) if len(self.ap50_per_seed) > 1 else None
+
+
+@dataclass
+class Gap:
+    """The difference of two arms' mean AP and whether it exceeds twice the larger seed spread."""
+
+    difference: float
+    threshold: float | None  # SPREAD_FACTOR x the larger standard deviation; None when a spread is unknown
+
+    @property
+    def exceeds(self) -> bool | None:
+        """True / False against the threshold; None when no spread is known."""
+        return None if self.threshold is None else abs(self.difference) > self.threshold
+
+    def text(self) -> str:
+        """'+3.10 (> 2σ = 1.20)', '+0.40 (within 2σ = 1.20)' or '+0.40 (spread unknown)'."""
+        if self.threshold is None:
+            return f"{self.difference:+.2f} (spread unknown)"
+        relation = ">" if self.exceeds else "within"
+        return f"{self.difference:+.2f} ({relation} 2σ = {self.threshold:.2f})"
+
+
+def _curve(metrics: dict) -> list[tuple[int, float]]:
+    points = [(int(record["epoch"]), 100.0 * record["val"]["bbox"]["AP"])
+              for record in metrics.get("history", []) if record.get("val")]
+    points.append((int(metrics["epochs_done"]), 100.0 * metrics["bbox"]["AP"]))
+    return points
+
+
+def collect_runs(study_dir: Path) -> list[RunResult]:
+    """Every finished fine-tuning run of a study folder (unfinished ones are left out)."""
+    runs = []
+    for path in sorted((Path(study_dir) / "finetune").glob("*/*/seed*/metrics.json")):
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not metrics.get("finished") or not metrics.get("bbox"):
+            continue
+        seed_dir, arm_dir, reading_dir = path.parent, path.parent.parent, path.parent.parent.parent
+        runs.append(RunResult(arm=arm_dir.name, reading=reading_dir.name, seed=int(seed_dir.name[len("seed"):]),
+                              ap=100.0 * metrics["bbox"]["AP"], ap50=100.0 * metrics["bbox"]["AP50"],
+                              curve=_curve(metrics)))
+    return runs
+
+
+def _arm_order(arm: str) -> tuple:
+    from soco.study.design import ARMS
+
+    base, steps = parse_length_arm(arm)
+    names = list(ARMS)
+    return (names.index(base) if base in names else len(names), steps or 0, arm)
+
+
+def summarise(runs: list[RunResult]) -> list[ArmSummary]:
+    """One summary per (reading, arm), readings in READINGS order and arms in the design's order."""
+    groups: dict[tuple[str, str], list[RunResult]] = {}
+    for run in runs:
+        groups.setdefault((run.reading, run.arm), []).append(run)
+    reading_rank = {name: index for index, name in enumerate(READINGS)}
+    keys = sorted(groups, key=lambda key: (reading_rank.get(key[0], len(READINGS)), _arm_order(key[1])))
+    summaries = []
+    for reading, arm in keys:
+        group = sorted(groups[(reading, arm)], key=lambda run: run.seed)
+        summaries.append(ArmSummary(arm, reading, [r.seed for r in group], [r.ap for r in group],
+                                    [r.ap50 for r in group]))
+    return summaries
+
+
+def gap(arm: ArmSummary, reference: ArmSummary) -> Gap:
+    """arm's mean AP minus reference's, judged against SPREAD_FACTOR x the larger seed standard deviation."""
+    spreads = (arm.ap_std, reference.ap_std)
+    threshold = None if None in spreads else SPREAD_FACTOR * max(spreads)
+    return Gap(arm.ap_mean - reference.ap_mean, threshold)
+
+
+def _spread(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def markdown_table(summaries: list[ArmSummary]) -> str:
+    """A table per reading: AP and AP50 (mean ± std over seeds), AP per seed, gaps to scratch and the baseline."""
+    lines = []
+    for reading in dict.fromkeys(s.reading for s in summaries):
+        rows = [s for s in summaries if s.reading == reading]
+        by_arm = {s.arm: s for s in rows}
+        lines += [f"**{reading}** fine-tuning", "",
+                  "| arm | seeds | AP | AP50 | AP per seed | vs scratch | vs image-level BYOL |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for row in rows:
+            versus = []
+            for reference in (SCRATCH, BASELINE):
+                other = by_arm.get(reference)
+                versus.append("" if other is None or other is row else gap(row, other).text())
+            per_seed = ", ".join(f"{v:.1f}" for v in row.ap_per_seed)
+            lines.append(f"| {row.arm} | {len(row.seeds)} | {row.ap_mean:.2f} ± {_spread(row.ap_std)} | "
+                         f"{row.ap50_mean:.2f} ± {_spread(row.ap50_std)} | {per_seed} | {versus[0]} | {versus[1]} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _length_points(summaries: list[ArmSummary], reading: str, main_steps: int, arm: str = "soco"):
+    points = []
+    for summary in summaries:
+        if summary.reading != reading:
+            continue
+        base, steps = parse_length_arm(summary.arm)
+        if summary.arm == SCRATCH:
+            points.append((0, summary))
+        elif base == arm:
+            points.append((steps or main_steps, summary))
+    return sorted(points, key=lambda point: point[0])
+
+
+def plot_study(runs: list[RunResult], path: Path, main_steps: int, title: str = "") -> Path | None:
+    """Learning curves (val AP over fine-tuning epochs, mean ± std over seeds) per reading, and AP vs SoCo length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from soco.data.pictures import save_figure
+
+    if not runs:
+        return None
+    summaries = summarise(runs)
+    readings = [r for r in READINGS if any(run.reading == r for run in runs)]
+    figure, axes = plt.subplots(1, len(readings) + 1, figsize=(5.2 * (len(readings) + 1), 4.4), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    arm_names = sorted({run.arm for run in runs if parse_length_arm(run.arm)[1] is None}, key=_arm_order)
+    for axis, reading in zip(axes[0], readings):
+        for index, arm in enumerate(arm_names):
+            curves = [dict(run.curve) for run in runs if run.reading == reading and run.arm == arm]
+            if not curves:
+                continue
+            epochs = sorted(set.intersection(*(set(c) for c in curves)))
+            values = np.array([[c[e] for e in epochs] for c in curves])
+            mean, std = values.mean(axis=0), values.std(axis=0, ddof=1) if len(curves) > 1 else 0 * values[0]
+            axis.plot(epochs, mean, marker="o", markersize=3, color=colours(index), label=f"{arm} ({len(curves)})")
+            axis.fill_between(epochs, mean - std, mean + std, color=colours(index), alpha=0.15)
+        axis.set_title(f"{reading} fine-tuning: val AP over epochs", fontsize=10)
+        axis.set_xlabel("fine-tuning epoch")
+        axis.set_ylabel("box AP (%)")
+        axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend(fontsize=7, title="arm (seeds)", title_fontsize=7)
+    axis = axes[0][-1]
+    for index, reading in enumerate(readings):
+        points = _length_points(summaries, reading, main_steps)
+        if len(points) < 2:
+            continue
+        steps = [p[0] for p in points]
+        axis.errorbar(steps, [p[1].ap_mean for p in points], yerr=[p[1].ap_std or 0.0 for p in points],
+                      marker="o", capsize=3, label=reading, color=colours(index))
+    axis.set_title("SoCo: final AP against pretraining steps (0: scratch)", fontsize=10)
+    axis.set_xlabel("pretraining steps")
+    axis.set_ylabel("box AP (%)")
+    axis.grid(alpha=0.3)
+    if axis.lines:
+        axis.legend(fontsize=7)
+    else:
+        axis.text(0.5, 0.5, "no other pretraining length finished yet", ha="center", va="center",
+                  transform=axis.transAxes, fontsize=8, color="grey")
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return save_figure(figure, path)

@@ -1,0 +1,252 @@
+"""Running the study: data, one proposal store, each arm's pretraining and export, each fine-tuning; all resumable.
+
+Layout of a study folder (every piece resumes where a stop left it; a finished piece is read, not rerun):
+
+    pretrain_images/   links to the training images of the labelled set, plus the extra unlabeled folders
+    proposals/         one proposal store for every arm that samples proposals
+    pretrain/ARM/      a `soco pretrain` run folder per arm (exported/ holds its torchvision file)
+    finetune/READING/ARM/seedN/   a `soco transfer` run folder per reading, arm and seed
+    probe.json         the box-feature probe of every pretrained arm and of a random init
+    timings.json       wall seconds spent on each piece, summed over the calls that worked on it
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from soco.errors import DataError
+from soco.files import atomic_write_text
+from soco.study.design import ARMS, READINGS, SCRATCH, Budget, parse_length_arm
+
+__all__ = ["StudyData", "default_data", "pretraining_folder", "run_study", "finetune_dir", "PROBE_NAME",
+           "TIMINGS_NAME", "STUDY_MARKER"]
+
+PROBE_NAME = "probe.json"
+TIMINGS_NAME = "timings.json"
+STUDY_MARKER = "soco-study.json"
+PROBE_STAGES = ("c4", "c5")
+
+
+@dataclass
+class StudyData:
+    """The labelled set the detectors are fine-tuned and evaluated on, and the extra unlabeled folders."""
+
+    train: Path
+    train_images: Path
+    val: Path
+    val_images: Path
+    unlabeled: list[Path] = field(default_factory=list)  # pretraining images besides the training images
+    name: str = "user data"
+
+
+def default_data(budget: Budget, progress: bool = True) -> StudyData:
+    """DeepForest cut into the budget's tiles (train / val split by whole regions), plus the default photos."""
+    from soco.data.deepforest import deepforest_dir, prepare_deepforest
+    from soco.data.photos import assemble_photos
+
+    base = deepforest_dir()
+    dest = base if budget.tile_size == 400 else base.with_name(f"{base.name}-tiles{budget.tile_size}")
+    folder = prepare_deepforest(dest, tile_size=budget.tile_size, quiet=not progress)
+    return StudyData(folder / "train.json", folder / "images", folder / "val.json", folder / "images",
+                     unlabeled=[assemble_photos(progress=progress)],
+                     name=f"DeepForest {budget.tile_size} px tiles + the default photos")
+
+
+def _train_file_names(annotations: Path) -> list[str]:
+    try:
+        data = json.loads(annotations.read_text(encoding="utf-8"))
+        return [str(image["file_name"]) for image in data["images"]]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DataError(f"{annotations}: not a readable COCO file ({error})") from error
+
+
+def pretraining_folder(study_dir: Path, data: StudyData) -> Path:
+    """A folder of links to the training images and the unlabeled folders: no validation pixel is pretrained on."""
+    folder = study_dir / "pretrain_images"
+    labelled = folder / "train"
+    labelled.mkdir(parents=True, exist_ok=True)
+    for file_name in _train_file_names(data.train):
+        source = (data.train_images / file_name).resolve()
+        if not source.is_file():
+            raise DataError(f"{data.train}: image {file_name} is not in {data.train_images}")
+        link = labelled / file_name.replace("/", "__")
+        if not link.is_symlink():
+            link.symlink_to(source)
+    for index, extra in enumerate(data.unlabeled):
+        extra = Path(extra).expanduser().resolve()
+        if not extra.is_dir():
+            raise DataError(f"unlabeled folder {extra} does not exist")
+        link = folder / f"unlabeled{index}-{extra.name}"
+        if not link.is_symlink():
+            link.symlink_to(extra, target_is_directory=True)
+    return folder
+
+
+def finetune_dir(study_dir: Path, reading: str, arm: str, seed: int) -> Path:
+    """The fine-tuning run folder of one reading, arm and seed."""
+    return study_dir / "finetune" / reading / arm / f"seed{seed}"
+
+
+class _Timings:
+    """Wall seconds per piece of the study, summed over calls and kept in timings.json."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.seconds: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def add(self, piece: str, seconds: float) -> None:
+        self.seconds[piece] = self.seconds.get(piece, 0.0) + seconds
+        atomic_write_text(self.path, json.dumps(self.seconds, indent=1, sort_keys=True) + "\n")
+
+
+def _pretrain_config(arm_name: str, budget: Budget, device: str):
+    from soco.config.loading import load_config
+
+    base, steps = parse_length_arm(arm_name)
+    arm = ARMS[base]
+    overrides = [*budget.pretrain_overrides, f"train.steps={steps or budget.pretrain_steps}",
+                 f"train.device={device}", *(budget.head_overrides if arm.has_fpn_and_head else ())]
+    return load_config(arm.presets[budget.model_size], overrides)
+
+
+def _pretrain_and_export(arm_name: str, budget: Budget, images: Path, store: Path | None, study_dir: Path,
+                         device: str, progress: bool, log: Callable[[str], None]) -> Path:
+    """Pretrain one arm (or continue / reuse its run) and export its encoder as a torchvision file."""
+    from soco.engine.trainer import pretrain
+    from soco.export import export_checkpoint
+    from soco.export.formats import UnsupportedLayoutError
+
+    run_dir = study_dir / "pretrain" / arm_name
+    exported = run_dir / "exported"
+    config = _pretrain_config(arm_name, budget, device)
+    summary = pretrain(config, run_dir, images, store, resume=True, progress=progress)
+    log(f"[{arm_name}] pretrained {summary.steps} steps, final loss {summary.final_loss:.3f}, "
+        f"{summary.images_per_second:.1f} images/s")
+    try:  # backbone, FPN and box head
+        return export_checkpoint(run_dir, "torchvision", exported / "torchvision.pt").output
+    except UnsupportedLayoutError:  # an encoder without FPN: its backbone alone
+        return export_checkpoint(run_dir, "backbone", exported / "backbone.pt").output
+
+
+def _finetune(arm_name: str, reading: str, seed: int, weights: Path | None, budget: Budget, data: StudyData,
+              study_dir: Path, device: str, progress: bool) -> dict:
+    """Fine-tune one arm with one reading and seed (or read its finished metrics)."""
+    from soco.transfer.finetune import METRICS_NAME, TransferConfig, finetune
+
+    out_dir = finetune_dir(study_dir, reading, arm_name, seed)
+    metrics_path = out_dir / METRICS_NAME
+    if metrics_path.is_file():
+        metrics = json.loads(metrics_path.read_text())
+        if metrics.get("finished") and metrics.get("bbox"):
+            return metrics
+    config = replace(TransferConfig(**budget.transfer), seed=seed, device=device,
+                     freeze="backbone" if reading == "frozen" else "none")
+    return finetune(config, data.train, data.train_images, data.val, data.val_images, out_dir, weights=weights,
+                    resume=True, progress=progress, log=lambda line: None)
+
+
+def _probe(weights: dict[str, Path], budget: Budget, data: StudyData, study_dir: Path,
+           log: Callable[[str], None]) -> dict:
+    """k-NN and linear-probe accuracy of each pretrained arm's backbone and a random init, on the val boxes."""
+    import torch
+
+    from soco.transfer.coco_data import CocoDetection
+    from soco.transfer.detector import build_detector, load_pretrained
+    from soco.transfer.probe import probe_backbones
+    from soco.transfer.weights import read_weights
+
+    depth = budget.transfer["depth"]
+    trunks = {}
+    for name, path in [*weights.items(), ("random init", None)]:
+        torch.manual_seed(0)
+        model = build_detector("faster_rcnn", num_classes=2, depth=depth)
+        if path is not None:
+            state = {k: v for k, v in read_weights(path).items() if k.startswith("backbone.body.")}
+            load_pretrained(model, state, name=path)
+        trunks[name] = model.backbone.body
+    dataset = CocoDetection(data.val, data.val_images)
+    result = {}
+    for stage in PROBE_STAGES:
+        scores = probe_backbones(trunks, dataset, stage=stage)
+        result[stage] = {name: {"knn": score.knn_accuracy, "linear": score.linear_accuracy,
+                                "majority": score.majority_accuracy, "test_crops": score.test_crops}
+                         for name, score in scores.items()}
+        log(f"probe {stage}: " + "; ".join(f"{name} k-NN {100 * s['knn']:.1f}%, linear {100 * s['linear']:.1f}%"
+                                           for name, s in result[stage].items()))
+    return result
+
+
+def readings_of(arm_name: str, budget: Budget, readings: list[str]) -> list[str]:
+    """The readings an arm is fine-tuned with: all asked for, or the budget's for an extra pretraining length."""
+    if parse_length_arm(arm_name)[1] is not None:
+        return [r for r in readings if r in budget.length_readings]
+    return list(readings)
+
+
+def run_study(budget: Budget, arms: list[str], seeds: list[int], readings: list[str], data: StudyData,
+              study_dir: Path, device: str = "auto", progress: bool | None = None, probe: bool = True,
+              log: Callable[[str], None] = print, after_each: Callable[[], None] | None = None) -> None:
+    """Pretrain, export and fine-tune every selected arm, seed and reading, resuming whatever was done."""
+    from soco.data.proposals.pipeline import run_proposals
+    from soco.data.proposals.store import is_store
+    from soco.registry import method_class
+
+    progress = sys.stderr.isatty() if progress is None else progress
+    study_dir.mkdir(parents=True, exist_ok=True)
+    marker = study_dir / STUDY_MARKER
+    record = {"budget": budget.name, "data": data.name, "train": str(data.train), "val": str(data.val)}
+    if marker.is_file():
+        earlier = json.loads(marker.read_text())
+        if earlier != record:
+            raise DataError(f"{study_dir} holds a study of {earlier}, not {record}: choose another --out")
+    else:
+        atomic_write_text(marker, json.dumps(record, indent=1) + "\n")
+    timings = _Timings(study_dir / TIMINGS_NAME)
+    unknown = [r for r in readings if r not in READINGS]
+    if unknown:
+        raise DataError(f"unknown readings {unknown} (valid: {', '.join(READINGS)})")
+
+    pretrained = [a for a in arms if parse_length_arm(a)[0] != SCRATCH]
+    images = pretraining_folder(study_dir, data) if pretrained else None
+    store = study_dir / "proposals"
+    needs_store = any(method_class(cfg.method.name).uses_proposals(cfg.method)
+                      for cfg in (_pretrain_config(a, budget, device) for a in pretrained))
+    if needs_store and not is_store(store):
+        started = time.perf_counter()
+        config = _pretrain_config("soco", budget, device)
+        summary = run_proposals(images, store, config.proposals, progress=progress)
+        timings.add("proposals", time.perf_counter() - started)
+        log(f"proposals: {summary.images} images, {summary.proposals / max(1, summary.images):.1f} kept per image, "
+            f"{summary.seconds:.0f} s, into {store}")
+
+    weights: dict[str, Path] = {}
+    for arm in arms:
+        arm_weights = None
+        if arm in pretrained:
+            started = time.perf_counter()
+            arm_weights = _pretrain_and_export(arm, budget, images, store if needs_store else None, study_dir,
+                                               device, progress, log)
+            timings.add(f"pretrain/{arm}", time.perf_counter() - started)
+            weights[arm] = arm_weights
+        for seed in seeds:
+            for reading in readings_of(arm, budget, readings):
+                started = time.perf_counter()
+                metrics = _finetune(arm, reading, seed, arm_weights, budget, data, study_dir, device, progress)
+                timings.add(f"finetune/{reading}/{arm}/seed{seed}", time.perf_counter() - started)
+                bbox = metrics["bbox"]
+                log(f"[{arm}] {reading} seed {seed}: AP {100 * bbox['AP']:.2f}, AP50 {100 * bbox['AP50']:.2f}")
+                if after_each is not None:
+                    after_each()
+    if probe and weights:
+        started = time.perf_counter()
+        earlier = json.loads((study_dir / PROBE_NAME).read_text()) if (study_dir / PROBE_NAME).is_file() else {}
+        result = _probe(weights, budget, data, study_dir, log)
+        for stage, scores in result.items():
+            earlier.setdefault(stage, {}).update(scores)
+        atomic_write_text(study_dir / PROBE_NAME, json.dumps(earlier, indent=1) + "\n")
+        timings.add("probe", time.perf_counter() - started)

@@ -1,0 +1,65 @@
+"""The study report: seed statistics, gaps against twice the spread, the table and the plot, from run folders."""
+
+import json
+import statistics
+
+import pytest
+
+from soco.study.report import ArmSummary, Gap, collect_runs, gap, markdown_table, plot_study, summarise
+
+
+def _write_run(study, reading, arm, seed, ap, curve=((2, 0.01),), finished=True):
+    folder = study / "finetune" / reading / arm / f"seed{seed}"
+    folder.mkdir(parents=True)
+    history = [{"epoch": e, "loss": 1.0, "val": {"bbox": {"AP": a, "AP50": 2 * a}}} for e, a in curve]
+    history.append({"epoch": 4, "loss": 0.5})
+    metrics = {"finished": finished, "epochs_done": 4, "history": history,
+               "bbox": {"AP": ap, "AP50": min(1.0, 2 * ap)} if finished else None}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_gap_is_judged_against_twice_the_larger_seed_spread():
+    soco = ArmSummary("soco", "full", [0, 1, 2], [10.0, 12.0, 14.0], [20.0, 22.0, 24.0])
+    scratch = ArmSummary("scratch", "full", [0, 1, 2], [5.0, 5.5, 6.0], [10.0, 11.0, 12.0])
+    result = gap(soco, scratch)
+    assert result.difference == pytest.approx(12.0 - 5.5)
+    assert result.threshold == pytest.approx(2 * 2.0)  # stdev(10, 12, 14) = 2 > stdev(5, 5.5, 6) = 0.5
+    assert result.exceeds is True and result.text() == "+6.50 (> 2σ = 4.00)"
+    close = ArmSummary("byol", "full", [0, 1, 2], [9.0, 11.0, 13.0], [0.0, 0.0, 0.0])
+    assert gap(soco, close).exceeds is False and gap(soco, close).text() == "+1.00 (within 2σ = 4.00)"
+    one_seed = ArmSummary("detco", "full", [0], [30.0], [40.0])
+    assert gap(one_seed, soco).exceeds is None and gap(one_seed, soco).text() == "+18.00 (spread unknown)"
+    assert Gap(-3.0, 2.0).exceeds is True
+
+
+def test_collect_and_summarise_read_finished_runs_only(tmp_path):
+    for seed, ap in enumerate((0.10, 0.12, 0.14)):
+        _write_run(tmp_path, "full", "soco", seed, ap, curve=((2, ap / 2),))
+    for seed, ap in enumerate((0.05, 0.06)):
+        _write_run(tmp_path, "full", "scratch", seed, ap)
+    _write_run(tmp_path, "frozen", "scratch", 0, 0.01)
+    _write_run(tmp_path, "full", "detco", 0, 0.3, finished=False)
+    runs = collect_runs(tmp_path)
+    assert sorted((r.reading, r.arm, r.seed) for r in runs) == [
+        ("frozen", "scratch", 0), ("full", "scratch", 0), ("full", "scratch", 1),
+        ("full", "soco", 0), ("full", "soco", 1), ("full", "soco", 2)]
+    soco_run = next(r for r in runs if r.arm == "soco" and r.seed == 1)
+    assert soco_run.ap == pytest.approx(12.0) and soco_run.curve == [(2, pytest.approx(6.0)), (4, pytest.approx(12.0))]
+    summaries = summarise(runs)
+    # full before frozen; scratch before soco (the design's order)
+    assert [(s.reading, s.arm) for s in summaries] == [("full", "scratch"), ("full", "soco"), ("frozen", "scratch")]
+    assert summaries[1].ap_mean == pytest.approx(12.0)
+    assert summaries[1].ap_std == pytest.approx(statistics.stdev([10.0, 12.0, 14.0]))
+    assert summaries[2].ap_std is None
+    table = markdown_table(summaries)
+    assert "| soco | 3 | 12.00 ± 2.00 | 24.00 ± 4.00 | 10.0, 12.0, 14.0 | +6.50 (> 2σ = 4.00) |  |" in table
+    assert "| scratch | 1 | 1.00 ± — |" in table
+
+
+def test_plot_writes_a_png_with_the_length_panel(tmp_path):
+    for arm, base in (("scratch", 0.02), ("soco", 0.05), ("soco@2", 0.03)):
+        for seed in (0, 1):
+            _write_run(tmp_path, "full", arm, seed, base + 0.01 * seed, curve=((2, base / 2),))
+    path = plot_study(collect_runs(tmp_path), tmp_path / "study.png", main_steps=8, title="tiny")
+    assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_study([], tmp_path / "none.png", main_steps=8) is None

@@ -1,0 +1,101 @@
+"""A whole tiny study: arms pretrained, exported and fine-tuned with two readings; split runs resume and combine."""
+
+import dataclasses
+import json
+
+import pytest
+
+pytest.importorskip("pycocotools")
+
+from soco.cli.main import main  # noqa: E402
+from soco.cli.study_command import write_report  # noqa: E402
+from soco.errors import ConfigError, DataError  # noqa: E402
+from soco.study.design import BUDGETS, Budget, parse_length_arm, select_arms  # noqa: E402
+from soco.study.runner import PROBE_NAME, TIMINGS_NAME, StudyData, finetune_dir, run_study  # noqa: E402
+from tests.transfer import make_coco_set  # noqa: E402
+
+TINY_BUDGET = Budget(
+    name="tiny", model_size="tiny", pretrain_steps=2, extra_lengths=(1,), length_readings=("frozen",),
+    pretrain_overrides=("train.batch_size=4",),
+    head_overrides=("method.model.head_conv_channels=16",),
+    transfer=dict(depth=18, epochs=2, batch_size=2, min_size=64, max_size=64, eval_batch_size=2,
+                  roi_batch_per_image=16, rpn_pre_nms_train=200, rpn_post_nms_train=64, rpn_pre_nms_test=100,
+                  rpn_post_nms_test=32, detections_per_img=20, picture_images=0, eval_every=1,
+                  fpn_channels=32, box_head_convs=[16, 16, 16, 16], box_head_fcs=[64]),
+    tile_size=0,
+)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, tiny_data):
+    """A study folder after one call with seed 0, and its data."""
+    root = tmp_path_factory.mktemp("study")
+    train = make_coco_set(root / "coco_train", count=2, size=(64, 64), seed=0)
+    val = make_coco_set(root / "coco_val", count=2, size=(64, 64), seed=1)
+    data = StudyData(*train, *val, unlabeled=[tiny_data[0]], name="tiny synthetic")
+    lines = []
+    run_study(TINY_BUDGET, ["scratch", "soco", "soco@1"], [0], ["full", "frozen"], data, root / "study",
+              device="cpu", progress=False, log=lines.append)
+    return root / "study", data, lines
+
+
+def test_every_arm_reading_and_seed_has_its_finished_run(study):
+    folder, _, lines = study
+    done = sorted(str(p.parent.relative_to(folder / "finetune")) for p in folder.glob("finetune/*/*/*/metrics.json"))
+    # the extra length is read frozen only (the budget's length_readings)
+    assert done == ["frozen/scratch/seed0", "frozen/soco/seed0", "frozen/soco@1/seed0", "full/scratch/seed0",
+                    "full/soco/seed0"]
+    metrics = json.loads((finetune_dir(folder, "frozen", "soco", 0) / "metrics.json").read_text())
+    assert metrics["finished"] and metrics["settings"]["freeze"] == "backbone"
+    assert metrics["weights"].endswith("pretrain/soco/exported/torchvision.pt")
+    assert sum(metrics["weights_loaded"]["loaded"].values()) > 0
+    assert [h["epoch"] for h in metrics["history"] if h.get("val")] == [1]  # the learning curve's points
+    scratch = json.loads((finetune_dir(folder, "full", "scratch", 0) / "metrics.json").read_text())
+    assert scratch["weights"] == "none" and scratch["settings"]["freeze"] == "none"
+    # each length is its own run with its own schedule
+    for arm, steps in (("soco", 2), ("soco@1", 1)):
+        log = (folder / "pretrain" / arm / "metrics.jsonl").read_text().splitlines()
+        assert max(json.loads(line)["step"] for line in log if '"step"' in line) == steps
+    probe = json.loads((folder / PROBE_NAME).read_text())
+    assert set(probe) == {"c4", "c5"} and set(probe["c5"]) == {"soco", "soco@1", "random init"}
+    assert all(0.0 <= s["knn"] <= 1.0 and 0.0 <= s["linear"] <= 1.0 for s in probe["c5"].values())
+    timings = json.loads((folder / TIMINGS_NAME).read_text())
+    assert {"proposals", "pretrain/soco", "pretrain/soco@1", "finetune/full/scratch/seed0", "probe"} <= set(timings)
+    assert any(line.startswith("[soco] frozen seed 0: AP ") for line in lines)
+
+
+def test_a_later_call_adds_seeds_without_redoing_finished_runs(study, tmp_path):
+    folder, data, _ = study
+    finished = {p: p.stat().st_mtime_ns for p in folder.glob("finetune/*/*/*/metrics.json")}
+    run_study(TINY_BUDGET, ["scratch", "soco"], [0, 1], ["full"], data, folder, device="cpu", progress=False,
+              probe=False, log=lambda _: None)
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in finished.items())
+    assert (finetune_dir(folder, "full", "scratch", 1) / "metrics.json").is_file()
+    assert (finetune_dir(folder, "full", "soco", 1) / "metrics.json").is_file()
+    assert not finetune_dir(folder, "frozen", "soco", 1).exists()
+    markdown = write_report(folder, tmp_path, TINY_BUDGET, data.name, "soco study (test)")
+    text = markdown.read_text()
+    assert "| scratch | 2 |" in text and "| soco | 2 |" in text and "| soco@1 | 1 |" in text
+    assert "(> 2σ" in text or "(within 2σ" in text
+    assert (tmp_path / "study_tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((tmp_path / "study_tiny.json").read_text())
+    assert {(r["reading"], r["arm"]) for r in report["rows"]} >= {("full", "soco"), ("frozen", "soco@1")}
+    # the folder belongs to this study: another budget is refused before anything runs
+    with pytest.raises(DataError, match="holds a study of"):
+        run_study(dataclasses.replace(TINY_BUDGET, name="other"), ["scratch"], [0], ["full"], data, folder,
+                  device="cpu", progress=False)
+
+
+def test_arm_names_and_command_errors(tmp_path, capsys):
+    assert select_arms(None, BUDGETS["cpu"]) == ["scratch", "byol_image", "soco", "scrl", "insloc", "detco",
+                                                 "soco@75", "soco@150"]
+    assert select_arms(["soco@20", "scratch", "soco@20"], BUDGETS["cpu"]) == ["soco@20", "scratch"]
+    assert select_arms(["soco@300", "soco"], BUDGETS["cpu"]) == ["soco"]  # the budget's own length
+    assert parse_length_arm("insloc@40") == ("insloc", 40) and parse_length_arm("soco") == ("soco", None)
+    with pytest.raises(ConfigError, match="unknown arm 'moco'"):
+        select_arms(["moco"], BUDGETS["cpu"])
+    with pytest.raises(ConfigError, match="unknown arm 'scratch@10'"):
+        select_arms(["scratch@10"], BUDGETS["cpu"])
+    assert main(["study", "--train", str(tmp_path / "a.json"), "--out", str(tmp_path / "s")]) == 2
+    assert "--train and --val go together" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
