@@ -99,3 +99,26 @@ def test_arm_names_and_command_errors(tmp_path, capsys):
     assert main(["study", "--train", str(tmp_path / "a.json"), "--out", str(tmp_path / "s")]) == 2
     assert "--train and --val go together" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_sigterm_ends_a_study_through_its_finally_blocks():
+    import os
+    import signal
+
+    from soco.cli.study_command import _stop_cleanly_on_signals
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell's `cmd &` leaves it
+        _stop_cleanly_on_signals()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            cleaned = []
+            with pytest.raises(KeyboardInterrupt):
+                try:
+                    os.kill(os.getpid(), sig)  # the handler runs before the next line
+                finally:
+                    cleaned.append(sig)
+            assert cleaned == [sig]
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

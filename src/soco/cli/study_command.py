@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -76,14 +77,17 @@ def write_report(study_dir: Path, report_dir: Path, budget, data_name: str, comm
     picture = plot_study(runs, report_dir / f"{stem}.png", budget.pretrain_steps,
                          title=f"soco study, {budget.name} budget, {data_name}")
     total_minutes = sum(timings.values()) / 60
+    import torch
+
+    gpu = f" and {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     lines = [f"# What pretraining buys ({budget.name} budget)", "",
              f"`{command}`", "",
-             f"Data: {data_name}. Compute so far: {total_minutes:.0f} min of wall time "
-             f"({platform.processor() or platform.machine()}).", "",
+             f"Data: {data_name}. Compute so far: {total_minutes:.0f} min of wall time on {os.cpu_count()} CPU "
+             f"cores ({platform.machine()}){gpu}.", "",
              *[f"- {note}" for note in budget.notes],
              f"- pretraining: {budget.pretrain_steps} steps ({', '.join(budget.pretrain_overrides)}); SoCo also to "
              f"{', '.join(str(s) for s in budget.extra_lengths)} steps",
-             f"- fine-tuning: {budget.transfer}", "",
+             "- fine-tuning: " + ", ".join(f"{key}={value}" for key, value in budget.transfer.items()), "",
              "A gap is real when it exceeds twice the larger seed standard deviation of the two arms.", "",
              markdown_table(summaries)]
     if probe:
@@ -108,6 +112,18 @@ def write_report(study_dir: Path, report_dir: Path, budget, data_name: str, comm
     return markdown
 
 
+def _stop_cleanly_on_signals() -> None:
+    """SIGTERM, and SIGINT even when a background shell ignored it, end the study through its `finally` blocks
+    (each piece's time is recorded, loader workers are stopped); the next call resumes."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run (or continue) `soco study`, then write its report."""
     import sys
@@ -128,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         write_report(study_dir, report_dir, budget, data.name, command)
 
     if not args.report_only:
+        _stop_cleanly_on_signals()
         run_study(budget, arms, seeds, args.readings, data, study_dir, device=args.device,
                   progress=False if args.quiet else None, probe=not args.no_probe, after_each=report)
     markdown = write_report(study_dir, report_dir, budget, data.name, command)

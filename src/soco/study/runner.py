@@ -12,6 +12,7 @@ Layout of a study folder (every piece resumes where a stop left it; a finished p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -102,6 +103,15 @@ class _Timings:
     def add(self, piece: str, seconds: float) -> None:
         self.seconds[piece] = self.seconds.get(piece, 0.0) + seconds
         atomic_write_text(self.path, json.dumps(self.seconds, indent=1, sort_keys=True) + "\n")
+
+    @contextlib.contextmanager
+    def timed(self, piece: str):
+        """Add the wall time of the block to `piece`, also when the block is interrupted (Ctrl-C)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(piece, time.perf_counter() - started)
 
 
 def _pretrain_config(arm_name: str, budget: Budget, device: str):
@@ -217,10 +227,9 @@ def run_study(budget: Budget, arms: list[str], seeds: list[int], readings: list[
     needs_store = any(method_class(cfg.method.name).uses_proposals(cfg.method)
                       for cfg in (_pretrain_config(a, budget, device) for a in pretrained))
     if needs_store and not is_store(store):
-        started = time.perf_counter()
-        config = _pretrain_config("soco", budget, device)
-        summary = run_proposals(images, store, config.proposals, progress=progress)
-        timings.add("proposals", time.perf_counter() - started)
+        with timings.timed("proposals"):
+            summary = run_proposals(images, store, _pretrain_config("soco", budget, device).proposals,
+                                    progress=progress)
         log(f"proposals: {summary.images} images, {summary.proposals / max(1, summary.images):.1f} kept per image, "
             f"{summary.seconds:.0f} s, into {store}")
 
@@ -228,25 +237,22 @@ def run_study(budget: Budget, arms: list[str], seeds: list[int], readings: list[
     for arm in arms:
         arm_weights = None
         if arm in pretrained:
-            started = time.perf_counter()
-            arm_weights = _pretrain_and_export(arm, budget, images, store if needs_store else None, study_dir,
-                                               device, progress, log)
-            timings.add(f"pretrain/{arm}", time.perf_counter() - started)
+            with timings.timed(f"pretrain/{arm}"):
+                arm_weights = _pretrain_and_export(arm, budget, images, store if needs_store else None, study_dir,
+                                                   device, progress, log)
             weights[arm] = arm_weights
         for seed in seeds:
             for reading in readings_of(arm, budget, readings):
-                started = time.perf_counter()
-                metrics = _finetune(arm, reading, seed, arm_weights, budget, data, study_dir, device, progress)
-                timings.add(f"finetune/{reading}/{arm}/seed{seed}", time.perf_counter() - started)
+                with timings.timed(f"finetune/{reading}/{arm}/seed{seed}"):
+                    metrics = _finetune(arm, reading, seed, arm_weights, budget, data, study_dir, device, progress)
                 bbox = metrics["bbox"]
                 log(f"[{arm}] {reading} seed {seed}: AP {100 * bbox['AP']:.2f}, AP50 {100 * bbox['AP50']:.2f}")
                 if after_each is not None:
                     after_each()
     if probe and weights:
-        started = time.perf_counter()
         earlier = json.loads((study_dir / PROBE_NAME).read_text()) if (study_dir / PROBE_NAME).is_file() else {}
-        result = _probe(weights, budget, data, study_dir, log)
+        with timings.timed("probe"):
+            result = _probe(weights, budget, data, study_dir, log)
         for stage, scores in result.items():
             earlier.setdefault(stage, {}).update(scores)
         atomic_write_text(study_dir / PROBE_NAME, json.dumps(earlier, indent=1) + "\n")
-        timings.add("probe", time.perf_counter() - started)
