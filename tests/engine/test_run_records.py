@@ -191,3 +191,18 @@ def test_transfer_writes_only_into_a_new_empty_or_transfer_folder(tmp_path):
     with pytest.raises(SocoError, match="absent.json"):
         transfer_into(tmp_path / "fresh")
     assert not (tmp_path / "fresh").exists()
+
+
+def test_a_method_without_proposals_resumes_whether_or_not_a_store_is_named(tiny_data, tmp_path):
+    images, store = tiny_data
+    scrl = load_config("scrl_tiny", ["train.device=cpu", "train.steps=2"])
+    run = tmp_path / "scrl"
+    pretrain(scrl, run, images, store, progress=False)  # a store named, never read
+    before = folder_contents(run)
+    again = pretrain(scrl, run, images, None, resume=True, progress=False)
+    assert again.steps == 2 and folder_contents(run) == before
+    # SoCo reads proposals: for it the store stays part of the run's data
+    soco_run = tmp_path / "soco"
+    pretrain(tiny("train.steps=2"), soco_run, images, store, progress=False)
+    with pytest.raises(SocoError, match="data.proposals"):
+        pretrain(tiny("train.steps=2"), soco_run, images, None, resume=True, progress=False)

@@ -28,7 +28,12 @@ def test_gap_is_judged_against_twice_the_larger_seed_spread():
     close = ArmSummary("byol", "full", [0, 1, 2], [9.0, 11.0, 13.0], [0.0, 0.0, 0.0])
     assert gap(soco, close).exceeds is False and gap(soco, close).text() == "+1.00 (within 2σ = 4.00)"
     one_seed = ArmSummary("detco", "full", [0], [30.0], [40.0])
-    assert gap(one_seed, soco).exceeds is None and gap(one_seed, soco).text() == "+18.00 (spread unknown)"
+    assert gap(one_seed, soco).exceeds is None and gap(one_seed, soco).text() == "seeds 0: +20.00 (spread unknown)"
+    # different seed sets: only the seeds both arms have are compared (seed 2 of soco is left out)
+    two_seeds = ArmSummary("insloc", "full", [0, 1], [11.0, 12.0], [0.0, 0.0])
+    paired = gap(two_seeds, soco)
+    assert paired.difference == pytest.approx(11.5 - 11.0) and paired.threshold == pytest.approx(2 * 2 ** 0.5)
+    assert paired.text() == "seeds 0, 1: +0.50 (within 2σ = 2.83)"
     assert Gap(-3.0, 2.0).exceeds is True
 
 
@@ -52,8 +57,11 @@ def test_collect_and_summarise_read_finished_runs_only(tmp_path):
     assert summaries[1].ap_std == pytest.approx(statistics.stdev([10.0, 12.0, 14.0]))
     assert summaries[2].ap_std is None
     table = markdown_table(summaries)
-    assert "| soco | 3 | 12.00 ± 2.00 | 24.00 ± 4.00 | 10.0, 12.0, 14.0 | +6.50 (> 2σ = 4.00) |  |" in table
+    # scratch has seeds 0 and 1 only: the gap pairs soco's 10, 12 with scratch's 5, 6
+    assert ("| soco | 3 | 12.00 ± 2.00 | 24.00 ± 4.00 | 10.0, 12.0, 14.0 | seeds 0, 1: +5.50 (> 2σ = 2.83) |  |"
+            in table)
     assert "| scratch | 1 | 1.00 ± — |" in table
+    assert "| 5.0, 6.0 |  |" in table  # scratch (seeds 0, 1) is itself the scratch reference
 
 
 def test_plot_writes_a_png_with_the_length_panel(tmp_path):

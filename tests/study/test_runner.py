@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("pycocotools")
 
@@ -11,7 +12,15 @@ from soco.cli.main import main  # noqa: E402
 from soco.cli.study_command import write_report  # noqa: E402
 from soco.errors import ConfigError, DataError  # noqa: E402
 from soco.study.design import BUDGETS, Budget, parse_length_arm, select_arms  # noqa: E402
-from soco.study.runner import PROBE_NAME, TIMINGS_NAME, StudyData, finetune_dir, run_study  # noqa: E402
+from soco.study.runner import (  # noqa: E402
+    PROBE_NAME,
+    STUDY_MARKER,
+    TIMINGS_NAME,
+    StudyData,
+    _study_lock,
+    finetune_dir,
+    run_study,
+)
 from tests.transfer import make_coco_set  # noqa: E402
 
 TINY_BUDGET = Budget(
@@ -40,7 +49,7 @@ def study(tmp_path_factory, tiny_data):
 
 
 def test_every_arm_reading_and_seed_has_its_finished_run(study):
-    folder, _, lines = study
+    folder, data, lines = study
     done = sorted(str(p.parent.relative_to(folder / "finetune")) for p in folder.glob("finetune/*/*/*/metrics.json"))
     # the extra length is read frozen only (the budget's length_readings)
     assert done == ["frozen/scratch/seed0", "frozen/soco/seed0", "frozen/soco@1/seed0", "full/scratch/seed0",
@@ -62,14 +71,21 @@ def test_every_arm_reading_and_seed_has_its_finished_run(study):
     timings = json.loads((folder / TIMINGS_NAME).read_text())
     assert {"proposals", "pretrain/soco", "pretrain/soco@1", "finetune/full/scratch/seed0", "probe"} <= set(timings)
     assert any(line.startswith("[soco] frozen seed 0: AP ") for line in lines)
+    marker = json.loads((folder / STUDY_MARKER).read_text())
+    assert marker["budget"] == "tiny" and marker["data"].startswith("tiny synthetic + /")
+    assert marker["unlabeled"] == [str(data.unlabeled[0].resolve())]
 
 
 def test_a_later_call_adds_seeds_without_redoing_finished_runs(study, tmp_path):
     folder, data, _ = study
     finished = {p: p.stat().st_mtime_ns for p in folder.glob("finetune/*/*/*/metrics.json")}
-    run_study(TINY_BUDGET, ["scratch", "soco"], [0, 1], ["full"], data, folder, device="cpu", progress=False,
-              probe=False, log=lambda _: None)
+    # byol_image reads no proposals: it is pretrained without the store (and so can be split off in any call)
+    run_study(TINY_BUDGET, ["scratch", "soco", "byol_image"], [0, 1], ["full"], data, folder, device="cpu",
+              progress=False, probe=False, log=lambda _: None)
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in finished.items())
+    byol_state = torch.load(folder / "pretrain" / "byol_image" / "checkpoints" / "last.pt", weights_only=False)
+    assert byol_state["data"]["proposals"] is None
+    assert (finetune_dir(folder, "full", "byol_image", 1) / "metrics.json").is_file()
     assert (finetune_dir(folder, "full", "scratch", 1) / "metrics.json").is_file()
     assert (finetune_dir(folder, "full", "soco", 1) / "metrics.json").is_file()
     assert not finetune_dir(folder, "frozen", "soco", 1).exists()
@@ -80,10 +96,15 @@ def test_a_later_call_adds_seeds_without_redoing_finished_runs(study, tmp_path):
     assert (tmp_path / "study_tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((tmp_path / "study_tiny.json").read_text())
     assert {(r["reading"], r["arm"]) for r in report["rows"]} >= {("full", "soco"), ("frozen", "soco@1")}
-    # the folder belongs to this study: another budget is refused before anything runs
-    with pytest.raises(DataError, match="holds a study of"):
+    # the folder belongs to this study: another budget or other pretraining images are refused
+    with pytest.raises(DataError, match="holds another study .budget: tiny -> other"):
         run_study(dataclasses.replace(TINY_BUDGET, name="other"), ["scratch"], [0], ["full"], data, folder,
                   device="cpu", progress=False)
+    with pytest.raises(DataError, match=r"unlabeled: \['/.*'\] -> \[\]"):
+        run_study(TINY_BUDGET, ["scratch"], [0], ["full"], dataclasses.replace(data, unlabeled=[]), folder,
+                  device="cpu", progress=False)
+    with _study_lock(folder), pytest.raises(DataError, match="another soco study is running in"):
+        run_study(TINY_BUDGET, ["scratch"], [0], ["full"], data, folder, device="cpu", progress=False)
 
 
 def test_arm_names_and_command_errors(tmp_path, capsys):

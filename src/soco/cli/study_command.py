@@ -128,26 +128,33 @@ def run(args: argparse.Namespace) -> int:
     """Run (or continue) `soco study`, then write its report."""
     import sys
 
+    from soco.errors import ConfigError
     from soco.study.design import BUDGETS, select_arms
-    from soco.study.runner import run_study
+    from soco.study.runner import STUDY_MARKER, describe_data, read_json, run_study
 
     budget = BUDGETS[args.budget]
     arms = select_arms(args.arms, budget)
     seeds = args.seeds if args.seeds is not None else list(budget.seeds)
     study_dir = Path(args.out).expanduser()
     report_dir = Path(args.report).expanduser() if args.report else study_dir
-    data = _data(args, budget)
     command = "soco study " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else "soco study"
     started = time.perf_counter()
+    if args.report_only:
+        marker = study_dir / STUDY_MARKER
+        if not marker.is_file():
+            raise ConfigError(f"--report-only: {study_dir} holds no study ({STUDY_MARKER} is missing)")
+        data_name = read_json(marker).get("data", "?")
+    else:
+        data = _data(args, budget)
+        data_name = describe_data(data)
 
-    def report() -> None:
-        write_report(study_dir, report_dir, budget, data.name, command)
+        def report() -> None:
+            write_report(study_dir, report_dir, budget, data_name, command)
 
-    if not args.report_only:
         _stop_cleanly_on_signals()
         run_study(budget, arms, seeds, args.readings, data, study_dir, device=args.device,
                   progress=False if args.quiet else None, probe=not args.no_probe, after_each=report)
-    markdown = write_report(study_dir, report_dir, budget, data.name, command)
+    markdown = write_report(study_dir, report_dir, budget, data_name, command)
     print(markdown.read_text())
     print(f"study: {time.perf_counter() - started:.0f} s this call; report in {markdown}")
     return 0

@@ -59,7 +59,7 @@ from soco.engine.step import (  # noqa: F401
 from soco.errors import ConfigError, SocoError
 from soco.files import atomic_write_text
 from soco.methods.base import Method
-from soco.registry import build_method
+from soco.registry import build_method, method_class
 from soco.run_folder import (
     changed_settings,
     check_run_folder,
@@ -221,6 +221,9 @@ def resume_changes(state: dict, config: Config, data: dict, path: Path) -> list[
         current["data"] = {**current["data"], **data}
     else:  # a checkpoint of an older soco: the configuration may not name the folder it read
         ignored += ("data.images",)
+    if not method_class(config.method.name).uses_proposals(config.method):
+        # A method that reads no proposals trains the same with or without a store named.
+        ignored += ("data.proposals",)
     recorded_method = (recorded.get("method") or {}).get("name")
     if recorded_method is not None and recorded_method != config.method.name:
         # Another method's section has other keys: its name says it all.

@@ -55,6 +55,8 @@ class Budget:
     transfer: dict  # TransferConfig keywords (widths included, so a backbone-only arm gets the same detector)
     tile_size: int  # the default data: DeepForest cut into tiles of this size (native resolution)
     seeds: tuple[int, ...] = (0, 1, 2)
+    # arm -> overrides of that arm alone, for what must scale with the data rather than the model (queue lengths)
+    arm_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -72,6 +74,9 @@ BUDGETS: dict[str, Budget] = {budget.name: budget for budget in (
                       box_head_convs=[64, 64, 64, 64], box_head_fcs=[256], rpn_post_nms_train=150,
                       roi_batch_per_image=32, rpn_post_nms_test=150, eval_every=2),
         tile_size=200,
+        # MoCo-style queues shorter than an epoch of the ~300 pretraining images (the presets' 4,096 would hold
+        # each image about 14 times, stale copies of a query's own image among its negatives)
+        arm_overrides={"insloc": ("method.queue_size=256",), "detco": ("method.queue_size=256",)},
         notes=("pretraining: R18, 96-pixel views, batch 16, on the training tiles and the default photos",
                "fine-tuning: Faster R-CNN R18-FPN (FPN 64, head 4x64 conv + 256 fc; widths chosen by measured "
                "speed, docs/study.md) on 200 px tiles at native resolution, 150/32 RoIs per image, fp32"),

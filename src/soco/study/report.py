@@ -69,6 +69,7 @@ class Gap:
 
     difference: float
     threshold: float | None  # SPREAD_FACTOR x the larger standard deviation; None when a spread is unknown
+    paired_seeds: list[int] | None = None  # set when the arms' seed sets differ: the seeds both have
 
     @property
     def exceeds(self) -> bool | None:
@@ -76,11 +77,16 @@ class Gap:
         return None if self.threshold is None else abs(self.difference) > self.threshold
 
     def text(self) -> str:
-        """'+3.10 (> 2σ = 1.20)', '+0.40 (within 2σ = 1.20)' or '+0.40 (spread unknown)'."""
+        """'+3.10 (> 2σ = 1.20)', '+0.40 (within 2σ = 1.20)' or '+0.40 (spread unknown)'; 'seeds 0, 1: ...' when
+        only the shared seeds were compared."""
         if self.threshold is None:
-            return f"{self.difference:+.2f} (spread unknown)"
-        relation = ">" if self.exceeds else "within"
-        return f"{self.difference:+.2f} ({relation} 2σ = {self.threshold:.2f})"
+            text = f"{self.difference:+.2f} (spread unknown)"
+        else:
+            relation = ">" if self.exceeds else "within"
+            text = f"{self.difference:+.2f} ({relation} 2σ = {self.threshold:.2f})"
+        if self.paired_seeds is not None:
+            text = f"seeds {', '.join(str(s) for s in self.paired_seeds)}: {text}"
+        return text
 
 
 def _curve(metrics: dict) -> list[tuple[int, float]]:
@@ -130,11 +136,27 @@ def summarise(runs: list[RunResult]) -> list[ArmSummary]:
     return summaries
 
 
+def _on_seeds(summary: ArmSummary, seeds: list[int]) -> ArmSummary:
+    keep = [summary.seeds.index(seed) for seed in seeds]
+    return ArmSummary(summary.arm, summary.reading, list(seeds), [summary.ap_per_seed[i] for i in keep],
+                      [summary.ap50_per_seed[i] for i in keep])
+
+
 def gap(arm: ArmSummary, reference: ArmSummary) -> Gap:
-    """arm's mean AP minus reference's, judged against SPREAD_FACTOR x the larger seed standard deviation."""
+    """arm's mean AP minus reference's, judged against SPREAD_FACTOR x the larger seed standard deviation.
+
+    A seed fixes the fine-tuning's head initialisation and batch order for every arm alike, so when the two arms
+    have different seed sets (a study under way) only the seeds both have are compared.
+    """
+    paired = None
+    if set(arm.seeds) != set(reference.seeds):
+        paired = sorted(set(arm.seeds) & set(reference.seeds))
+        if not paired:
+            return Gap(arm.ap_mean - reference.ap_mean, None, paired)
+        arm, reference = _on_seeds(arm, paired), _on_seeds(reference, paired)
     spreads = (arm.ap_std, reference.ap_std)
     threshold = None if None in spreads else SPREAD_FACTOR * max(spreads)
-    return Gap(arm.ap_mean - reference.ap_mean, threshold)
+    return Gap(arm.ap_mean - reference.ap_mean, threshold, paired)
 
 
 def _spread(value: float | None) -> str:

@@ -1,6 +1,7 @@
 """Running the study: data, one proposal store, each arm's pretraining and export, each fine-tuning; all resumable.
 
-Layout of a study folder (every piece resumes where a stop left it; a finished piece is read, not rerun):
+Layout of a study folder (every pretraining and fine-tuning run resumes where a stop left it, and a finished one is
+read, not rerun; the export and the probe, which take seconds, are redone by each call; one call at a time):
 
     pretrain_images/   links to the training images of the labelled set, plus the extra unlabeled folders
     proposals/         one proposal store for every arm that samples proposals
@@ -54,8 +55,19 @@ def default_data(budget: Budget, progress: bool = True) -> StudyData:
     dest = base if budget.tile_size == 400 else base.with_name(f"{base.name}-tiles{budget.tile_size}")
     folder = prepare_deepforest(dest, tile_size=budget.tile_size, quiet=not progress)
     return StudyData(folder / "train.json", folder / "images", folder / "val.json", folder / "images",
-                     unlabeled=[assemble_photos(progress=progress)],
-                     name=f"DeepForest {budget.tile_size} px tiles + the default photos")
+                     unlabeled=[assemble_photos(progress=progress)], name=f"DeepForest {budget.tile_size} px tiles")
+
+
+def describe_data(data: StudyData) -> str:
+    """The data in words for the report: the labelled set and what else is pretrained on."""
+    if not data.unlabeled:
+        return data.name
+    from soco.data.photos import photos_dir
+
+    default_photos = photos_dir().resolve()
+    extra = ["the default photos" if Path(d).expanduser().resolve() == default_photos else str(d)
+             for d in data.unlabeled]
+    return f"{data.name} + {', '.join(extra)}"
 
 
 def _train_file_names(annotations: Path) -> list[str]:
@@ -98,7 +110,7 @@ class _Timings:
 
     def __init__(self, path: Path):
         self.path = path
-        self.seconds: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+        self.seconds: dict[str, float] = read_json(path) if path.is_file() else {}
 
     def add(self, piece: str, seconds: float) -> None:
         self.seconds[piece] = self.seconds.get(piece, 0.0) + seconds
@@ -120,7 +132,8 @@ def _pretrain_config(arm_name: str, budget: Budget, device: str):
     base, steps = parse_length_arm(arm_name)
     arm = ARMS[base]
     overrides = [*budget.pretrain_overrides, f"train.steps={steps or budget.pretrain_steps}",
-                 f"train.device={device}", *(budget.head_overrides if arm.has_fpn_and_head else ())]
+                 f"train.device={device}", *(budget.head_overrides if arm.has_fpn_and_head else ()),
+                 *budget.arm_overrides.get(base, ())]
     return load_config(arm.presets[budget.model_size], overrides)
 
 
@@ -151,7 +164,7 @@ def _finetune(arm_name: str, reading: str, seed: int, weights: Path | None, budg
     out_dir = finetune_dir(study_dir, reading, arm_name, seed)
     metrics_path = out_dir / METRICS_NAME
     if metrics_path.is_file():
-        metrics = json.loads(metrics_path.read_text())
+        metrics = read_json(metrics_path)
         if metrics.get("finished") and metrics.get("bbox"):
             return metrics
     config = replace(TransferConfig(**budget.transfer), seed=seed, device=device,
@@ -202,31 +215,81 @@ def run_study(budget: Budget, arms: list[str], seeds: list[int], readings: list[
               study_dir: Path, device: str = "auto", progress: bool | None = None, probe: bool = True,
               log: Callable[[str], None] = print, after_each: Callable[[], None] | None = None) -> None:
     """Pretrain, export and fine-tune every selected arm, seed and reading, resuming whatever was done."""
-    from soco.data.proposals.pipeline import run_proposals
-    from soco.data.proposals.store import is_store
-    from soco.registry import method_class
-
     progress = sys.stderr.isatty() if progress is None else progress
-    study_dir.mkdir(parents=True, exist_ok=True)
-    marker = study_dir / STUDY_MARKER
-    record = {"budget": budget.name, "data": data.name, "train": str(data.train), "val": str(data.val)}
-    if marker.is_file():
-        earlier = json.loads(marker.read_text())
-        if earlier != record:
-            raise DataError(f"{study_dir} holds a study of {earlier}, not {record}: choose another --out")
-    else:
-        atomic_write_text(marker, json.dumps(record, indent=1) + "\n")
-    timings = _Timings(study_dir / TIMINGS_NAME)
     unknown = [r for r in readings if r not in READINGS]
     if unknown:
         raise DataError(f"unknown readings {unknown} (valid: {', '.join(READINGS)})")
+    study_dir.mkdir(parents=True, exist_ok=True)
+    with _study_lock(study_dir):
+        check_study_folder(study_dir, study_record(budget, data))
+        _run_locked(budget, arms, seeds, readings, data, study_dir, device, progress, probe, log, after_each)
 
+
+def study_record(budget: Budget, data: StudyData) -> dict:
+    """What a study folder is the study of: the budget and every input path (soco-study.json)."""
+    return {"budget": budget.name, "data": describe_data(data), "train": str(data.train), "val": str(data.val),
+            "train_images": str(Path(data.train_images).expanduser().resolve()),
+            "val_images": str(Path(data.val_images).expanduser().resolve()),
+            "unlabeled": [str(Path(d).expanduser().resolve()) for d in data.unlabeled]}
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file of the study folder; DataError naming it when it is damaged."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path} is damaged ({error}); delete it to rebuild it") from error
+
+
+def check_study_folder(study_dir: Path, record: dict) -> None:
+    """Mark an empty folder as this study's; DataError naming the settings that differ in another study's."""
+    marker = study_dir / STUDY_MARKER
+    if not marker.is_file():
+        atomic_write_text(marker, json.dumps(record, indent=1) + "\n")
+        return
+    earlier = read_json(marker)
+    # A marker of the first version lacks the image paths: those are taken as they are now.
+    differ = [key for key in record if key in earlier and earlier[key] != record[key]]
+    if differ:
+        changes = "; ".join(f"{key}: {earlier[key]} -> {record[key]}" for key in differ)
+        raise DataError(f"{study_dir} holds another study ({changes}): choose another --out")
+    if earlier != record:
+        atomic_write_text(marker, json.dumps(record, indent=1) + "\n")
+
+
+@contextlib.contextmanager
+def _study_lock(study_dir: Path):
+    """One call at a time in a study folder: a second one is refused in one line."""
+    import fcntl
+
+    with open(study_dir / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"another soco study is running in {study_dir}; wait for it to end") from None
+        yield
+
+
+def uses_proposals(arm_name: str, budget: Budget, device: str) -> bool:
+    """Whether an arm's pretraining samples proposals (only those arms are handed the store)."""
+    from soco.registry import method_class
+
+    config = _pretrain_config(arm_name, budget, device)
+    return method_class(config.method.name).uses_proposals(config.method)
+
+
+def _run_locked(budget: Budget, arms: list[str], seeds: list[int], readings: list[str], data: StudyData,
+                study_dir: Path, device: str, progress: bool, probe: bool, log: Callable[[str], None],
+                after_each: Callable[[], None] | None) -> None:
+    from soco.data.proposals.pipeline import run_proposals
+    from soco.data.proposals.store import is_store
+
+    timings = _Timings(study_dir / TIMINGS_NAME)
     pretrained = [a for a in arms if parse_length_arm(a)[0] != SCRATCH]
     images = pretraining_folder(study_dir, data) if pretrained else None
     store = study_dir / "proposals"
-    needs_store = any(method_class(cfg.method.name).uses_proposals(cfg.method)
-                      for cfg in (_pretrain_config(a, budget, device) for a in pretrained))
-    if needs_store and not is_store(store):
+    with_store = {arm: uses_proposals(arm, budget, device) for arm in pretrained}
+    if any(with_store.values()) and not is_store(store):
         with timings.timed("proposals"):
             summary = run_proposals(images, store, _pretrain_config("soco", budget, device).proposals,
                                     progress=progress)
@@ -238,8 +301,8 @@ def run_study(budget: Budget, arms: list[str], seeds: list[int], readings: list[
         arm_weights = None
         if arm in pretrained:
             with timings.timed(f"pretrain/{arm}"):
-                arm_weights = _pretrain_and_export(arm, budget, images, store if needs_store else None, study_dir,
-                                                   device, progress, log)
+                arm_weights = _pretrain_and_export(arm, budget, images, store if with_store[arm] else None,
+                                                   study_dir, device, progress, log)
             weights[arm] = arm_weights
         for seed in seeds:
             for reading in readings_of(arm, budget, readings):
@@ -250,7 +313,7 @@ def run_study(budget: Budget, arms: list[str], seeds: list[int], readings: list[
                 if after_each is not None:
                     after_each()
     if probe and weights:
-        earlier = json.loads((study_dir / PROBE_NAME).read_text()) if (study_dir / PROBE_NAME).is_file() else {}
+        earlier = read_json(study_dir / PROBE_NAME) if (study_dir / PROBE_NAME).is_file() else {}
         with timings.timed("probe"):
             result = _probe(weights, budget, data, study_dir, log)
         for stage, scores in result.items():

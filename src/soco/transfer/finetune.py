@@ -160,8 +160,11 @@ def validate_config(config: TransferConfig) -> None:
          "detections_per_img, rpn_*_nms_* and roi_batch_per_image must be at least 1"),
         (config.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
         (config.picture_images >= 0, "picture_images must be >= 0"),
-        (config.fpn_channels >= 0 and all(int(w) >= 1 for w in [*config.box_head_convs, *config.box_head_fcs]),
-         "fpn_channels must be >= 0 and box head widths >= 1"),
+        (isinstance(config.fpn_channels, int) and config.fpn_channels >= 0
+         and all(isinstance(widths, list) and all(isinstance(w, int) and w >= 1 for w in widths)
+                 for widths in (config.box_head_convs, config.box_head_fcs)),
+         "fpn_channels must be an integer >= 0, box_head_convs and box_head_fcs lists of integers >= 1 "
+         "(e.g. box_head_convs=[256,256,256,256])"),
         (config.freeze in FREEZE_CHOICES, f"freeze must be one of {', '.join(FREEZE_CHOICES)}"),
     ]
     for ok, message in checks:
@@ -387,7 +390,8 @@ def finetune(
     weights_id = str(Path(weights).expanduser().resolve()) if weights is not None else "none"
     state = load_checkpoint(checkpoint_path) if resume and checkpoint_path.exists() else None
     if state is not None:
-        changed = [k for k in _RESUME_KEYS if state["config"].get(k) != settings[k]]
+        defaults = dataclasses.asdict(TransferConfig())  # a key an older checkpoint lacks had its default
+        changed = [k for k in _RESUME_KEYS if state["config"].get(k, defaults[k]) != settings[k]]
         if changed or state.get("total_iters") != plan.total_iters or state.get("model_type") != architecture:
             raise SocoError(f"{checkpoint_path} was made with other settings ({', '.join(changed) or 'data size'} "
                             "differ): resume with the same data and settings")
