@@ -16,8 +16,10 @@ from soco.errors import DataError, SocoError
 from soco.models.backbone import build_resnet, build_resnet_fpn
 from soco.models.roi_pooling import pool_rois
 from soco.transfer.probe import (
+    LINEAR_L2_GRID,
     format_table,
     knn_accuracy,
+    choose_l2,
     linear_probe_accuracy,
     probe_backbone,
     probe_backbones,
@@ -138,6 +140,20 @@ def test_linear_probe_fits_a_separable_set_and_not_noise():
     # Deterministic: zero initial weights and full batches.
     assert linear_probe_accuracy(x[:100], y[:100], x[100:], y[100:]) == linear_probe_accuracy(
         x[:100], y[:100], x[100:], y[100:])
+
+
+def test_cross_validated_l2_keeps_a_few_crops_in_many_dimensions_from_overfitting():
+    # As many training crops as dimensions (240 crops of 256-wide c4 features, as a 27-image probe has): a weak
+    # L2 interpolates the training crops and generalises worst there. The class shifts every dimension a little.
+    generator = torch.Generator().manual_seed(0)
+    y = torch.arange(446) % 2
+    x = torch.randn(446, 256, generator=generator) + 0.08 * (2 * y[:, None].float() - 1)
+    weak = linear_probe_accuracy(x[:240], y[:240], x[240:], y[240:], l2=LINEAR_L2_GRID[0])
+    chosen = choose_l2(x[:240], y[:240])
+    assert chosen == 10.0
+    crossed = linear_probe_accuracy(x[:240], y[:240], x[240:], y[240:])
+    assert crossed == linear_probe_accuracy(x[:240], y[:240], x[240:], y[240:], l2=chosen)
+    assert weak == pytest.approx(0.811, abs=0.01) and crossed == pytest.approx(0.879, abs=0.01)
 
 
 def test_background_boxes_are_inside_and_away_from_objects():

@@ -91,7 +91,7 @@ def write_report(study_dir: Path, report_dir: Path, budget, data_name: str, comm
              "A gap is real when it exceeds twice the larger seed standard deviation of the two arms.", "",
              markdown_table(summaries)]
     if probe:
-        lines += ["Box-feature probe on the validation boxes (object vs background crops; k-NN / linear accuracy):",
+        lines += ["Box-feature probe on the training boxes (object vs background crops of held-out images; k-NN / linear accuracy):",
                   "", "| stage | backbone | k-NN | linear | majority |", "| --- | --- | --- | --- | --- |"]
         for stage, scores in probe.items():
             for name, score in scores.items():

@@ -175,7 +175,11 @@ def _finetune(arm_name: str, reading: str, seed: int, weights: Path | None, budg
 
 def _probe(weights: dict[str, Path], budget: Budget, data: StudyData, study_dir: Path,
            log: Callable[[str], None]) -> dict:
-    """k-NN and linear-probe accuracy of each pretrained arm's backbone and a random init, on the val boxes."""
+    """k-NN and linear-probe accuracy of each pretrained arm's backbone and a random init, on the training boxes.
+
+    The training set's boxes, not the validation set's: six times the crops (the probe holds half of the images
+    out itself), and pretraining saw those pixels but never their labels.
+    """
     import torch
 
     from soco.transfer.coco_data import CocoDetection
@@ -192,7 +196,7 @@ def _probe(weights: dict[str, Path], budget: Budget, data: StudyData, study_dir:
             state = {k: v for k, v in read_weights(path).items() if k.startswith("backbone.body.")}
             load_pretrained(model, state, name=path)
         trunks[name] = model.backbone.body
-    dataset = CocoDetection(data.val, data.val_images)
+    dataset = CocoDetection(data.train, data.train_images)
     result = {}
     for stage in PROBE_STAGES:
         scores = probe_backbones(trunks, dataset, stage=stage)

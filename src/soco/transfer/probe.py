@@ -8,8 +8,8 @@ the test set, so no test crop has a neighbour from its own image. Two scores per
 
 * k-NN: cosine similarity to the training crops, majority vote of the k nearest (k = 20, fewer when
   there are fewer training crops; ties go to the class with the larger summed similarity);
-* linear probe: multinomial logistic regression (weak L2) on features standardised with the training
-  crops' statistics, fitted full-batch with L-BFGS (at most 300 iterations) from zero weights: deterministic,
+* linear probe: multinomial logistic regression (L2 cross-validated on the training crops) on features
+  standardised with the training crops' statistics, fitted full-batch with L-BFGS (at most 300 iterations) from zero weights: deterministic,
   and it uses no random state.
 
 `probe_backbones` runs any number of backbones over one pass of the images (`soco probe` compares the
@@ -57,7 +57,12 @@ BACKGROUND_TRIES = 50  # draws per wanted background box before giving up on it
 POOL_SIZE = 7
 KNN_K = 20
 LINEAR_STEPS = 300
-LINEAR_L2 = 1e-3
+LINEAR_L2 = 1e-3  # the weakest of the grid
+# The L2 strengths cross-validated on the training crops. Box features have hundreds of dimensions and a probe
+# a few hundred crops, so a weak L2 separates the training crops perfectly and answers at chance on the test
+# crops; the strength is chosen per backbone, as linear evaluations do (scikit-learn's LogisticRegressionCV).
+LINEAR_L2_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+LINEAR_CV_FOLDS = 3
 
 
 @dataclass
@@ -139,14 +144,9 @@ def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     return float((predicted == test_y).double().mean()), k
 
 
-def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
-                          test_y: torch.Tensor, steps: int = LINEAR_STEPS, l2: float = LINEAR_L2) -> float:
-    """Test accuracy of a logistic regression (L2 `l2`) fitted on standardised training features, from zero weights."""
-    mean = train_x.mean(dim=0)
-    std = train_x.std(dim=0, unbiased=False).clamp(min=1e-6)  # dead units would divide by zero
-    train_z, test_z = (train_x - mean) / std, (test_x - mean) / std
-    classes = int(max(train_y.max(), test_y.max())) + 1
-    weight = torch.zeros(train_x.shape[1], classes, requires_grad=True)
+def _fit_logistic(train_z: torch.Tensor, train_y: torch.Tensor, classes: int, steps: int, l2: float):
+    """(weight, bias) of a multinomial logistic regression with L2 `l2`, fitted full-batch with L-BFGS from zero."""
+    weight = torch.zeros(train_z.shape[1], classes, requires_grad=True)
     bias = torch.zeros(classes, requires_grad=True)
     # L-BFGS, as scikit-learn fits logistic regression: it reaches the optimum of this convex loss in far
     # fewer steps than a first-order method, whose answer would depend on its learning rate.
@@ -161,8 +161,46 @@ def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
 
     with torch.enable_grad():
         optimizer.step(closure)
-    with torch.no_grad():
-        predicted = (test_z @ weight + bias).argmax(dim=1)
+    return weight.detach(), bias.detach()
+
+
+def _standardised(train_x: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    mean = train_x.mean(dim=0)
+    std = train_x.std(dim=0, unbiased=False).clamp(min=1e-6)  # dead units would divide by zero
+    return [(x - mean) / std for x in (train_x, *others)]
+
+
+def choose_l2(train_x: torch.Tensor, train_y: torch.Tensor, steps: int = LINEAR_STEPS,
+              grid: Sequence[float] = LINEAR_L2_GRID, folds: int = LINEAR_CV_FOLDS) -> float:
+    """The L2 of `grid` with the best mean accuracy over `folds` contiguous folds of the training crops (crops come
+    grouped by image, so a fold holds whole images but at its edges); ties go to the stronger L2."""
+    classes = int(train_y.max()) + 1
+    bounds = [round(i * len(train_x) / folds) for i in range(folds + 1)]
+    scores = []
+    for l2 in grid:
+        correct = 0
+        for start, stop in zip(bounds, bounds[1:]):
+            held = torch.zeros(len(train_x), dtype=torch.bool)
+            held[start:stop] = True
+            fit_z, held_z = _standardised(train_x[~held], train_x[held])
+            weight, bias = _fit_logistic(fit_z, train_y[~held], classes, steps, l2)
+            correct += int(((held_z @ weight + bias).argmax(dim=1) == train_y[held]).sum())
+        scores.append((correct, l2))
+    return max(scores)[1]  # (most correct, then the larger l2)
+
+
+def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
+                          test_y: torch.Tensor, steps: int = LINEAR_STEPS, l2: float | None = None) -> float:
+    """Test accuracy of a logistic regression fitted on standardised training features, from zero weights.
+
+    `l2` None: the strength is cross-validated on the training crops over LINEAR_L2_GRID (`choose_l2`).
+    """
+    if l2 is None:
+        l2 = choose_l2(train_x, train_y, steps)
+    train_z, test_z = _standardised(train_x, test_x)
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    weight, bias = _fit_logistic(train_z, train_y, classes, steps, l2)
+    predicted = (test_z @ weight + bias).argmax(dim=1)
     return float((predicted == test_y).double().mean())
 
 
