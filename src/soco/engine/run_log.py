@@ -48,12 +48,16 @@ class RunLog:
             self._text.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
             self._text.flush()
 
+    def _record(self, step: int, values: dict) -> None:
+        """One line of metrics.jsonl, flushed at once (a killed run keeps every finished step's line)."""
+        self._metrics.write(json.dumps({"step": step, **values}) + "\n")
+        self._metrics.flush()
+
     def metrics(self, step: int, values: dict) -> None:
         """One step's numbers (loss, lr, momentum, images/s ...)."""
         if not self.enabled:
             return
-        self._metrics.write(json.dumps({"step": step, **values}) + "\n")
-        self._metrics.flush()
+        self._record(step, values)
         if self._tensorboard is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)):
@@ -64,8 +68,7 @@ class RunLog:
         in metrics.jsonl (so that a resume cuts them back with the rest) and TensorBoard scalars under their names."""
         if not self.enabled:
             return
-        self._metrics.write(json.dumps({"step": step, **values}) + "\n")
-        self._metrics.flush()
+        self._record(step, values)
         if self._tensorboard is not None:
             for key, value in values.items():
                 self._tensorboard.add_scalar(key, value, step)
