@@ -22,6 +22,7 @@ from soco.engine.distributed import DistributedContext
 from soco.engine.optimizers import build_optimizer
 from soco.engine.step import StepRunner
 from soco.engine.trainer import build_model, pretrain
+from tests.killed_run import run_killed_after_step_2
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -35,19 +36,6 @@ pytestmark = [
 # off by 0); rounding differences should stay far below 0.02 of it.
 RESUME_TOLERANCE = 0.02
 
-KILLED_AFTER_STEP_2 = """
-import os, signal, sys
-import soco.engine.trainer as trainer
-from soco.config.loading import load_config
-real_save = trainer.save_checkpoint
-def save_then_die(state, path):
-    real_save(state, path)
-    if state["step"] == 2 and path.name == "last.pt":
-        os.kill(os.getpid(), signal.SIGKILL)
-trainer.save_checkpoint = save_then_die
-config = load_config("soco_tiny", ["train.device=cuda", "train.steps=4", "train.checkpoint_every=1", sys.argv[4]])
-trainer.pretrain(config, sys.argv[3], sys.argv[1], sys.argv[2], progress=False)
-"""
 
 TWO_GPU_WORKER = """
 import json, sys
@@ -240,10 +228,7 @@ def test_resume_after_a_kill_on_cuda_continues_the_run(tiny_data, tmp_path, prec
     pretrain(tiny_cuda("train.steps=4", setting), tmp_path / "whole", images, store, progress=False)
 
     killed = tmp_path / "killed"
-    script = tmp_path / "killed.py"
-    script.write_text(KILLED_AFTER_STEP_2)
-    process = subprocess.run([sys.executable, str(script), str(images), str(store), str(killed), setting],
-                             check=False, timeout=140)
+    process = run_killed_after_step_2(images, store, killed, "soco_tiny", ["train.device=cuda", setting], timeout=140)
     assert process.returncode == -signal.SIGKILL
     last = killed / "checkpoints" / "last.pt"
     half = torch.load(last, weights_only=True, map_location="cpu")

@@ -3,8 +3,6 @@ and the layering that lets a method be added without touching the engine, the da
 
 import ast
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,24 +16,12 @@ from soco.export import export_checkpoint
 from soco.export.formats import FORMAT_NAMES, UnsupportedLayoutError
 from soco.methods.base import ENCODER_PARTS, Method
 from soco.registry import method_class, method_names, register_method
+from tests.killed_run import run_killed_after_step_2
 
 SOURCE = Path(soco.__file__).parent
 # What a package below methods/ may import from it: the contract, never a method (the registry is soco.registry).
 CONTRACT_MODULES = {"soco.methods", "soco.methods.base"}
 
-KILLED_AFTER_STEP_2 = """
-import os, signal, sys
-import soco.engine.trainer as trainer
-from soco.config.loading import load_config
-real_save = trainer.save_checkpoint
-def save_then_die(state, path):
-    real_save(state, path)
-    if state["step"] == 2 and path.name == "last.pt":
-        os.kill(os.getpid(), signal.SIGKILL)
-trainer.save_checkpoint = save_then_die
-config = load_config(sys.argv[4], ["train.device=cpu", "train.steps=4", "train.checkpoint_every=1"])
-trainer.pretrain(config, sys.argv[3], sys.argv[1], sys.argv[2] or None, progress=False)
-"""
 
 
 def tiny(name, *overrides):
@@ -68,10 +54,8 @@ def test_two_steps_resume_bitwise_after_a_kill_and_export(name, tiny_data, tmp_p
     assert whole.steps == 4
 
     killed = tmp_path / "killed"
-    script = tmp_path / "killed.py"
-    script.write_text(KILLED_AFTER_STEP_2)
-    process = subprocess.run([sys.executable, str(script), str(images), str(store or ""), str(killed),
-                              method_class(name).tiny_preset], timeout=600)
+    process = run_killed_after_step_2(images, store, killed, method_class(name).tiny_preset, ["train.device=cpu"],
+                                      timeout=600)
     assert process.returncode == -signal.SIGKILL
     assert torch.load(killed / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
     resumed = pretrain(tiny(name, "train.steps=4", "train.checkpoint_every=1"), killed, images, store,
