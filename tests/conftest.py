@@ -2,6 +2,7 @@
 
 import soco  # noqa: F401
 import pytest
+import torch
 
 from soco.config.schema import ProposalsConfig
 from soco.data.proposals.pipeline import run_proposals
@@ -15,3 +16,13 @@ def tiny_data(tmp_path_factory):
     images = make_image_folder(root / "images", 12, size=(96, 72))
     run_proposals(images, root / "store", ProposalsConfig(workers=1), progress=False)
     return images, root / "store"
+
+
+@pytest.fixture
+def one_thread():
+    """Run on one torch thread: tiny tensors on shared CPUs wait on other threads far longer than they compute, and the
+    golden digests were recorded on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -22,13 +22,7 @@ PROBE_KEYS = {"probe/knn", "probe/linear", "probe/knn_random", "probe/linear_ran
 SMALL = ["method.views.v1_size=48", "method.views.v2_size=48", "method.views.v3_size=24", "train.batch_size=2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run these small tensors on one thread: on shared CPUs, waiting for other threads costs far more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

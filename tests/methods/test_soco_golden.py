@@ -35,15 +35,6 @@ def digest(state: dict) -> str:
     return hasher.hexdigest()
 
 
-@pytest.fixture
-def one_thread():
-    """Run on one torch thread, as the digests were recorded, whatever the machine's core count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def rich_store(tiny_data, tmp_path_factory):
     """The tiny images' proposals by the `rich` algorithm: the `fast` set of the recording's time."""

@@ -30,13 +30,7 @@ from soco.transfer.probe import (
 from tests.transfer import make_coco_set
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run these small tensors on one thread: on shared CPUs, waiting for other threads costs 100x the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class TinyTrunk(nn.Module):

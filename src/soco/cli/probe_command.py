@@ -32,21 +32,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _backbone(depth: int, seed: int, state: dict | None = None, name: Path | None = None):
-    """The ResNet-FPN body of a freshly built detector (the random floor), with a weights file's tensors if given."""
-    import torch
-
-    from soco.transfer.detector import build_detector, load_pretrained
-    from soco.transfer.weights import detector_widths
-
-    torch.manual_seed(seed)
-    # The file's FPN and head widths, so that every tensor it holds loads (only the body is probed).
-    widths = detector_widths(state) if state is not None else {}
-    model = build_detector("faster_rcnn", num_classes=2, depth=depth, **widths)
-    report = load_pretrained(model, state, name=name) if state is not None else None
-    return model.backbone.body, report
-
-
 def run(args: argparse.Namespace) -> int:
     """Run `soco probe`."""
     import torch
@@ -54,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from soco.errors import ConfigError, SocoError
     from soco.files import atomic_write_text
     from soco.transfer.coco_data import CocoDetection
-    from soco.transfer.probe import format_table, probe_backbones
+    from soco.transfer.probe import format_table, pretrained_trunk, probe_backbones
     from soco.transfer.weights import check_depth, read_weights, resnet_depth
 
     weights = None if args.weights.strip().lower() == "none" else Path(args.weights).expanduser()
@@ -71,9 +56,9 @@ def run(args: argparse.Namespace) -> int:
     dataset = CocoDetection(args.labels, images)
     backbones, loaded = {}, None
     if weights is not None:
-        backbones[f"pretrained ({weights.name})"], loaded = _backbone(depth, args.seed, state, weights)
+        backbones[f"pretrained ({weights.name})"], loaded = pretrained_trunk(depth, args.seed, state, weights)
         print(loaded.line())
-    backbones["random init"], _ = _backbone(depth, args.seed)
+    backbones["random init"], _ = pretrained_trunk(depth, args.seed)
     for backbone in backbones.values():
         backbone.to(device)
     results = probe_backbones(

@@ -50,7 +50,7 @@ class ArmSummary:
     @property
     def ap_std(self) -> float | None:
         """Sample standard deviation of AP over seeds (None with one seed)."""
-        return statistics.stdev(self.ap_per_seed) if len(self.ap_per_seed) > 1 else None
+        return _sample_std(self.ap_per_seed)
 
     @property
     def ap50_mean(self) -> float:
@@ -60,7 +60,11 @@ class ArmSummary:
     @property
     def ap50_std(self) -> float | None:
         """Sample standard deviation of AP50 over seeds (None with one seed)."""
-        return statistics.stdev(self.ap50_per_seed) if len(self.ap50_per_seed) > 1 else None
+        return _sample_std(self.ap50_per_seed)
+
+
+def _sample_std(values: list[float]) -> float | None:
+    return statistics.stdev(values) if len(values) > 1 else None
 
 
 @dataclass

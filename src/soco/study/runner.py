@@ -180,22 +180,13 @@ def _probe(weights: dict[str, Path], budget: Budget, data: StudyData, study_dir:
     The training set's boxes, not the validation set's: six times the crops (the probe holds half of the images
     out itself), and pretraining saw those pixels but never their labels.
     """
-    import torch
-
     from soco.transfer.coco_data import CocoDetection
-    from soco.transfer.detector import build_detector, load_pretrained
-    from soco.transfer.probe import probe_backbones
+    from soco.transfer.probe import pretrained_trunk, probe_backbones
     from soco.transfer.weights import read_weights
 
     depth = budget.transfer["depth"]
-    trunks = {}
-    for name, path in [*weights.items(), ("random init", None)]:
-        torch.manual_seed(0)
-        model = build_detector("faster_rcnn", num_classes=2, depth=depth)
-        if path is not None:
-            state = {k: v for k, v in read_weights(path).items() if k.startswith("backbone.body.")}
-            load_pretrained(model, state, name=path)
-        trunks[name] = model.backbone.body
+    trunks = {name: pretrained_trunk(depth, 0, read_weights(path), path)[0] for name, path in weights.items()}
+    trunks["random init"], _ = pretrained_trunk(depth, 0)
     dataset = CocoDetection(data.train, data.train_images)
     result = {}
     for stage in PROBE_STAGES:

@@ -41,6 +41,7 @@ __all__ = [
     "format_table",
     "knn_accuracy",
     "linear_probe_accuracy",
+    "pretrained_trunk",
     "probe_backbone",
     "probe_backbones",
     "resnet_trunk",
@@ -328,6 +329,19 @@ def _collect(trunks: Mapping[str, nn.Module], dataset: Sequence, order: list[int
         bar.update(1)
     bar.close()
     return crops
+
+
+def pretrained_trunk(depth: int, seed: int, state: Mapping[str, torch.Tensor] | None = None, name=None):
+    """(ResNet body of a freshly built detector, load report or None): the random floor with `seed`, or with a
+    weights file's tensors loaded (its FPN and head widths, so that every tensor it holds loads)."""
+    from soco.transfer.detector import build_detector, load_pretrained
+    from soco.transfer.weights import detector_widths
+
+    torch.manual_seed(seed)
+    widths = detector_widths(state) if state is not None else {}
+    model = build_detector("faster_rcnn", num_classes=2, depth=depth, **widths)
+    report = load_pretrained(model, state, name=name) if state is not None else None
+    return model.backbone.body, report
 
 
 def probe_backbone(backbone: nn.Module, dataset: Sequence, **options) -> ProbeResult:
