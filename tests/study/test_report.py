@@ -71,3 +71,18 @@ def test_plot_writes_a_png_with_the_length_panel(tmp_path):
     path = plot_study(collect_runs(tmp_path), tmp_path / "study.png", main_steps=8, title="tiny")
     assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_study([], tmp_path / "none.png", main_steps=8) is None
+
+
+def test_report_only_rewrites_the_report_naming_the_command_that_ran_the_study(tmp_path, capsys):
+    from soco.cli.main import main
+
+    study, reports = tmp_path / "study", tmp_path / "reports"
+    _write_run(study, "full", "scratch", 0, 0.05)
+    (study / "soco-study.json").write_text(json.dumps({"data": "tiles"}))
+    reports.mkdir()
+    (reports / "study_cpu.json").write_text(json.dumps({"command": "soco study --out study --seeds 0"}))
+    assert main(["study", "--out", str(study), "--report", str(reports), "--report-only"]) == 0
+    markdown = (reports / "study_cpu.md").read_text()
+    assert "`soco study --out study --seeds 0`" in markdown and "--report-only" not in markdown
+    assert "| scratch | 1 | 5.00 ± — |" in markdown
+    assert json.loads((reports / "study_cpu.json").read_text())["command"] == "soco study --out study --seeds 0"

@@ -82,8 +82,9 @@ def write_report(study_dir: Path, report_dir: Path, budget, data_name: str, comm
     gpu = f" and {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     lines = [f"# What pretraining buys ({budget.name} budget)", "",
              f"`{command}`", "",
-             f"Data: {data_name}. Compute so far: {total_minutes:.0f} min of wall time on {os.cpu_count()} CPU "
-             f"cores ({platform.machine()}){gpu}.", "",
+             f"Data: {data_name}. Wall time of the finished pieces (pretraining, fine-tuning, probe), summed: "
+             f"{total_minutes:.0f} min on {os.cpu_count()} CPU cores ({platform.machine()}){gpu}; "
+             f"each piece's own figure is in the .json.", "",
              *[f"- {note}" for note in budget.notes],
              f"- pretraining: {budget.pretrain_steps} steps ({', '.join(budget.pretrain_overrides)}); SoCo also to "
              f"{', '.join(str(s) for s in budget.extra_lengths)} steps",
@@ -144,6 +145,10 @@ def run(args: argparse.Namespace) -> int:
         if not marker.is_file():
             raise ConfigError(f"--report-only: {study_dir} holds no study ({STUDY_MARKER} is missing)")
         data_name = read_json(marker).get("data", "?")
+        # the report names the command that ran the study, not this one, when an earlier report recorded it
+        earlier = report_dir / f"{REPORT_STEM}_{budget.name}.json"
+        if earlier.is_file():
+            command = read_json(earlier).get("command", command)
     else:
         data = _data(args, budget)
         data_name = describe_data(data)

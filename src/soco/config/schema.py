@@ -110,6 +110,7 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 on GPUs and on CPUs with native bf16, else fp32), "fp32", "bf16", "fp16"
     sync_bn: bool = True  # SyncBatchNorm under multi-GPU DDP; plain BN on CPU or one process
     channels_last: bool = False  # NHWC memory format for the networks and views (no faster on this CPU; try on GPUs)
+    compile: bool = False  # torch.compile the backbones (minutes of compilation at the start of each process)
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 500  # steps between periodic checkpoints

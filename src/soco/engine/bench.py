@@ -103,6 +103,7 @@ def run_bench(config: Config, images_root: Path, store_dir: Path | None, steps: 
         "method": config_to_dict(config.method),
         "precision": resolve_precision(config.train.precision, device, smallest_view_side(batch)),
         "channels_last": config.train.channels_last,
+        "compile": config.train.compile,
         "data_main_process": time_data_loading(dataset, config.train.batch_size, 0, data_batches),
     }
     if workers > 0:

@@ -43,6 +43,7 @@ from soco.engine.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from soco.engine.compiling import compile_backbones
 from soco.engine.distributed import DistributedContext, all_reduce_sum, init_distributed
 from soco.engine.hooks import StepHook, hook_due
 from soco.engine.optimizers import build_optimizer
@@ -68,13 +69,13 @@ from soco.run_folder import (
 )
 
 RUN_KIND = "pretrain"
-# What a resume may change: where, with how many workers and in which memory layout it runs, how often
-# it reports and keeps checkpoints, where caches live. Every other setting changes what is trained, and
+# What a resume may change: where, with how many workers, in which memory layout and whether compiled it
+# runs, how often it reports and keeps checkpoints, where caches live. Every other setting changes what is trained, and
 # a resume that differs in one is refused. The image folder and the proposal store are compared as the
 # absolute paths the run read (`data.images`, `data.proposals`), whatever the configuration spelled.
 RESUMABLE_SETTINGS = (
     "data.cache_dir", "proposals.workers", "train.workers", "train.device", "train.channels_last",
-    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.compile", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
 )
 
 _log = logging.getLogger(__name__)
@@ -163,6 +164,8 @@ def build_model(config: Config, context: DistributedContext) -> Method:
     if config.train.channels_last:
         # before DDP wraps it: DDP's gradient buckets take the parameters' layout when it is built
         method = method.to(memory_format=torch.channels_last)
+    if config.train.compile:
+        compile_backbones(method)
     if context.is_distributed and context.device.type == "cuda" and config.train.sync_bn:
         method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
     return method
