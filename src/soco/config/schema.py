@@ -109,7 +109,7 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu" or "cuda"
     precision: str = "auto"  # "auto" (bf16 on GPUs and on CPUs with native bf16, else fp32), "fp32", "bf16", "fp16"
     sync_bn: bool = True  # SyncBatchNorm under multi-GPU DDP; plain BN on CPU or one process
-    channels_last: bool = True  # NHWC networks and views: 1.18x the bf16 step on this CPU, fp32 unchanged (speed.md)
+    channels_last: bool = True  # NHWC networks and views: 1.16x the bf16 step on this CPU, fp32 unchanged (speed.md)
     compile: bool = False  # torch.compile the backbones (minutes of compilation at the start of each process)
     seed: int = 0
     log_every: int = 10
