@@ -62,6 +62,11 @@ def _data(args: argparse.Namespace, budget):
                      unlabeled=[Path(d).expanduser() for d in (args.unlabeled or [])], name=str(train))
 
 
+def report_stem(budget) -> str:
+    """The report files' name without suffix: study_<budget>."""
+    return f"{REPORT_STEM}_{budget.name}"
+
+
 def write_report(study_dir: Path, report_dir: Path, budget, data_name: str, command: str) -> Path:
     """study.md, study.json and study.png from every finished run of the study folder; returns the .md path."""
     from soco.files import atomic_write_text
@@ -73,7 +78,7 @@ def write_report(study_dir: Path, report_dir: Path, budget, data_name: str, comm
     timings = json.loads((study_dir / TIMINGS_NAME).read_text()) if (study_dir / TIMINGS_NAME).is_file() else {}
     probe = json.loads((study_dir / PROBE_NAME).read_text()) if (study_dir / PROBE_NAME).is_file() else {}
     report_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{REPORT_STEM}_{budget.name}"
+    stem = report_stem(budget)
     picture = plot_study(runs, report_dir / f"{stem}.png", budget.pretrain_steps,
                          title=f"soco study, {budget.name} budget, {data_name}")
     total_minutes = sum(timings.values()) / 60
@@ -92,7 +97,8 @@ def write_report(study_dir: Path, report_dir: Path, budget, data_name: str, comm
              "A gap is real when it exceeds twice the larger seed standard deviation of the two arms.", "",
              markdown_table(summaries)]
     if probe:
-        lines += ["Box-feature probe on the training boxes (object vs background crops of held-out images; k-NN / linear accuracy):",
+        lines += ["Box-feature probe on the training boxes (object vs background crops of held-out images; "
+                  "k-NN / linear accuracy):",
                   "", "| stage | backbone | k-NN | linear | majority |", "| --- | --- | --- | --- | --- |"]
         for stage, scores in probe.items():
             for name, score in scores.items():
@@ -146,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--report-only: {study_dir} holds no study ({STUDY_MARKER} is missing)")
         data_name = read_json(marker).get("data", "?")
         # the report names the command that ran the study, not this one, when an earlier report recorded it
-        earlier = report_dir / f"{REPORT_STEM}_{budget.name}.json"
+        earlier = report_dir / f"{report_stem(budget)}.json"
         if earlier.is_file():
             command = read_json(earlier).get("command", command)
     else:

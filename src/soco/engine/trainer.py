@@ -70,8 +70,8 @@ from soco.run_folder import (
 
 RUN_KIND = "pretrain"
 # What a resume may change: where, with how many workers, in which memory layout and whether compiled it
-# runs, how often it reports and keeps checkpoints, where caches live. Every other setting changes what is trained, and
-# a resume that differs in one is refused. The image folder and the proposal store are compared as the
+# runs, how often it reports and keeps checkpoints, where caches live. Every other setting changes what is
+# trained, and a resume that differs in one is refused. The image folder and the proposal store are compared as the
 # absolute paths the run read (`data.images`, `data.proposals`), whatever the configuration spelled.
 RESUMABLE_SETTINGS = (
     "data.cache_dir", "proposals.workers", "train.workers", "train.device", "train.channels_last",

@@ -9,8 +9,8 @@ the test set, so no test crop has a neighbour from its own image. Two scores per
 * k-NN: cosine similarity to the training crops, majority vote of the k nearest (k = 20, fewer when
   there are fewer training crops; ties go to the class with the larger summed similarity);
 * linear probe: multinomial logistic regression (L2 cross-validated on the training crops) on features
-  standardised with the training crops' statistics, fitted full-batch with L-BFGS (at most 300 iterations) from zero weights: deterministic,
-  and it uses no random state.
+  standardised with the training crops' statistics, fitted full-batch with L-BFGS (at most 300 iterations)
+  from zero weights: deterministic, and it uses no random state.
 
 `probe_backbones` runs any number of backbones over one pass of the images (`soco probe` compares the
 pretrained weights with a random initialisation of the same depth, the floor). Nothing here touches the
