@@ -191,6 +191,20 @@ def test_trunk_is_found_in_detector_bodies_and_resnets():
         resnet_trunk(nn.Linear(2, 2))
 
 
+def test_a_separate_test_set_gives_every_test_crop_and_trains_on_every_other():
+    train = striped_images(10, seed=4)
+    # Test images of vertical stripes only (class 2), so the majority floor shows where the test crops came from.
+    test = [(image, {"boxes": target["boxes"], "labels": torch.full((3,), 2)}) for image, target in
+            striped_images(6, seed=5)]
+    result = probe_backbone(TinyTrunk(), train, stage="c3", background=False, test_dataset=test)
+    horizontal = sum(int((target["labels"] == 1).sum()) for _, target in train)
+    assert (result.train_images, result.test_images, result.train_crops, result.test_crops) == (10, 6, 30, 18)
+    assert result.classes == {"class 1": horizontal, "class 2": 30 - horizontal + 18}
+    assert result.majority_accuracy == (1.0 if horizontal < 15 else 0.0)
+    with pytest.raises(DataError, match="no image with boxes to probe"):
+        probe_backbone(TinyTrunk(), train, stage="c3", background=False, test_dataset=[])
+
+
 def test_too_few_images_or_one_class_is_an_error():
     with pytest.raises(DataError, match="1 image\\(s\\) with boxes; a probe needs at least 2"):
         probe_backbone(TinyTrunk(), striped_images(1, seed=0), stage="c3")
@@ -221,6 +235,20 @@ def test_cli_probe_writes_table_and_json(tmp_path, capsys):
     assert (result["train_images"], result["test_images"]) == (2, 2)
     assert list(result["classes"]) == ["box", "background"] and result["classes"]["box"] == 8
     assert 0.0 <= result["knn_accuracy"] <= 1.0 and result["stage"] == "c4"
+
+
+def test_cli_probe_tests_on_a_second_file(tmp_path, capsys):
+    train, _ = make_coco_set(tmp_path / "train", count=3, size=(64, 48), seed=1)
+    val, _ = make_coco_set(tmp_path / "val", count=2, size=(64, 48), seed=2)
+    out = tmp_path / "probe"
+    assert main(["probe", "--weights", "none", "--depth", "18", "--labels", str(train), "--test-labels", str(val),
+                 "--out", str(out), "--quiet"]) == 0
+    assert f"(test: {val})" in capsys.readouterr().out
+    record = json.loads((out / "probe.json").read_text())
+    result = record["results"]["random init"]
+    # Every image of each file: 2 boxes and 2 background boxes per image.
+    assert (result["train_images"], result["test_images"], result["train_crops"], result["test_crops"]) == (3, 2, 12, 8)
+    assert record["test_labels"] == str(val) and record["test_fraction"] is None
 
 
 def test_cli_probe_errors_are_one_line(tmp_path, capsys):

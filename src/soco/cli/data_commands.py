@@ -31,10 +31,44 @@ def run_voc(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_composed_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `soco data composed`."""
+    parser.add_argument("-o", "--output", default=None, metavar="OUT",
+                        help="folder for train.json, val.json and images/ (default: the cache folder)")
+    parser.add_argument("--train-images", type=int, default=300, help="training scenes (default 300)")
+    parser.add_argument("--val-images", type=int, default=150, help="validation scenes (default 150)")
+    parser.add_argument("--size", type=int, default=256, help="side of the square scenes in pixels (default 256)")
+    parser.add_argument("--seed", type=int, default=0, help="scene layout (default 0)")
+    parser.add_argument("--stamps", default=None, metavar="DIR",
+                        help="the 'stamps' folder of tuxpaint-stamps-default (default: the installed package, "
+                             "else the .deb fetched with apt-get download and unpacked into the cache)")
+    parser.add_argument("--backgrounds", default=None, metavar="DIR",
+                        help="folder of background photos (default: the default photos)")
+    parser.add_argument("--quiet", action="store_true", help="print only the folder")
+
+
+def run_composed(args: argparse.Namespace) -> int:
+    """Run `soco data composed`."""
+    from soco.data.composed import prepare_composed
+
+    dest = prepare_composed(args.output, train_images=args.train_images, val_images=args.val_images,
+                            size=args.size, seed=args.seed, stamps=args.stamps, backgrounds=args.backgrounds,
+                            quiet=args.quiet)
+    if args.quiet:
+        print(dest)
+        return 0
+    print(f"composed scenes (7 classes, exact boxes and masks; the scenes are composed): {dest}")
+    print(f"fine-tune: soco transfer --weights none --train {dest / 'train.json'} --val {dest / 'val.json'}")
+    print(f"probe:     soco probe --weights FILE --labels {dest / 'val.json'} --stage c4")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Dispatch `soco data DATASET`."""
     if args.data_set == "voc":
         return run_voc(args)
+    if args.data_set == "composed":
+        return run_composed(args)
     if args.data_set == "photos":
         from soco.data.photos import assemble_photos, photos_dir
 

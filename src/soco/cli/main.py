@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     voc = data_sets.add_parser("voc", help="convert a Pascal VOC folder (XML annotations) to COCO JSON per split")
     data_commands.add_voc_arguments(voc)
+    composed = data_sets.add_parser("composed", help="labelled 7-class scenes: photographic cut-outs pasted on the "
+                                                     "default photos (COCO boxes and masks)")
+    data_commands.add_composed_arguments(composed)
 
     proposals = commands.add_parser(
         "proposals",

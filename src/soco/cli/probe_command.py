@@ -18,13 +18,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", required=True, metavar="COCO.json", help="COCO annotations of the boxes to probe")
     parser.add_argument("--data", default=None, metavar="IMAGES",
                         help="folder the file_names are relative to (default: 'images' next to --labels)")
+    parser.add_argument("--test-labels", default=None, metavar="COCO.json",
+                        help="test on this file's boxes and train on all of --labels' (default: split --labels' "
+                             "images); e.g. val.json against train.json, whose objects it never shows")
+    parser.add_argument("--test-data", default=None, metavar="IMAGES",
+                        help="folder of --test-labels' images (default: 'images' next to --test-labels)")
     parser.add_argument("--out", default=None, help=f"folder for {RESULTS_NAME} (default: {DEFAULT_PROBE_OUT})")
     parser.add_argument("--depth", type=int, default=None, help="ResNet depth (default: read from the file, else 50)")
     parser.add_argument("--stage", default="c5", choices=STAGE_CHOICES, help="ResNet stage pooled (default c5)")
     parser.add_argument("--k", type=int, default=20, help="neighbours of the k-NN vote (default 20)")
     parser.add_argument("--steps", type=int, default=300, help="linear-probe training steps (default 300)")
-    parser.add_argument("--max-images", type=int, default=200, help="images with boxes probed (default 200)")
-    parser.add_argument("--test-fraction", type=float, default=0.5, help="share of images held out (default 0.5)")
+    parser.add_argument("--max-images", type=int, default=200,
+                        help="images with boxes probed, per file with --test-labels (default 200)")
+    parser.add_argument("--test-fraction", type=float, default=0.5,
+                        help="share of images held out, without --test-labels (default 0.5)")
     parser.add_argument("--no-background", action="store_true",
                         help="only the labelled classes (default: add one background box per object)")
     parser.add_argument("--seed", type=int, default=0, help="image order, split and background boxes (default 0)")
@@ -54,6 +61,12 @@ def run(args: argparse.Namespace) -> int:
         check_depth(state, depth, weights)
     images = Path(args.data).expanduser() if args.data else Path(args.labels).expanduser().parent / "images"
     dataset = CocoDetection(args.labels, images)
+    test_dataset, test_images = None, None
+    if args.test_labels:
+        test_images = (Path(args.test_data).expanduser() if args.test_data
+                       else Path(args.test_labels).expanduser().parent / "images")
+        # The training file's category list numbers both, so a class means the same in each.
+        test_dataset = CocoDetection(args.test_labels, test_images, categories=dataset.category_ids)
     backbones, loaded = {}, None
     if weights is not None:
         backbones[f"pretrained ({weights.name})"], loaded = pretrained_trunk(depth, args.seed, state, weights)
@@ -64,14 +77,19 @@ def run(args: argparse.Namespace) -> int:
     results = probe_backbones(
         backbones, dataset, stage=args.stage, k=args.k, linear_steps=args.steps, background=not args.no_background,
         test_fraction=args.test_fraction, max_images=args.max_images, seed=args.seed, progress=not args.quiet,
+        test_dataset=test_dataset,
     )
-    print(format_table(results, title=f"probe of ResNet-{depth} on {dataset.annotation_file}"))
+    tested_on = f" (test: {test_dataset.annotation_file})" if test_dataset is not None else ""
+    print(format_table(results, title=f"probe of ResNet-{depth} on {dataset.annotation_file}{tested_on}"))
     out = Path(args.out) if args.out else DEFAULT_PROBE_OUT
     out.mkdir(parents=True, exist_ok=True)
     record = {
-        "labels": str(dataset.annotation_file), "images": str(images), "weights": str(weights) if weights else None,
+        "labels": str(dataset.annotation_file), "images": str(images),
+        "test_labels": str(test_dataset.annotation_file) if test_dataset is not None else None,
+        "test_images": str(test_images) if test_images is not None else None, "weights": str(weights) if weights else None,
         "depth": depth, "device": str(device), "seed": args.seed, "background": not args.no_background,
-        "max_images": args.max_images, "test_fraction": args.test_fraction, "linear_steps": args.steps,
+        "max_images": args.max_images,
+        "test_fraction": None if test_dataset is not None else args.test_fraction, "linear_steps": args.steps,
         "loaded": loaded.loaded if loaded else None,
         "results": {name: result.as_dict() for name, result in results.items()},
     }

@@ -233,6 +233,7 @@ def probe_backbones(
     max_images: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    test_dataset: Sequence | None = None,
 ) -> dict[str, ProbeResult]:
     """Probe several backbones on the same crops of `dataset`; {name: ProbeResult}.
 
@@ -241,6 +242,10 @@ def probe_backbones(
     caps the images with boxes, taken in a seeded order. With `background`, each image adds as many
     boxes drawn away from its objects, of class "background" (so that a file of one category still
     measures something: object against background).
+
+    `test_dataset`: the test crops come from its images and the training crops from all of `dataset`'s
+    (`test_fraction` unused; `max_images` caps each), e.g. a validation file whose objects the training
+    file never shows. Both must number their classes alike (the same category list).
     """
     if stage not in STAGES:
         raise ConfigError(f"stage: {stage!r} is not one of {', '.join(STAGES)}")
@@ -256,14 +261,29 @@ def probe_backbones(
             backbone.eval()  # BatchNorm's running statistics, and no update of them
         with torch.no_grad():
             picked = _collect(trunks, dataset, order, stage, background, max_images, generator, progress)
+            if test_dataset is not None:
+                test_order = torch.randperm(len(test_dataset), generator=generator).tolist()
+                tested = _collect(trunks, test_dataset, test_order, stage, background, max_images, generator,
+                                  progress)
     finally:
         for module, training in modes.items():
             module.train(training)
-    images = len(picked.labels)
-    if images < 2:
-        raise DataError(f"{source}: {images} image(s) with boxes; a probe needs at least 2 (train and test)")
-    test_images = min(images - 1, max(1, math.ceil(images * test_fraction)))
-    is_test = [position < test_images for position in range(images)]
+    if test_dataset is None:
+        images = len(picked.labels)
+        if images < 2:
+            raise DataError(f"{source}: {images} image(s) with boxes; a probe needs at least 2 (train and test)")
+        test_images = min(images - 1, max(1, math.ceil(images * test_fraction)))
+        is_test = [position < test_images for position in range(images)]
+    else:
+        for data, crops in ((dataset, picked), (test_dataset, tested)):
+            if not crops.labels:
+                raise DataError(f"{getattr(data, 'annotation_file', 'a data set')}: no image with boxes to probe")
+        test_images = len(tested.labels)
+        # Test images first, as in the split above.
+        picked = _Crops({name: tested.features[name] + picked.features[name] for name in trunks},
+                        tested.labels + picked.labels, [])
+        images = len(picked.labels)
+        is_test = [position < test_images for position in range(images)]
     labels = torch.cat(picked.labels)
     test_mask = torch.cat([torch.full((len(y),), t) for y, t in zip(picked.labels, is_test)])
     if len(labels[~test_mask].unique()) < 2:
