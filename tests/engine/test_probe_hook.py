@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 import torch
@@ -37,11 +38,30 @@ def pretrain_argv(images, store, out, *extra):
             "--device", "cpu", "--quiet", *extra, *SMALL]
 
 
-def probe_hook(labels, every: int, config):
+def probe_hook(labels, every: int, config, no_background: bool = False):
     """The CLI's probe hook for `config`, as `soco pretrain --probe-labels LABELS --probe-every EVERY` builds it."""
     args = argparse.Namespace(probe_labels=str(labels), probe_images=None, probe_every=every, probe_stage=None,
-                              probe_max_images=DEFAULT_PROBE_MAX_IMAGES, quiet=True)
+                              probe_max_images=DEFAULT_PROBE_MAX_IMAGES, probe_no_background=no_background,
+                              quiet=True)
     return build_probe_hook(args, config, probe_paths(args))
+
+
+def test_probe_without_background_boxes_scores_the_labelled_classes_only(tmp_path):
+    labels, _ = make_coco_set(tmp_path / "set", count=6, size=(64, 48))
+    two_classes = labels.read_text().replace('"categories": [{"id": 1, "name": "box"}]',
+                                             '"categories": [{"id": 1, "name": "box"}, {"id": 2, "name": "other"}]')
+    # Every second box becomes class 2, so that the labelled classes alone are two.
+    data = json.loads(two_classes)
+    for annotation in data["annotations"][1::2]:
+        annotation["category_id"] = 2
+    labels.write_text(json.dumps(data))
+    config = load_config("soco_tiny", ["train.device=cpu", *SMALL])
+    with_background = probe_hook(labels, 1, config).floor
+    without = probe_hook(labels, 1, config, no_background=True).floor
+    # 6 images of 2 boxes, 3 of them held out: 6 test boxes, and as many background boxes by default.
+    assert without.classes == {"box": 6, "other": 6} and without.test_crops == 6
+    assert with_background.classes == {"box": 6, "other": 6, "background": 12} and with_background.test_crops == 12
+    assert probe_hook(labels, 1, config, no_background=True).background is False
 
 
 def test_probe_every_two_steps_is_logged_and_leaves_training_bitwise_unchanged(tiny_data, probe_set, tmp_path):
@@ -173,6 +193,7 @@ def test_when_hooks_run():
     (["--probe-labels", "{tmp}/missing.json"], "--probe-labels: annotation file {tmp}/missing.json does not exist"),
     (["--probe-labels", "{tmp}"], "--probe-labels: annotation file {tmp} is not a file"),
     (["--probe-every", "2"], "--probe-every needs --probe-labels"),
+    (["--probe-no-background"], "--probe-no-background needs --probe-labels"),
     (["--probe-labels", "{tmp}/bare.json"], "--probe-images: image folder {tmp}/images does not exist (the default"),
     (["--probe-labels", "{tmp}/bare.json", "--probe-images", "{tmp}"], "{tmp}/bare.json: not a JSON file"),
     (["--probe-labels", "{set}", "--config", "soco_r50_c4", "--probe-stage", "c5"],

@@ -62,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"images with boxes probed (default {DEFAULT_PROBE_MAX_IMAGES})")
     probe.add_argument("--probe-stage", default=None, choices=STAGE_CHOICES,
                        help="ResNet stage pooled (default: the encoder's last: c5, or c4 for a C4 model)")
+    probe.add_argument("--probe-no-background", action="store_true",
+                       help="only the labelled classes (default: add one background box per object, as `soco probe`)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.batch_size=32")
 
 
@@ -137,7 +139,7 @@ def probe_paths(args: argparse.Namespace) -> tuple[Path, Path] | None:
     """(labels file, image folder) of the probe, checked to exist; None without --probe-labels. Imports no torch."""
     if args.probe_labels is None:
         options = (("--probe-images", args.probe_images), ("--probe-every", args.probe_every),
-                   ("--probe-stage", args.probe_stage))
+                   ("--probe-stage", args.probe_stage), ("--probe-no-background", args.probe_no_background or None))
         given = [option for option, value in options if value is not None]
         if args.probe_max_images != DEFAULT_PROBE_MAX_IMAGES:
             given.append("--probe-max-images")
@@ -165,9 +167,9 @@ class ProbeHook:
     and leaves every module in its mode (`soco.transfer.probe`), so training is the same with or without it.
     """
 
-    def __init__(self, dataset, every: int, stage: str, max_images: int, seed: int, floor):
+    def __init__(self, dataset, every: int, stage: str, max_images: int, seed: int, floor, background: bool = True):
         self.dataset, self.every, self.stage = dataset, every, stage
-        self.max_images, self.seed, self.floor = max_images, seed, floor
+        self.max_images, self.seed, self.floor, self.background = max_images, seed, floor, background
 
     def start(self, step: int, method, log) -> None:
         """The floor, once per session, in train.log."""
@@ -183,7 +185,7 @@ class ProbeHook:
         from soco.transfer.probe import probe_backbone
 
         result = probe_backbone(method.encoder(), self.dataset, stage=self.stage, max_images=self.max_images,
-                                seed=self.seed)
+                                seed=self.seed, background=self.background)
         log.scalars(step, {
             "probe/knn": result.knn_accuracy, "probe/linear": result.linear_accuracy,
             "probe/knn_random": self.floor.knn_accuracy, "probe/linear_random": self.floor.linear_accuracy,
@@ -221,9 +223,10 @@ def build_probe_hook(args: argparse.Namespace, config: Config, paths: tuple[Path
     device = resolve_device(config.train.device)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # where this process will train
+    background = not args.probe_no_background
     floor = probe_backbone(trunk.to(device), dataset, stage=stage, max_images=args.probe_max_images,
-                           seed=config.train.seed, progress=not args.quiet)
-    return ProbeHook(dataset, every, stage, args.probe_max_images, config.train.seed, floor)
+                           seed=config.train.seed, progress=not args.quiet, background=background)
+    return ProbeHook(dataset, every, stage, args.probe_max_images, config.train.seed, floor, background)
 
 
 def run(args: argparse.Namespace) -> int:
