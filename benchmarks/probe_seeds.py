@@ -56,12 +56,13 @@ def main() -> None:
             entry = scores.setdefault(name, {"knn": [], "linear": []})
             entry["knn"].append(100 * result.knn_accuracy)
             entry["linear"].append(100 * result.linear_accuracy)
+        shared = next(iter(results.values()))  # the crops, and so the majority floor, are every backbone's
         scores.setdefault("majority class", {"knn": [], "linear": []})
-        scores["majority class"]["knn"].append(100 * result.majority_accuracy)
-        scores["majority class"]["linear"].append(100 * result.majority_accuracy)
+        scores["majority class"]["knn"].append(100 * shared.majority_accuracy)
+        scores["majority class"]["linear"].append(100 * shared.majority_accuracy)
         print(f"seed {seed}: " + ", ".join(f"{name} {100 * r.knn_accuracy:.1f}/{100 * r.linear_accuracy:.1f}"
                                            for name, r in results.items()), flush=True)
-        test_crops = result.test_crops
+        test_crops = shared.test_crops
 
     def spread(values: list[float]) -> str:
         return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"

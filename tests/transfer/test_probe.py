@@ -249,6 +249,14 @@ def test_cli_probe_tests_on_a_second_file(tmp_path, capsys):
     # Every image of each file: 2 boxes and 2 background boxes per image.
     assert (result["train_images"], result["test_images"], result["train_crops"], result["test_crops"]) == (3, 2, 12, 8)
     assert record["test_labels"] == str(val) and record["test_fraction"] is None
+    # A test file whose category 1 has another name means another class: refused, in one line.
+    val.write_text(val.read_text().replace('"name": "box"', '"name": "tree"'))
+    assert main(["probe", "--weights", "none", "--depth", "18", "--labels", str(train), "--test-labels", str(val),
+                 "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "category 1 is 'tree', but 'box' in" in err
+    assert main(["probe", "--weights", "none", "--labels", str(train), "--test-data", str(tmp_path)]) == 2
+    assert "--test-data needs --test-labels" in capsys.readouterr().err
 
 
 def test_cli_probe_errors_are_one_line(tmp_path, capsys):

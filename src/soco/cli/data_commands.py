@@ -59,7 +59,7 @@ def run_composed(args: argparse.Namespace) -> int:
         return 0
     print(f"composed scenes (7 classes, exact boxes and masks; the scenes are composed): {dest}")
     print(f"fine-tune: soco transfer --weights none --train {dest / 'train.json'} --val {dest / 'val.json'}")
-    print(f"probe:     soco probe --weights FILE --labels {dest / 'val.json'} --stage c4")
+    print(f"probe:     soco probe --weights FILE --labels {dest / 'val.json'} --stage c4 --no-background")
     return 0
 
 

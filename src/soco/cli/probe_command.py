@@ -43,12 +43,14 @@ def run(args: argparse.Namespace) -> int:
     """Run `soco probe`."""
     import torch
 
-    from soco.errors import ConfigError, SocoError
+    from soco.errors import ConfigError, DataError, SocoError
     from soco.files import atomic_write_text
     from soco.transfer.coco_data import CocoDetection
     from soco.transfer.probe import format_table, pretrained_trunk, probe_backbones
     from soco.transfer.weights import check_depth, read_weights, resnet_depth
 
+    if args.test_data and not args.test_labels:
+        raise ConfigError("--test-data needs --test-labels, the COCO file of the test boxes")
     weights = None if args.weights.strip().lower() == "none" else Path(args.weights).expanduser()
     if weights is not None and not weights.is_file():
         raise SocoError(f"weights file {weights} does not exist (or pass --weights none)")
@@ -67,6 +69,13 @@ def run(args: argparse.Namespace) -> int:
                        else Path(args.test_labels).expanduser().parent / "images")
         # The training file's category list numbers both, so a class means the same in each.
         test_dataset = CocoDetection(args.test_labels, test_images, categories=dataset.category_ids)
+        test_names = {c["id"]: str(c.get("name", c["id"])) for c in test_dataset.data["categories"]}
+        renamed = [(cid, dataset.category_names[cid], name) for cid, name in sorted(test_names.items())
+                   if cid in dataset.category_names and name != dataset.category_names[cid]]
+        if renamed:
+            cid, train_name, test_name = renamed[0]
+            raise DataError(f"{test_dataset.annotation_file}: category {cid} is {test_name!r}, but {train_name!r} in "
+                            f"{dataset.annotation_file}: the two files must share one category list")
     backbones, loaded = {}, None
     if weights is not None:
         backbones[f"pretrained ({weights.name})"], loaded = pretrained_trunk(depth, args.seed, state, weights)
@@ -86,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     record = {
         "labels": str(dataset.annotation_file), "images": str(images),
         "test_labels": str(test_dataset.annotation_file) if test_dataset is not None else None,
-        "test_images": str(test_images) if test_images is not None else None, "weights": str(weights) if weights else None,
+        "test_images": str(test_images) if test_images is not None else None,
+        "weights": str(weights) if weights else None,
         "depth": depth, "device": str(device), "seed": args.seed, "background": not args.no_background,
         "max_images": args.max_images,
         "test_fraction": None if test_dataset is not None else args.test_fraction, "linear_steps": args.steps,

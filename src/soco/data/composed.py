@@ -5,8 +5,9 @@ stamps are cartoons; `STAMPS` is a hand-checked list of real photographs with cl
 classes). Each scene is a random crop of a background photo with a few stamps pasted at random scales
 and places; later stamps occlude earlier ones, and every box and mask is read from what stays visible,
 so the labels are exact. The stamps and the background photos of the training and validation splits
-are disjoint (alternate files of each sorted list), so a probe or a detector scored on `val` meets
-objects and scenes it never saw. The scenes are composed: results on them must say so.
+are disjoint (alternate stamps of each class; alternate groups of near-duplicate photos, such as stereo
+pairs and video frames), so a probe or a detector scored on `val` meets objects and photos it never saw.
+The scenes are composed: results on them must say so.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -38,7 +40,9 @@ __all__ = [
     "composed_dir",
     "find_stamps",
     "prepare_composed",
+    "photo_group",
     "split_alternate",
+    "split_photos",
 ]
 
 PACKAGE = "tuxpaint-stamps-default"
@@ -52,6 +56,7 @@ FORMAT_VERSION = 1
 SPLIT_FILE = "composed.json"
 ALPHA_OPAQUE = 128  # a pixel belongs to the object when its alpha reaches half
 MIN_VISIBLE = 0.6  # a pasted stamp must keep this share of its pixels visible, or it is not pasted
+OBJECTS_PER_SCENE = (2, 5)  # stamps tried per scene, inclusive
 
 
 def _names(folder: str, names: str) -> tuple[str, ...]:
@@ -115,6 +120,29 @@ def split_alternate(items: Sequence[str]) -> dict[str, list[str]]:
     return {"train": ordered[0::2], "val": ordered[1::2]}
 
 
+# Trailing frame or shot numbers and stereo sides: 'im.002', 'walls-l', 'motorcycle_left', 'rocks2-r'. A side
+# needs a separator before it ('wall' keeps its l); numbers go with or without one, so 'rocks1' and 'rocks2'
+# share a group too: a group too wide costs only balance between the splits, one too narrow leaks.
+_VARIANT_SUFFIX = re.compile(r"([-_. ](l|r|left|right)|[-_. ]?\d+)+$", re.IGNORECASE)
+
+
+def photo_group(relative_path: str) -> str:
+    """The group of near-duplicate photos a file belongs to: its folder and its stem without a trailing frame
+    number or stereo side, so that 'seq/im.001' and 'seq/im.002', or 'walls-l' and 'walls-r', share one."""
+    path = Path(relative_path)
+    stem = _VARIANT_SUFFIX.sub("", path.stem) or path.stem
+    return f"{path.parent.as_posix()}/{stem.lower()}"
+
+
+def split_photos(relative_paths: Sequence[str]) -> dict[str, list[str]]:
+    """The photos split by alternate groups of near-duplicates (`photo_group`): no group spans both splits."""
+    groups: dict[str, list[str]] = {}
+    for relative in sorted(relative_paths):
+        groups.setdefault(photo_group(relative), []).append(relative)
+    halves = split_alternate(list(groups))
+    return {split: [photo for group in names for photo in groups[group]] for split, names in halves.items()}
+
+
 # ---------------------------------------------------------------------------------------------------
 # The stamps
 
@@ -156,6 +184,14 @@ def _download_package(cache: Path, quiet: bool) -> Path:
     return target
 
 
+def _installed_version() -> str | None:
+    """The version of the installed package, None when dpkg does not know it."""
+    if shutil.which("dpkg-query") is None:
+        return None
+    result = subprocess.run(["dpkg-query", "-W", "-f=${Version}", PACKAGE], capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
 def find_stamps(stamps: str | Path | None = None, cache_dir: str | Path | None = None, quiet: bool = False) -> Path:
     """The folder holding the stamps (the package's `.../tuxpaint/stamps`): `stamps` when given, else the
     installed package, else the .deb unpacked into the cache (downloaded once)."""
@@ -166,7 +202,9 @@ def find_stamps(stamps: str | Path | None = None, cache_dir: str | Path | None =
             raise DataError(f"{root}: {len(missing)} of the listed stamps are missing (first: {missing[0]}); "
                             f"point --stamps at the 'stamps' folder of {PACKAGE}")
         return root
-    if SYSTEM_STAMPS.is_dir() and not _missing_stamps(SYSTEM_STAMPS, STAMPS):
+    # The installed package only in the version the list was checked on; another one is fetched pinned.
+    installed = SYSTEM_STAMPS.is_dir() and _installed_version() == PACKAGE_VERSION
+    if installed and not _missing_stamps(SYSTEM_STAMPS, STAMPS):
         return SYSTEM_STAMPS
     cache = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
     unpacked = cache / "tuxpaint-stamps"
@@ -174,6 +212,9 @@ def find_stamps(stamps: str | Path | None = None, cache_dir: str | Path | None =
     if root.is_dir() and not _missing_stamps(root, STAMPS):
         return root
     deb = _download_package(cache, quiet)
+    if shutil.which("dpkg-deb") is None:
+        raise DataError(f"unpacking {deb} needs dpkg-deb (Debian's dpkg): install it, or unpack the package "
+                        f"yourself and pass --stamps <its {STAMPS_IN_PACKAGE}>")
     building = cache / ".tuxpaint-stamps.building"
     shutil.rmtree(building, ignore_errors=True)
     result = subprocess.run(["dpkg-deb", "-x", str(deb), str(building)], capture_output=True, text=True)
@@ -223,8 +264,8 @@ def compose_scene(background: Image.Image, stamps: Sequence[tuple[str, str, Imag
                   tries: int = 30) -> tuple[Image.Image, list[Placement], list[np.ndarray]]:
     """(scene, placements, visible masks): a random square crop of `background` resized to `size`, with each
     (name, category, RGBA) of `stamps` pasted in turn at a random place and a longer side of `min_side` to
-    `max_side` of the scene, mirrored half the time. A stamp that would hide more than 1 - MIN_VISIBLE of an
-    earlier one, or keep less than that share itself, is tried elsewhere (`tries` times) and then left out.
+    `max_side` of the scene, mirrored half the time. A stamp that would leave an earlier one less than
+    MIN_VISIBLE of its pixels is tried elsewhere (`tries` times) and then left out (each new stamp lies on top).
     Masks are (size, size) bool arrays of the pixels each kept stamp shows in the final scene."""
     width, height = background.size
     side = int(min(width, height) * rng.uniform(0.6, 1.0))
@@ -279,27 +320,40 @@ def _rle(mask: np.ndarray) -> dict:
 # The data set
 
 
-def build_composed(stamps_root: str | Path, backgrounds: Sequence[str | Path], dest: str | Path,
-                   images_per_split: Mapping[str, int], size: int = 256, objects: tuple[int, int] = (2, 5),
-                   seed: int = 0, stamps: Mapping[str, Sequence[str]] | None = None) -> dict[str, Path]:
-    """Write images/<split>_NNNN.jpg and <split>.json (COCO, boxes and RLE masks) into dest; {split: json path}.
-
-    Stamps and backgrounds are split with `split_alternate`; each scene holds `objects` (inclusive range)
-    stamps of classes drawn uniformly, then a stamp of the class drawn uniformly from that split's list."""
-    stamps_root, dest = Path(stamps_root), Path(dest)
-    stamps = STAMPS if stamps is None else stamps
+def check_scene_options(images_per_split: Mapping[str, int], size: int, objects: tuple[int, int]) -> None:
+    """ConfigError for options no scene can be built with (checked before anything is fetched)."""
+    if set(images_per_split) != {"train", "val"}:
+        raise ConfigError(f"splits: {sorted(images_per_split)} are not train and val")
+    for split, count in images_per_split.items():
+        if count < 1:
+            raise ConfigError(f"{split} images: {count}; each split needs at least 1")
     if size < 32:
         raise ConfigError(f"size: {size} px is too small for a scene (at least 32)")
     if not 1 <= objects[0] <= objects[1]:
         raise ConfigError(f"objects: {objects} is not a range of at least one object")
-    if len(backgrounds) < 2:
-        raise DataError(f"{len(backgrounds)} background photo(s): the two splits need at least 2")
+
+
+def build_composed(stamps_root: str | Path, backgrounds_root: str | Path, backgrounds: Sequence[str],
+                   dest: str | Path, images_per_split: Mapping[str, int], size: int = 256,
+                   objects: tuple[int, int] = OBJECTS_PER_SCENE, seed: int = 0,
+                   stamps: Mapping[str, Sequence[str]] | None = None) -> dict[str, Path]:
+    """Write images/<split>_NNNN.jpg and <split>.json (COCO, boxes and RLE masks) into dest; {split: json path}.
+
+    `backgrounds`: paths relative to `backgrounds_root`. Stamps are split with `split_alternate`, the photos
+    with `split_photos`. Each scene tries `objects` (inclusive range) stamps, of classes drawn uniformly and
+    then drawn uniformly from that split's stamps of the class; `compose_scene` may leave some out."""
+    stamps_root, dest, backgrounds_root = Path(stamps_root), Path(dest), Path(backgrounds_root)
+    stamps = STAMPS if stamps is None else stamps
+    check_scene_options(images_per_split, size, objects)
+    background_splits = split_photos([str(path) for path in backgrounds])
+    if not all(background_splits.values()):
+        raise DataError(f"{len(backgrounds)} background photo(s) in fewer than 2 groups of near-duplicates: "
+                        "the two splits need one each")
     categories = sorted(stamps)
     stamp_splits = {category: split_alternate(stamps[category]) for category in categories}
     for category, halves in stamp_splits.items():
         if not halves["val"]:
             raise DataError(f"class {category!r} has {len(stamps[category])} stamp(s): both splits need one")
-    background_splits = split_alternate([str(path) for path in backgrounds])
     images_dir = dest / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     loaded: dict[str, Image.Image] = {}
@@ -315,7 +369,8 @@ def build_composed(stamps_root: str | Path, backgrounds: Sequence[str | Path], d
             "images": [], "annotations": [],
         }
         for image_index in range(count):
-            background_path = background_splits[split][int(rng.integers(len(background_splits[split])))]
+            background_name = background_splits[split][int(rng.integers(len(background_splits[split])))]
+            background_path = backgrounds_root / background_name
             try:
                 with Image.open(background_path) as background:
                     background.load()
@@ -334,7 +389,7 @@ def build_composed(stamps_root: str | Path, backgrounds: Sequence[str | Path], d
             scene.save(images_dir / file_name, quality=92, subsampling=0)  # 4:4:4: small objects keep their colour
             image_id = len(coco["images"]) + 1
             coco["images"].append({"id": image_id, "file_name": file_name, "width": size, "height": size,
-                                   "background": Path(background_path).name})
+                                   "background": background_name})
             for placement, mask in zip(placements, masks):
                 coco["annotations"].append({
                     "id": len(coco["annotations"]) + 1, "image_id": image_id,
@@ -364,6 +419,8 @@ def prepare_composed(dest: str | Path | None = None, train_images: int = 300, va
     `backgrounds`: a folder of photos (default: the default photo set, assembled if needed)."""
     from soco.data.photos import assemble_photos, photos_dir
 
+    splits = {"train": train_images, "val": val_images}
+    check_scene_options(splits, size, OBJECTS_PER_SCENE)
     dest = composed_dir(cache_dir) if dest is None else Path(dest).expanduser()
     if backgrounds is None:
         background_root = assemble_photos(photos_dir(cache_dir), progress=not quiet)
@@ -376,7 +433,8 @@ def prepare_composed(dest: str | Path | None = None, train_images: int = 300, va
         raise DataError(f"{background_root}: no readable photo to compose scenes on")
     params = {"format": FORMAT_VERSION, "package": f"{PACKAGE}={PACKAGE_VERSION}", "train_images": train_images,
               "val_images": val_images, "size": size, "seed": seed, "backgrounds": str(background_root),
-              "stamps": {category: len(names) for category, names in sorted(STAMPS.items())}}
+              "stamps": hashlib.sha256(json.dumps(STAMPS, sort_keys=True).encode()).hexdigest()[:16],
+              "stamps_from": str(Path(stamps).expanduser()) if stamps is not None else f"{PACKAGE}={PACKAGE_VERSION}"}
     if _finished(dest, params):
         return dest
     if dest.exists() and any(dest.iterdir()) and not (dest / SPLIT_FILE).exists():
@@ -388,8 +446,7 @@ def prepare_composed(dest: str | Path | None = None, train_images: int = 300, va
     build = dest.parent / f".{dest.name}.building"
     shutil.rmtree(build, ignore_errors=True)
     try:
-        build_composed(stamps_root, [Path(background_root) / rel for rel in background_files], build,
-                       {"train": train_images, "val": val_images}, size=size, seed=seed)
+        build_composed(stamps_root, background_root, background_files, build, splits, size=size, seed=seed)
         atomic_write_text(build / SPLIT_FILE, json.dumps({"params": params, "stamps_root": str(stamps_root),
                                                           "licence": LICENCE}, indent=2))
         if dest.exists():

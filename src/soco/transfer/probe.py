@@ -218,7 +218,6 @@ class _Crops:
 
     features: dict[str, list[torch.Tensor]]
     labels: list[torch.Tensor]
-    is_test: list[bool]
 
 
 def probe_backbones(
@@ -281,7 +280,7 @@ def probe_backbones(
         test_images = len(tested.labels)
         # Test images first, as in the split above.
         picked = _Crops({name: tested.features[name] + picked.features[name] for name in trunks},
-                        tested.labels + picked.labels, [])
+                        tested.labels + picked.labels)
         images = len(picked.labels)
         is_test = [position < test_images for position in range(images)]
     labels = torch.cat(picked.labels)
@@ -321,7 +320,7 @@ def _collect(trunks: Mapping[str, nn.Module], dataset: Sequence, order: list[int
     from tqdm.auto import tqdm
 
     _, stride = STAGES[stage]
-    crops = _Crops({name: [] for name in trunks}, [], [])
+    crops = _Crops({name: [] for name in trunks}, [])
     bar = tqdm(total=max_images or len(order), unit="image", desc="probe", disable=not progress, dynamic_ncols=True)
     for position in order:
         if max_images is not None and len(crops.labels) >= max_images:
