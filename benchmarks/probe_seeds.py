@@ -14,8 +14,6 @@ import json
 import statistics
 from pathlib import Path
 
-import torch
-
 from soco.transfer.coco_data import CocoDetection
 from soco.transfer.probe import pretrained_trunk, probe_backbones
 from soco.transfer.weights import read_weights, resnet_depth

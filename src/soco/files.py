@@ -1,8 +1,13 @@
-"""Atomic file writes shared by every command: a kill never leaves a torn file under the final name."""
+"""Atomic writes shared by every command: a kill never leaves a torn file, or a half-built folder, under the final
+name."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -35,3 +40,40 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write UTF-8 `text` to `path` atomically."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def finished_build(dest: Path, record_name: str, params: dict, outputs: Sequence[str]) -> bool:
+    """True when dest holds a complete build of these parameters: its JSON record (with a "params" key) and every
+    output file."""
+    try:
+        record = json.loads((dest / record_name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return record.get("params") == params and all((dest / name).is_file() for name in outputs)
+
+
+def refuse_foreign_folder(dest: Path, record_name: str) -> None:
+    """DataError when dest is a non-empty folder without `record_name`: not an earlier build, so not ours to replace."""
+    from soco.errors import DataError
+
+    if dest.exists() and any(dest.iterdir()) and not (dest / record_name).exists():
+        raise DataError(f"{dest} is not empty and holds no {record_name} of an earlier build: choose an empty "
+                        "or new folder (it would be overwritten)")
+
+
+@contextmanager
+def folder_build(dest: Path) -> Iterator[Path]:
+    """A fresh folder beside dest to build into; when the block ends it replaces dest whole, and when the block
+    fails it is removed, leaving dest as it was."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    build = dest.parent / f".{dest.name}.building"
+    shutil.rmtree(build, ignore_errors=True)
+    build.mkdir()
+    try:
+        yield build
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(build, dest)  # a folder, which atomic_write (files only) cannot swap
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise

