@@ -219,7 +219,7 @@ def test_fetching_errors_say_what_to_do(tmp_path, monkeypatch):
     # The .deb is in place (its checksum taken as right) but there is no dpkg-deb to unpack it.
     deb = tmp_path / "cache" / "downloads" / composed.DEB_NAME
     deb.write_bytes(b"a package")
-    monkeypatch.setattr(composed, "DEB_SHA256", composed._sha256(deb))
+    monkeypatch.setattr(composed, "DEB_SHA256", composed.file_sha256(deb))
     monkeypatch.setattr(composed.shutil, "which", lambda name: None if name == "dpkg-deb" else f"/usr/bin/{name}")
     with pytest.raises(DataError, match="needs dpkg-deb .* pass --stamps <its usr/share/tuxpaint/stamps>"):
         find_stamps(cache_dir=tmp_path / "cache")

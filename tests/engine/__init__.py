@@ -2,9 +2,12 @@
 
 import torch
 
+from soco.config.loading import load_config
 from soco.data.collate import map_tensors, to_channels_last
+from soco.engine.bench import bench_dataset, first_batch
 from soco.engine.distributed import DistributedContext
 from soco.engine.trainer import build_model
+from soco.registry import method_class
 
 
 def to_dtype(batch, dtype):
@@ -33,3 +36,15 @@ def assert_same_gradients(actual: dict, expected: dict, atol: float) -> None:
     for key in expected:
         scale = expected[key].abs().max().clamp(min=1e-6 * largest)
         torch.testing.assert_close(actual[key] / scale, expected[key] / scale, rtol=0, atol=atol, msg=key)
+
+
+def configs_with_and_without(name, switch, tiny_data):
+    """(config with `switch`=false, config with it true, a first batch of 4) of a method's tiny preset in fp32 on the
+    CPU: the two sides of a speed change that must leave the loss and gradients unchanged."""
+    images, store = tiny_data
+    preset = method_class(name).tiny_preset
+    common = ["train.device=cpu", "train.precision=fp32", "train.batch_size=4"]
+    off = load_config(preset, [*common, f"{switch}=false"])
+    on = load_config(preset, [*common, f"{switch}=true"])
+    uses = method_class(name).uses_proposals(off.method)
+    return off, on, first_batch(bench_dataset(off, images, store if uses else None), 4)

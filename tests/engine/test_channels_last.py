@@ -3,21 +3,13 @@
 import pytest
 import torch
 
-from soco.config.loading import load_config
-from soco.engine.bench import bench_dataset, first_batch
-from soco.registry import method_class, method_names
-from tests.engine import assert_same_gradients, loss_and_gradients
+from soco.registry import method_names
+from tests.engine import assert_same_gradients, configs_with_and_without, loss_and_gradients
 
 
 @pytest.mark.parametrize("name", method_names())
 def test_channels_last_gives_the_same_loss_and_gradients(name, tiny_data):
-    images, store = tiny_data
-    preset = method_class(name).tiny_preset
-    common = ["train.device=cpu", "train.precision=fp32", "train.batch_size=4"]
-    nchw = load_config(preset, [*common, "train.channels_last=false"])
-    nhwc = load_config(preset, [*common, "train.channels_last=true"])
-    uses = method_class(name).uses_proposals(nchw.method)
-    batch = first_batch(bench_dataset(nchw, images, store if uses else None), 4)
+    nchw, nhwc, batch = configs_with_and_without(name, "train.channels_last", tiny_data)
 
     # float64: the layouts compute the same mathematics, so they agree to rounding of 1e-16
     _, loss_a, grads_a = loss_and_gradients(nchw, batch, torch.float64)

@@ -3,10 +3,7 @@
 import pytest
 import torch
 
-from soco.config.loading import load_config
-from soco.engine.bench import bench_dataset, first_batch
-from soco.registry import method_class
-from tests.engine import assert_same_gradients, loss_and_gradients
+from tests.engine import assert_same_gradients, configs_with_and_without, loss_and_gradients
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -18,13 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     ("detco", ["online.backbone", "target.backbone"]),
 ])
 def test_compiled_backbones_give_the_same_loss_and_gradients(name, compiled_modules, tiny_data):
-    images, store = tiny_data
-    preset = method_class(name).tiny_preset
-    common = ["train.device=cpu", "train.precision=fp32", "train.batch_size=4"]
-    eager = load_config(preset, [*common, "train.compile=false"])
-    compiled = load_config(preset, [*common, "train.compile=true"])
-    uses = method_class(name).uses_proposals(eager.method)
-    batch = first_batch(bench_dataset(eager, images, store if uses else None), 4)
+    eager, compiled, batch = configs_with_and_without(name, "train.compile", tiny_data)
 
     method_a, loss_a, grads_a = loss_and_gradients(eager, batch, torch.float64)
     method_b, loss_b, grads_b = loss_and_gradients(compiled, batch, torch.float64)

@@ -29,7 +29,7 @@ from PIL import Image
 from soco.data.images import list_images
 from soco.data.photos import default_cache_dir
 from soco.errors import ConfigError, DataError
-from soco.files import atomic_write_text, finished_build, folder_build, refuse_foreign_folder
+from soco.files import atomic_write_text, file_sha256, finished_build, folder_build, refuse_foreign_folder
 
 __all__ = [
     "PACKAGE",
@@ -147,22 +147,15 @@ def split_photos(relative_paths: Sequence[str]) -> dict[str, list[str]]:
 # The stamps
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _missing_stamps(root: Path, stamps: Mapping[str, Sequence[str]]) -> list[str]:
-    return [rel for names in stamps.values() for rel in names if not (root / rel).is_file()]
+def _missing_stamps(root: Path) -> list[str]:
+    """The listed stamps (STAMPS) that root lacks."""
+    return [rel for names in STAMPS.values() for rel in names if not (root / rel).is_file()]
 
 
 def _download_package(cache: Path, quiet: bool) -> Path:
     """The cached, checksum-verified .deb, fetched with `apt-get download` (no install, no root) when absent."""
     target = cache / "downloads" / DEB_NAME
-    if target.is_file() and _sha256(target) == DEB_SHA256:
+    if target.is_file() and file_sha256(target) == DEB_SHA256:
         return target
     if shutil.which("apt-get") is None:
         raise DataError(f"the stamps of {PACKAGE} are not installed and this machine has no apt-get to fetch "
@@ -178,7 +171,7 @@ def _download_package(cache: Path, quiet: bool) -> Path:
             tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-4:])
             raise DataError(f"`{' '.join(command)}` failed (exit {result.returncode}); it needs the Debian package "
                             f"index (apt-get update), or put {DEB_NAME} at {target}. apt said:\n{tail}")
-        if _sha256(fetched) != DEB_SHA256:
+        if file_sha256(fetched) != DEB_SHA256:
             raise DataError(f"{DEB_NAME} from apt has another checksum than the one the stamp list was checked on")
         os.replace(fetched, target)
     return target
@@ -197,33 +190,29 @@ def find_stamps(stamps: str | Path | None = None, cache_dir: str | Path | None =
     installed package, else the .deb unpacked into the cache (downloaded once)."""
     if stamps is not None:
         root = Path(stamps).expanduser()
-        missing = _missing_stamps(root, STAMPS)
+        missing = _missing_stamps(root)
         if missing:
             raise DataError(f"{root}: {len(missing)} of the listed stamps are missing (first: {missing[0]}); "
                             f"point --stamps at the 'stamps' folder of {PACKAGE}")
         return root
     # The installed package only in the version the list was checked on; another one is fetched pinned.
     installed = SYSTEM_STAMPS.is_dir() and _installed_version() == PACKAGE_VERSION
-    if installed and not _missing_stamps(SYSTEM_STAMPS, STAMPS):
+    if installed and not _missing_stamps(SYSTEM_STAMPS):
         return SYSTEM_STAMPS
     cache = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
     unpacked = cache / "tuxpaint-stamps"
     root = unpacked / STAMPS_IN_PACKAGE
-    if root.is_dir() and not _missing_stamps(root, STAMPS):
+    if root.is_dir() and not _missing_stamps(root):
         return root
     deb = _download_package(cache, quiet)
     if shutil.which("dpkg-deb") is None:
         raise DataError(f"unpacking {deb} needs dpkg-deb (Debian's dpkg): install it, or unpack the package "
                         f"yourself and pass --stamps <its {STAMPS_IN_PACKAGE}>")
-    building = cache / ".tuxpaint-stamps.building"
-    shutil.rmtree(building, ignore_errors=True)
-    result = subprocess.run(["dpkg-deb", "-x", str(deb), str(building)], capture_output=True, text=True)
-    if result.returncode != 0:
-        shutil.rmtree(building, ignore_errors=True)
-        raise DataError(f"`dpkg-deb -x {deb}` failed: {result.stderr.strip()}")
-    shutil.rmtree(unpacked, ignore_errors=True)
-    os.replace(building, unpacked)
-    missing = _missing_stamps(root, STAMPS)
+    with folder_build(unpacked) as building:
+        result = subprocess.run(["dpkg-deb", "-x", str(deb), str(building)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise DataError(f"`dpkg-deb -x {deb}` failed: {result.stderr.strip()}")
+    missing = _missing_stamps(root)
     if missing:
         raise DataError(f"{deb}: {len(missing)} listed stamps are not in the package (first: {missing[0]})")
     return root

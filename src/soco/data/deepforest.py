@@ -30,7 +30,6 @@ Rules (all in source-image pixels, boxes as continuous corners x1 y1 x2 y2):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -48,7 +47,7 @@ from PIL import Image
 from soco.data.images import load_rgb
 from soco.data.photos import default_cache_dir
 from soco.errors import DataError, ImageReadError
-from soco.files import atomic_write_text, finished_build, folder_build, refuse_foreign_folder
+from soco.files import atomic_write_text, file_sha256, finished_build, folder_build, refuse_foreign_folder
 
 __all__ = [
     "DISTRIBUTION",
@@ -199,14 +198,6 @@ def _image_for(xml_path: Path, annotation: VocAnnotation) -> Path:
     raise DataError(f"{xml_path}: no image found for it (looked for {', '.join(c.name for c in candidates)})")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_voc_folder(folder: str | Path) -> list[SourceImage]:
     """Every (image, VOC XML) pair of a folder, sorted by name; boxes clipped to the image."""
     folder = Path(folder)
@@ -228,7 +219,7 @@ def read_voc_folder(folder: str | Path) -> list[SourceImage]:
         boxes = annotation.boxes.copy()
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
-        sources.append(SourceImage(xml_path.stem, pixels, boxes, annotation.labels, _sha256(image_path)))
+        sources.append(SourceImage(xml_path.stem, pixels, boxes, annotation.labels, file_sha256(image_path)))
     return sources
 
 
@@ -534,7 +525,7 @@ def prepare_deepforest(
         sources = read_voc_folder(extract_data(wheel, build / "source"))
         build_tiled_dataset(
             sources, build, tile_size, min_visible, val_width, VAL_WHOLE_IMAGES, params["source"],
-            extra={"wheel": {"file": WHEEL_NAME, "sha256": _sha256(wheel)}, "licence": LICENCE},
+            extra={"wheel": {"file": WHEEL_NAME, "sha256": file_sha256(wheel)}, "licence": LICENCE},
         )
         shutil.rmtree(build / "source")
     return dest
