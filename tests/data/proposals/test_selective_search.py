@@ -7,16 +7,21 @@ import json
 import numpy as np
 import pytest
 
+from soco.data.proposals.felzenszwalb import felzenszwalb
 from soco.data.proposals.filter import filter_proposals
 from soco.data.proposals.selective_search import (
+    _LBP_COLUMN_OFFSETS,
+    _LBP_ROW_OFFSETS,
     ALGORITHM_NAMES,
     DEFAULT_ALGORITHM,
     MAX_FAST_REGIONS,
     ProposalAlgorithm,
     _corner_inside_pairs,
-    _drop_near_duplicates,
     _hierarchical_grouping,
+    _low_lbp_codes,
     _package_grouping,
+    _package_region_features,
+    _row_sum,
     _segment,
     fast_selective_search_boxes,
     get_algorithm,
@@ -197,7 +202,7 @@ def test_names_and_default():
         assert get_algorithm(name).name == name
 
 
-# --- fast: the selectivesearch package's semantics on a shrunk copy --------------------------------
+# --- fast: the selectivesearch package's algorithm, reproduced --------------------------------
 
 # Three flat rectangles on a flat grey background, x1 y1 x2 y2 (exclusive), every edge a multiple of 3.
 THREE_RECTANGLES = (
@@ -223,12 +228,12 @@ def scaled(rectangles, factor: int):
     return tuple((tuple(c * factor for c in box), colour) for box, colour in rectangles)
 
 
-@pytest.mark.parametrize(("factor", "noise"), [(1, 0), (1, 6), (4, 0), (4, 6)])
-def test_fast_default_finds_each_rectangle(factor, noise):
-    # factor 4 gives a 384x288 image that the default shrinks to 256x192 before segmenting.
+@pytest.mark.parametrize(("factor", "noise", "max_side"), [(1, 0, 2048), (1, 6, 2048), (4, 0, 256), (4, 6, 256)])
+def test_fast_default_finds_each_rectangle(factor, noise, max_side):
+    # factor 4 gives a 384x288 image, shrunk here to 256x192 before segmenting.
     rectangles = scaled(THREE_RECTANGLES, factor)
     image = flat_scene(72 * factor, 96 * factor, rectangles, noise=noise)
-    boxes = get_algorithm("fast")(image)
+    boxes = ProposalAlgorithm("fast", dict(get_algorithm("fast").params, max_side=max_side))(image)
     assert_valid_boxes(boxes, 96 * factor, 72 * factor)
     for box, _ in rectangles:
         assert box_iou(box, boxes).max() >= 0.9, box
@@ -242,7 +247,7 @@ def test_fast_hierarchy_of_three_rectangles_gives_four_boxes():
     # the 4 regions, in region order.
     image = flat_scene(72, 96, THREE_RECTANGLES)
     assert int(_segment(image, 500.0, 0.0, 10).max()) + 1 == 4
-    boxes = fast_selective_search_boxes(image, sigmas=(0.0,))
+    boxes = fast_selective_search_boxes(image, sigma=0.0)
     expected = [[0, 0, 96, 72], [51, 6, 84, 33], [9, 12, 39, 42], [45, 45, 90, 66]]
     np.testing.assert_array_equal(boxes, np.array(expected, dtype=np.float32))
 
@@ -251,7 +256,7 @@ def test_fast_maps_shrunk_boxes_to_exact_original_pixels():
     # 384x288 is shrunk by 1.5 to 256x192; edges on multiples of 3 original pixels fall on whole
     # working pixels, so the four boxes come back exactly (x4 the previous test's).
     image = flat_scene(288, 384, scaled(THREE_RECTANGLES, 4))
-    boxes = fast_selective_search_boxes(image, sigmas=(0.0,))
+    boxes = fast_selective_search_boxes(image, max_side=256, sigma=0.0)
     expected = [[0, 0, 384, 288], [204, 24, 336, 132], [36, 48, 156, 168], [180, 180, 360, 264]]
     np.testing.assert_array_equal(boxes, np.array(expected, dtype=np.float32))
 
@@ -260,7 +265,7 @@ def test_fast_never_merges_regions_without_a_corner_inside():
     # Two halves touch along a column, but neither has a corner strictly inside the other's box:
     # the package never merges them, so there is no whole-image box.
     image = flat_scene(64, 80, (((40, 0, 80, 64), (30, 40, 210)),), background=(220, 30, 30))
-    boxes = fast_selective_search_boxes(image, sigmas=(0.0,))
+    boxes = fast_selective_search_boxes(image, sigma=0.0)
     np.testing.assert_array_equal(boxes, np.array([[0, 0, 40, 64], [40, 0, 80, 64]], dtype=np.float32))
 
 
@@ -310,6 +315,17 @@ def test_package_grouping_with_a_hub_matches_the_plain_greedy_order():
     np.testing.assert_array_equal(out, plain_greedy(sizes, boxes, hists, pairs, 4900.0))
 
 
+@pytest.mark.parametrize("length", [3, 7, 8, 9, 16, 23, 31, 64])
+def test_row_sum_adds_in_numpys_order(length):
+    # Similarities of different pairs can differ in the last bit only; summing as numpy does keeps the
+    # merge order of the grouping the same as a numpy computation of it.
+    rows = np.random.default_rng(length).random((500, length)) * 10.0 ** np.arange(-3, 4).repeat(72)[:500, None]
+    numpy_sums = rows.sum(axis=-1)
+    ours = np.array([_row_sum(row) for row in rows])
+    np.testing.assert_array_equal(ours, numpy_sums)
+    assert not np.array_equal(ours, np.array([sum(row.tolist()) for row in rows])) or length < 8
+
+
 def plain_greedy(sizes, boxes, hists, pairs, image_size):
     """The package's loop written plainly: recompute every current pair's similarity at every step."""
     regions = {i: (sizes[i], boxes[i].copy(), hists[i].copy()) for i in range(len(sizes))}
@@ -333,31 +349,61 @@ def plain_greedy(sizes, boxes, hists, pairs, image_size):
     return np.array(out)
 
 
-def test_drop_near_duplicates_keeps_the_first_of_each_pair():
-    # [0,0,20,20] vs [0,0,20,19]: IoU 380/400 = 0.95 -> dropped at 0.95, kept at 0.96.
-    # [0,0,20,18]: IoU 0.9 with the first, 360/380 = 0.947 with the second.
-    boxes = np.array([[0, 0, 20, 20], [0, 0, 20, 19], [0, 0, 20, 18], [50, 50, 60, 60]], dtype=np.float64)
-    np.testing.assert_array_equal(_drop_near_duplicates(boxes, 0.95), boxes[[0, 2, 3]])
-    np.testing.assert_array_equal(_drop_near_duplicates(boxes, 0.96), boxes)
-    # At 0.9 the first box drops both others; the 10x10 box is too small to have a near-duplicate.
-    np.testing.assert_array_equal(_drop_near_duplicates(boxes, 0.9), boxes[[0, 3]])
-
-
-def test_drop_near_duplicates_a_dropped_box_drops_nothing():
-    # B is within 0.95 of A and of C, but A and C are not (IoU 0.9): dropping B leaves C.
-    a, b, c = [0, 0, 40, 20], [0, 0, 40, 19], [0, 0, 40, 18]
-    boxes = np.array([a, b, c], dtype=np.float64)
-    np.testing.assert_array_equal(_drop_near_duplicates(boxes, 0.94), boxes[[0, 2]])
-
-
 def test_segment_coarsens_until_the_grouping_matrix_fits():
-    # 64x64 noise with k=1 and no minimum gives one region per pixel (4096). Doubling min_size to 2
-    # gives regions of at least 2 pixels, hence at most 2048.
-    noise = np.random.default_rng(0).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    # 96x96 noise with k=1 and no minimum gives one region per pixel (9216), over the 4096 the grouping
+    # takes; with min_size doubled to 2 every region has at least 2 pixels, and that segmentation fits.
+    noise = np.random.default_rng(0).integers(0, 256, size=(96, 96, 3), dtype=np.uint8)
+    assert int(felzenszwalb(noise, 1.0, 0.0, 1).max()) + 1 == 96 * 96
     labels = _segment(noise, 1.0, 0.0, 1)
-    assert MAX_FAST_REGIONS == 2048
-    assert 1024 < int(labels.max()) + 1 <= MAX_FAST_REGIONS
+    assert MAX_FAST_REGIONS == 4096
+    np.testing.assert_array_equal(labels, felzenszwalb(noise, 1.0, 0.0, 2))
+    assert int(labels.max()) + 1 <= MAX_FAST_REGIONS
     assert np.bincount(labels.ravel()).min() >= 2
+
+
+@pytest.mark.parametrize("photo", ["astronaut", "coffee", "camera"])
+def test_lbp_codes_equal_scikit_image(photo):
+    # The package's texture histograms count skimage's LBP codes 0 and 1, whose diagonal neighbours are
+    # interpolated: equal-to-the-bit arithmetic decides pixels on flat ground, so every code must match.
+    import skimage.data
+    from skimage.feature import local_binary_pattern
+
+    image = getattr(skimage.data, photo)()[:160, :200]
+    channels = image.reshape(*image.shape[:2], -1)
+    for channel in range(channels.shape[2]):
+        plane = np.ascontiguousarray(channels[:, :, channel])
+        expected = np.minimum(local_binary_pattern(plane, 8, 1.0), 2).astype(np.int8)
+        assert (expected < 2).mean() > 0.03  # the photo has codes 0 and 1 to compare
+        np.testing.assert_array_equal(_low_lbp_codes(plane, _LBP_ROW_OFFSETS, _LBP_COLUMN_OFFSETS), expected)
+
+
+def test_package_region_features_by_hand():
+    # 2x3 image, two regions: left column (label 0) and the rest (label 1). Values max(R, G, B): 0, 255 on
+    # the left; 10 everywhere else -> bins 0, 24 and 0 (np.histogram's 25 bins of 0..255, last edge closed).
+    rgb = np.zeros((2, 3, 3), dtype=np.uint8)
+    rgb[1, 0] = (255, 0, 0)
+    rgb[:, 1:] = 10
+    labels = np.array([[0, 1, 1], [0, 1, 1]], dtype=np.int32)
+    sizes, boxes, hists, pairs = _package_region_features(labels, rgb)
+    np.testing.assert_array_equal(sizes, [2, 4])
+    np.testing.assert_array_equal(boxes, [[0, 0, 0, 1], [1, 0, 2, 1]])  # inclusive max
+    np.testing.assert_array_equal(hists[0, :25], np.eye(25)[0] / 2 + np.eye(25)[24] / 2)
+    np.testing.assert_array_equal(hists[1, :25], np.eye(25)[0])
+    # Texture (skimage's codes; 0 outside the image). Every pixel of value 10 has a neighbour of 10, and
+    # the black pixel (0, 0) has outside neighbours of 0: codes >= 2, not counted. The red pixel's channel 0
+    # (255) sees only darker neighbours, its right-hand one included: code 0. So one count in eight.
+    expected_texture = np.zeros((2, 6))
+    expected_texture[0, 0] = 1 / 2
+    np.testing.assert_array_equal(hists[:, 25:], expected_texture)
+    from skimage.feature import local_binary_pattern
+
+    for channel in range(3):
+        codes = local_binary_pattern(np.ascontiguousarray(rgb[:, :, channel]), 8, 1.0)
+        for region in range(2):
+            for code in range(2):
+                expected = ((labels == region) & (codes == code)).sum() / sizes[region]
+                assert hists[region, 25 + 2 * channel + code] == expected
+    assert len(pairs) == 0  # neither box has a corner strictly inside the other
 
 
 def test_fast_is_about_as_many_kept_boxes_as_rectangles_allow():

@@ -3,16 +3,12 @@
 Three algorithms:
 
 * ``fast`` (the default): the selective search of the ``selectivesearch`` package, which SoCo's release
-  copied, with the parameters scale=500, sigma=0.9, min_size=10, on a copy shrunk to at most
-  ``max_side`` (256) pixels: OpenCV's C++ Felzenszwalb, then greedy hierarchies with the package's own
-  semantics, quirks included, because they decide which regions form (see
-  ``fast_selective_search_boxes``). The package's boxes are unstable at the level of its segmentation:
-  moving its sigma from 0.9 to 0.8 keeps 0.86-0.87 of its kept boxes (IoU 0.5), so a faster
-  segmentation cannot reproduce it box for box. Two hierarchies (two blurs) are pooled and near
-  duplicates dropped: on the default photos this recalls 0.88-0.92 of the package's kept boxes, 0.76-0.83
-  of its own kept boxes are matched, with 1.2-1.3 times as many, at 35-96x less CPU time in total
-  (benchmarks/results/proposals.md).
-* ``rich``: the previous default: the same grouping as ``reference`` on a 160 px copy, pooled over
+  copied, with the parameters scale=500, sigma=0.9, min_size=10, reproduced box for box: scikit-image's
+  Felzenszwalb segmentation, label for label (``felzenszwalb.py``), and the package's greedy grouping
+  with its own semantics, quirks included (see ``fast_selective_search_boxes``), in compiled loops. On
+  the default photos it recalls all of the package's kept boxes and all of its kept boxes are the
+  package's (IoU 0.5), at 20-40 times less CPU time (benchmarks/results/proposals.md).
+* ``rich``: the default before ``fast``: the same grouping as ``reference`` on a 160 px copy, pooled over
   four similarity weightings (the "diversification" of Uijlings et al.). About 3.4 times as many kept
   boxes as the package; 0.37-0.60 of them match a package box, and they recall 0.58-0.98 of its boxes.
 * ``reference``: the algorithm of SoCo's release, at the image's original resolution, with the
@@ -45,8 +41,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numba
 import numpy as np
 
+from soco.data.proposals.felzenszwalb import felzenszwalb
 from soco.data.proposals.filter import deduplicate_boxes
 from soco.errors import ConfigError
 
@@ -321,63 +319,128 @@ _VALUE_BIN = np.minimum(np.searchsorted(_VALUE_BIN_EDGES, np.arange(256), side="
 # Its texture histograms bin LBP codes 0..255 over [0, 1]: only code 0 (all eight neighbours darker)
 # and code 1 (only the right-hand neighbour as bright or brighter) are counted, per channel.
 _PACKAGE_TEXTURE_CODES = 2
+# skimage's LBP samples its 8 neighbours at these (row, column) offsets (rounded to 5 decimals, as it
+# does), bilinearly interpolated, with 0 outside the image; neighbour 0 is the right-hand one.
+_LBP_ANGLES = 2 * np.pi * np.arange(8) / 8
+_LBP_ROW_OFFSETS = np.round(-np.sin(_LBP_ANGLES), 5)
+_LBP_COLUMN_OFFSETS = np.round(np.cos(_LBP_ANGLES), 5)
 # The grouping keeps an (n, n) similarity matrix; the segmentation is coarsened until n fits.
-MAX_FAST_REGIONS = 2048
+MAX_FAST_REGIONS = 4096
 
 
-def _package_pixel_bins(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Value bin of every pixel, and per channel 0 / 1 for LBP code 0 / 1 and 2 for any other code."""
-    value = _VALUE_BIN[rgb.max(axis=2)]
-    # skimage samples pixels outside the image as 0, as the padding here does. It interpolates the
-    # diagonal neighbours at distance 1 where this takes the corner pixels: with skimage's segmentation
-    # at full resolution, either way reproduces 99% of the package's kept boxes.
-    centre = rgb.astype(np.int16)
-    padded = np.pad(centre, ((1, 1), (1, 1), (0, 0)), constant_values=0)
-    height, width = rgb.shape[:2]
-    right_as_bright = padded[1:-1, 2:] >= centre
-    other_as_bright = np.zeros(rgb.shape, dtype=bool)
-    for dy, dx in ((-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1), (1, 0), (1, 1)):
-        other_as_bright |= padded[1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width] >= centre
-    texture = np.where(other_as_bright, 2, right_as_bright.astype(np.int64))
-    return value, texture
+@numba.njit(cache=True, nogil=True)
+def _pixel_or_zero(channel: np.ndarray, row: int, column: int) -> float:
+    """A pixel as float, 0 outside the image (skimage's LBP pads with the constant 0)."""
+    if row < 0 or column < 0 or row >= channel.shape[0] or column >= channel.shape[1]:
+        return 0.0
+    return float(channel[row, column])
+
+
+@numba.njit(cache=True, nogil=True)
+def _bilinear(channel: np.ndarray, row: float, column: float) -> float:
+    """skimage's bilinear sample at (row, column), in its order of operations (the >= test is exact)."""
+    top_row, bottom_row = int(np.floor(row)), int(np.ceil(row))
+    left, right = int(np.floor(column)), int(np.ceil(column))
+    down, across = row - top_row, column - left
+    top = (1 - across) * _pixel_or_zero(channel, top_row, left) + across * _pixel_or_zero(channel, top_row, right)
+    bottom = (1 - across) * _pixel_or_zero(channel, bottom_row, left) + across * _pixel_or_zero(
+        channel, bottom_row, right
+    )
+    return (1 - down) * top + down * bottom
+
+
+@numba.njit(cache=True, nogil=True)
+def _low_lbp_code(
+    channel: np.ndarray, row: int, column: int, row_offsets: np.ndarray, column_offsets: np.ndarray
+) -> int:
+    """skimage's LBP code (P=8, R=1) of a pixel if it is 0 or 1, else 2 (any pixel, borders included)."""
+    centre = float(channel[row, column])
+    for neighbour in range(1, 8):
+        value = _bilinear(channel, row + row_offsets[neighbour], column + column_offsets[neighbour])
+        if value - centre >= 0:
+            return 2
+    return 1 if _pixel_or_zero(channel, row, column + 1) >= centre else 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _low_lbp_codes(channel: np.ndarray, row_offsets: np.ndarray, column_offsets: np.ndarray) -> np.ndarray:
+    """skimage's LBP codes (P=8, R=1) of a channel where they are 0 or 1, else 2.
+
+    Codes 0 and 1 need neighbours 1..7 darker than the centre. Inside the image the whole-pixel ones
+    (up, left, down), which skimage's interpolation returns exactly, are tested first and settle most
+    pixels; the diagonal ones are interpolated as skimage does only for the rest.
+    """
+    height, width = channel.shape
+    codes = np.full((height, width), 2, np.int8)
+    for row in range(height):
+        for column in range(width):
+            if row == 0 or column == 0 or row == height - 1 or column == width - 1:
+                codes[row, column] = _low_lbp_code(channel, row, column, row_offsets, column_offsets)
+                continue
+            centre = channel[row, column]
+            if channel[row - 1, column] >= centre or channel[row, column - 1] >= centre:
+                continue
+            if channel[row + 1, column] >= centre:
+                continue
+            codes[row, column] = _low_lbp_code(channel, row, column, row_offsets, column_offsets)
+    return codes
+
+
+@numba.njit(cache=True, nogil=True)
+def _package_feature_sums(
+    labels: np.ndarray,
+    planes: np.ndarray,
+    n_regions: int,
+    value_bin: np.ndarray,
+    row_offsets: np.ndarray,
+    column_offsets: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per region: pixel count, inclusive box, and counts of value bins then of LBP codes 0 / 1 per channel."""
+    height, width = labels.shape
+    sizes = np.zeros(n_regions)
+    boxes = np.empty((n_regions, 4))
+    boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3] = width, height, 0.0, 0.0
+    counts = np.zeros((n_regions, COLOUR_BINS + 3 * _PACKAGE_TEXTURE_CODES))
+    for row in range(height):
+        for column in range(width):
+            region = labels[row, column]
+            sizes[region] += 1
+            boxes[region, 0] = min(boxes[region, 0], column)
+            boxes[region, 1] = min(boxes[region, 1], row)
+            boxes[region, 2] = max(boxes[region, 2], column)
+            boxes[region, 3] = max(boxes[region, 3], row)
+            brightest = max(planes[0, row, column], planes[1, row, column], planes[2, row, column])
+            counts[region, value_bin[brightest]] += 1
+    for channel in range(planes.shape[0]):
+        codes = _low_lbp_codes(planes[channel], row_offsets, column_offsets)
+        for row in range(height):
+            for column in range(width):
+                code = codes[row, column]
+                if code < _PACKAGE_TEXTURE_CODES:
+                    counts[labels[row, column], COLOUR_BINS + channel * _PACKAGE_TEXTURE_CODES + code] += 1
+    return sizes, boxes, counts
 
 
 def _package_region_features(
-    labels: np.ndarray, value_bins: np.ndarray, texture_codes: np.ndarray
+    labels: np.ndarray, rgb: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Sizes, inclusive boxes, histograms and neighbour pairs of the package, regions in its order.
 
-    The package numbers regions in the order a raster scan first meets them, and its neighbour test
-    depends on that order, so the regions here follow it too.
+    The package numbers regions in the order a raster scan first meets them (scikit-image's labels),
+    and its neighbour test depends on that order, so ``labels`` must be numbered that way. Colour: 25
+    bins of max(R, G, B); texture: per channel, the pixels of LBP code 0 and 1 (skimage's codes, equal
+    to the bit). Both are divided by the region's pixel count, as the package does.
     """
-    height, width = labels.shape
-    _, first_pixel, flat = np.unique(labels.ravel(), return_index=True, return_inverse=True)
-    rank = np.empty(len(first_pixel), dtype=np.int64)
-    rank[np.argsort(first_pixel, kind="stable")] = np.arange(len(first_pixel))
-    flat = rank[flat.ravel()]
-    n = len(first_pixel)
-    sizes = np.bincount(flat, minlength=n).astype(np.float64)
-
-    rows = np.repeat(np.arange(height, dtype=np.float64), width)
-    cols = np.tile(np.arange(width, dtype=np.float64), height)
-    x1, y1 = np.full(n, float(width)), np.full(n, float(height))
-    x2, y2 = np.zeros(n), np.zeros(n)
-    np.minimum.at(x1, flat, cols)
-    np.minimum.at(y1, flat, rows)
-    np.maximum.at(x2, flat, cols)  # inclusive max: the package's fill term uses max - min
-    np.maximum.at(y2, flat, rows)
-    boxes = np.stack([x1, y1, x2, y2], axis=1)
-
-    value = np.bincount(flat * COLOUR_BINS + value_bins.ravel(), minlength=n * COLOUR_BINS)
-    codes = texture_codes.reshape(-1, 3)
-    counted = codes < _PACKAGE_TEXTURE_CODES
-    texture_index = (flat[:, None] * 3 + np.arange(3)) * _PACKAGE_TEXTURE_CODES + codes
-    texture = np.bincount(texture_index[counted], minlength=n * 3 * _PACKAGE_TEXTURE_CODES)
-    # Both are divided by the region's pixel count, as the package does (not by their own sums).
-    hists = np.concatenate(
-        [value.reshape(n, COLOUR_BINS), texture.reshape(n, 3 * _PACKAGE_TEXTURE_CODES)], axis=1
-    ) / sizes[:, None]
-    return sizes, boxes, hists, _corner_inside_pairs(boxes)
+    n_regions = int(labels.max()) + 1
+    sizes, boxes, counts = _package_feature_sums(
+        np.ascontiguousarray(labels, dtype=np.int32),
+        np.ascontiguousarray(rgb.transpose(2, 0, 1)),
+        n_regions,
+        _VALUE_BIN.astype(np.int64),
+        _LBP_ROW_OFFSETS,
+        _LBP_COLUMN_OFFSETS,
+    )
+    return sizes, boxes, counts / sizes[:, None], _corner_inside_pairs(boxes)
 
 
 def _corner_inside_pairs(boxes: np.ndarray, chunk: int = 256) -> np.ndarray:
@@ -401,6 +464,117 @@ def _corner_inside_pairs(boxes: np.ndarray, chunk: int = 256) -> np.ndarray:
     return np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64)
 
 
+@numba.njit(cache=True, nogil=True)
+def _row_sum(values: np.ndarray) -> float:
+    """A row's sum in numpy's order (eight running sums, then the rest), so that ties break as numpy's would."""
+    n = values.size
+    if n < 8:
+        total = 0.0
+        for i in range(n):
+            total += values[i]
+        return total
+    partial = values[:8].copy()
+    i = 8
+    while i < n - n % 8:
+        for j in range(8):
+            partial[j] += values[i + j]
+        i += 8
+    total = (partial[0] + partial[1]) + (partial[2] + partial[3])
+    total = total + ((partial[4] + partial[5]) + (partial[6] + partial[7]))
+    while i < n:
+        total += values[i]
+        i += 1
+    return total
+
+
+@numba.njit(cache=True, nogil=True)
+def _package_similarity(
+    a: int, b: int, sizes: np.ndarray, boxes: np.ndarray, hists: np.ndarray, image_size: float, scratch: np.ndarray
+) -> float:
+    """Histogram intersection + size + fill of regions a and b (inclusive boxes, as the package's)."""
+    for j in range(hists.shape[1]):
+        scratch[j] = min(hists[a, j], hists[b, j])
+    size_ab = sizes[a] + sizes[b]
+    extent_x = max(boxes[a, 2], boxes[b, 2]) - min(boxes[a, 0], boxes[b, 0])
+    extent_y = max(boxes[a, 3], boxes[b, 3]) - min(boxes[a, 1], boxes[b, 1])
+    return _row_sum(scratch) + (1.0 - size_ab / image_size) + (1.0 - (extent_x * extent_y - size_ab) / image_size)
+
+
+@numba.njit(cache=True, nogil=True)
+def _package_grouping_loop(
+    sizes: np.ndarray, boxes: np.ndarray, hists: np.ndarray, pairs: np.ndarray, image_size: float
+) -> np.ndarray:
+    """The merges of ``_package_grouping`` (inputs are copied, not changed)."""
+    n = sizes.size
+    leaves = boxes
+    sizes, boxes, hists = sizes.copy(), boxes.copy(), hists.copy()
+    scratch = np.empty(hists.shape[1])
+    sim = np.full((n, n), -np.inf)
+    for k in range(pairs.shape[0]):
+        a, b = pairs[k, 0], pairs[k, 1]
+        sim[a, b] = sim[b, a] = _package_similarity(a, b, sizes, boxes, hists, image_size, scratch)
+    best = np.empty(n, np.int64)
+    bound = np.empty(n)
+    for row in range(n):
+        best[row] = np.argmax(sim[row])
+        bound[row] = sim[row, best[row]]
+    stale = np.zeros(n, np.bool_)
+    merged = np.empty((n, 4))
+    n_merged = 0
+    others = np.empty(n, np.int64)
+    while True:
+        row = np.argmax(bound)
+        if bound[row] == -np.inf:
+            break
+        if stale[row]:
+            best[row] = np.argmax(sim[row])
+            bound[row] = sim[row, best[row]]
+            stale[row] = False
+            continue
+        a, b = min(row, best[row]), max(row, best[row])  # the merged region takes the lower slot
+        size_a, size_b = sizes[a], sizes[b]
+        sizes[a] = size_a + size_b
+        boxes[a, 0], boxes[a, 1] = min(boxes[a, 0], boxes[b, 0]), min(boxes[a, 1], boxes[b, 1])
+        boxes[a, 2], boxes[a, 3] = max(boxes[a, 2], boxes[b, 2]), max(boxes[a, 3], boxes[b, 3])
+        for j in range(hists.shape[1]):
+            hists[a, j] = (hists[a, j] * size_a + hists[b, j] * size_b) / sizes[a]
+        merged[n_merged] = boxes[a]
+        n_merged += 1
+
+        n_others = 0
+        for k in range(n):
+            if k != a and k != b and max(sim[a, k], sim[b, k]) > -np.inf:
+                others[n_others] = k
+                n_others += 1
+        for k in range(n):
+            sim[a, k] = sim[b, k] = sim[k, a] = sim[k, b] = -np.inf
+        bound[a] = bound[b] = -np.inf
+        stale[a] = stale[b] = False
+        if n_others == 0:
+            continue
+        top = -np.inf
+        for i in range(n_others):
+            k = others[i]
+            value = _package_similarity(a, k, sizes, boxes, hists, image_size, scratch)
+            sim[a, k] = sim[k, a] = value
+            if value > top:
+                top, best[a] = value, k
+            # k's row lost its entries for a and b and gained the new one. If the new value is at least
+            # its old bound it is the row's exact maximum; else the old bound still bounds the row,
+            # exact only if the row's best partner was neither a nor b.
+            lost_best = stale[k] or best[k] == a or best[k] == b
+            new_is_max = value >= bound[k]
+            if new_is_max:
+                best[k] = a
+            bound[k] = max(bound[k], value)
+            stale[k] = lost_best and not new_is_max
+        bound[a] = top
+    out = np.empty((n + n_merged, 4))
+    out[:n] = leaves
+    out[n:] = merged[:n_merged]
+    return out
+
+
 def _package_grouping(
     sizes: np.ndarray, boxes: np.ndarray, hists: np.ndarray, pairs: np.ndarray, image_size: float
 ) -> np.ndarray:
@@ -409,100 +583,45 @@ def _package_grouping(
     Returns the inclusive boxes of the regions, then of every merge in order. Similarity is histogram
     intersection + size + fill (the package's constant 2 of hue and saturation left out). The (n, n)
     matrix holds the current similarities (-inf between non-neighbours); each row keeps an upper bound
-    of its maximum, exact unless marked stale, so that a merge touching hundreds of neighbours costs a
-    few vector operations instead of hundreds of heap pushes.
+    of its maximum, exact unless marked stale, so that a merge touching hundreds of neighbours updates
+    each of them once instead of searching their rows again.
     """
-    n = len(sizes)
-    if n < 2 or len(pairs) == 0:
+    boxes = np.ascontiguousarray(boxes, dtype=np.float64)
+    if len(sizes) < 2 or len(pairs) == 0:
         return boxes.copy()
-    leaves = boxes
-    sizes, boxes, hists = sizes.copy(), boxes.copy(), hists.copy()
+    return _package_grouping_loop(
+        np.ascontiguousarray(sizes, dtype=np.float64),
+        boxes,
+        np.ascontiguousarray(hists, dtype=np.float64),
+        np.ascontiguousarray(pairs, dtype=np.int64).reshape(-1, 2),
+        float(image_size),
+    )
 
-    def similarity(a: int | np.ndarray, others: np.ndarray) -> np.ndarray:
-        hist_sim = np.minimum(hists[a], hists[others]).sum(axis=-1)
-        size_ab = sizes[a] + sizes[others]
-        extent = np.maximum(boxes[a, 2:], boxes[others, 2:]) - np.minimum(boxes[a, :2], boxes[others, :2])
-        box_area = extent[..., 0] * extent[..., 1]
-        return hist_sim + (1.0 - size_ab / image_size) + (1.0 - (box_area - size_ab) / image_size)
 
-    sim = np.full((n, n), -np.inf)
-    first, second = pairs[:, 0], pairs[:, 1]
-    sim[first, second] = sim[second, first] = similarity(first, second)
-    best = sim.argmax(axis=1)
-    bound = sim[np.arange(n), best]
-    stale = np.zeros(n, dtype=bool)
-    merged = []
+def _segment(rgb: np.ndarray, scale: float, sigma: float, min_size: int) -> np.ndarray:
+    """scikit-image's Felzenszwalb labels, coarsened (min_size doubled) until there are few enough regions."""
     while True:
-        row = int(np.argmax(bound))
-        if bound[row] == -np.inf:
-            break
-        if stale[row]:
-            best[row] = sim[row].argmax()
-            bound[row], stale[row] = sim[row, best[row]], False
-            continue
-        a, b = sorted((row, int(best[row])))  # the merged region takes the lower slot
-        size_a, size_b = sizes[a], sizes[b]
-        sizes[a] = size_a + size_b
-        boxes[a, :2] = np.minimum(boxes[a, :2], boxes[b, :2])
-        boxes[a, 2:] = np.maximum(boxes[a, 2:], boxes[b, 2:])
-        hists[a] = (hists[a] * size_a + hists[b] * size_b) / sizes[a]
-        merged.append(boxes[a].copy())
-
-        neighbours = np.maximum(sim[a], sim[b]) > -np.inf
-        neighbours[a] = neighbours[b] = False
-        sim[a], sim[b], sim[:, a], sim[:, b] = -np.inf, -np.inf, -np.inf, -np.inf
-        bound[a] = bound[b] = -np.inf
-        stale[a] = stale[b] = False
-        others = np.flatnonzero(neighbours)
-        if len(others) == 0:
-            continue
-        values = similarity(a, others)
-        sim[a, others] = sim[others, a] = values
-        top = int(values.argmax())
-        best[a], bound[a] = others[top], values[top]
-        # A neighbour's row lost its entries for a and b and gained the new one. If the new value is
-        # at least its old bound it is the row's exact maximum; else the old bound still bounds the row,
-        # exact only if the row's best partner was neither a nor b.
-        old_bound = bound[others]
-        lost_best = stale[others] | (best[others] == a) | (best[others] == b)
-        new_is_max = values >= old_bound
-        best[others[new_is_max]] = a
-        bound[others] = np.maximum(old_bound, values)
-        stale[others] = lost_best & ~new_is_max
-    return np.concatenate([leaves, np.asarray(merged).reshape(-1, 4)])
-
-
-def _segment(small: np.ndarray, k: float, sigma: float, min_size: int) -> np.ndarray:
-    """OpenCV's Felzenszwalb label map, coarsened (min_size doubled) until it has few enough regions."""
-    import cv2
-
-    while True:
-        segmenter = cv2.ximgproc.segmentation.createGraphSegmentation(sigma=sigma, k=k, min_size=min_size)
-        labels = segmenter.processImage(small)
+        labels = felzenszwalb(rgb, scale, sigma, min_size)
         if int(labels.max()) + 1 <= MAX_FAST_REGIONS:
             return labels
         min_size *= 2  # only noise-like images get here: thousands of regions of a few pixels
 
 
 def fast_selective_search_boxes(
-    rgb: np.ndarray,
-    max_side: int = 256,
-    scale: float = 500.0,
-    sigmas: Sequence[float] = (0.5, 0.8),
-    min_size: int = 10,
-    duplicate_iou: float = 0.925,
+    rgb: np.ndarray, max_side: int = 2048, scale: float = 500.0, sigma: float = 0.9, min_size: int = 10
 ) -> np.ndarray:
-    """The ``selectivesearch`` package's selective search on a copy shrunk to at most max_side pixels.
+    """The ``selectivesearch`` package's selective search, box for box, in compiled loops.
 
-    ``scale`` and ``min_size`` are the package's (min_size in original pixels, shrunk with the area).
-    As in the package, similarity is the intersection of value histograms (25 bins of max(R, G, B))
-    and of LBP code-0/code-1 counts, plus size and fill; neighbours are regions with a bounding-box
-    corner strictly inside an earlier region's box (raster order), whether or not they touch; pairs
-    are merged greedily until none is left (regions without neighbours never merge, so the last box
-    need not be the whole image). The package's boxes change with small changes of its segmentation,
-    so one hierarchy is built per blur in ``sigmas`` (of the shrunk copy) and their boxes pooled; a
-    box whose IoU with an earlier one is at least ``duplicate_iou`` (the same box give or take a
-    working pixel or two) is dropped, which brings the count back to about the package's.
+    The package (which SoCo's release copied) segments with scikit-image's Felzenszwalb (``scale``,
+    ``sigma``, ``min_size``), then merges greedily with its own semantics, quirks included, because
+    they decide which regions form: similarity is the intersection of value histograms (25 bins of
+    max(R, G, B)) and of LBP code-0/code-1 counts, plus size and fill; neighbours are regions with a
+    bounding-box corner strictly inside an earlier region's box (raster order), whether or not they
+    touch; pairs are merged until none is left (regions without neighbours never merge, so the last box
+    need not be the whole image). Here the segmentation equals scikit-image's label for label
+    (``felzenszwalb.py``) and the histograms equal the package's, so the boxes are the package's up to
+    ties in the merge order. Images with a side over ``max_side`` are first shrunk to it (min_size
+    with the area), which bounds the time and memory of very large photos.
     """
     import cv2
 
@@ -516,59 +635,13 @@ def fast_selective_search_boxes(
         small = _downscale(rgb, max_side)
         small_h, small_w = small.shape[:2]
         area_factor = (small_h * small_w) / (height * width)
-        pixel_bins = _package_pixel_bins(small)
-        results = []
-        for sigma in sigmas:
-            # OpenCV's k is on the package's `scale` (both act on 0..255 pixel differences). Kept
-            # unscaled on the shrunk copy, where each region has fewer pixels, it matches the package's
-            # boxes better than scaled with the area (which leaves many tiny regions the package lacks).
-            labels = _segment(small, float(scale), float(sigma), max(1, round(min_size * area_factor)))
-            features = _package_region_features(labels, *pixel_bins)
-            results.append(_package_grouping(*features, image_size=float(small_h * small_w)))
+        labels = _segment(small, float(scale), float(sigma), max(1, round(min_size * area_factor)))
     finally:
         cv2.setNumThreads(previous_threads)
-    boxes = np.concatenate(results) + np.array([0.0, 0.0, 1.0, 1.0])  # inclusive max -> exclusive edge
-    boxes = _drop_near_duplicates(boxes, float(duplicate_iou))
+    features = _package_region_features(labels, small)
+    boxes = _package_grouping(*features, image_size=float(small_h * small_w))
+    boxes = boxes + np.array([0.0, 0.0, 1.0, 1.0])  # inclusive max -> exclusive edge
     return deduplicate_boxes(_to_original_pixels(boxes, small_w, small_h, width, height))
-
-
-def _drop_near_duplicates(boxes: np.ndarray, min_iou: float, chunk: int = 512) -> np.ndarray:
-    """Drop each whole-pixel box whose IoU with an earlier kept box is at least min_iou (order kept).
-
-    If two different whole-pixel boxes differ along x, one of them is at least ox + 1 wide where ox is
-    their overlap along x, so their IoU is at most ox / (ox + 1), and reaching min_iou needs both to be
-    at least min_iou / (1 - min_iou) pixels wide (19 at 0.95); likewise along y. Only boxes with such
-    a side are compared with each other.
-    """
-    boxes = deduplicate_boxes(boxes)
-    if len(boxes) < 2 or min_iou >= 1.0:
-        return boxes
-    if min_iou <= 0.0:
-        raise ValueError(f"duplicate_iou must lie in (0, 1], got {min_iou}")
-    sides = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-    candidates = np.flatnonzero(sides >= min_iou / (1.0 - min_iou) - 1e-9)
-    x1, y1, x2, y2 = boxes[candidates].T
-    areas = (x2 - x1) * (y2 - y1)
-    pairs = [np.zeros((0, 2), dtype=np.int64)]
-    for start in range(0, len(candidates), chunk):
-        rows = slice(start, start + chunk)
-        overlap_w = np.minimum(x2[rows, None], x2) - np.maximum(x1[rows, None], x1)
-        overlap_h = np.minimum(y2[rows, None], y2) - np.maximum(y1[rows, None], y1)
-        inter = np.clip(overlap_w, 0, None) * np.clip(overlap_h, 0, None)
-        iou = inter / (areas[rows, None] + areas - inter)
-        first, second = np.nonzero(iou >= min_iou)
-        first += start
-        later = second > first
-        pairs.append(np.stack([first[later], second[later]], axis=1))
-    pairs = np.concatenate(pairs)
-    dropped = np.zeros(len(candidates), dtype=bool)
-    # Pairs in order of their first box: a box's own fate is settled before it may drop later ones.
-    for first, second in pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))].tolist():
-        if not dropped[first]:
-            dropped[second] = True
-    keep = np.ones(len(boxes), dtype=bool)
-    keep[candidates[dropped]] = False
-    return boxes[keep]
 
 
 def _to_original_pixels(boxes: np.ndarray, small_w: int, small_h: int, width: int, height: int) -> np.ndarray:
@@ -612,7 +685,7 @@ _FUNCTIONS = {
 }
 
 _PARAMS: dict[str, dict[str, Any]] = {
-    "fast": {"max_side": 256, "scale": 500.0, "sigmas": [0.5, 0.8], "min_size": 10, "duplicate_iou": 0.925},
+    "fast": {"max_side": 2048, "scale": 500.0, "sigma": 0.9, "min_size": 10},
     "rich": {
         "max_side": 160,
         "ks": [100.0],
