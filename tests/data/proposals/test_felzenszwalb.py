@@ -92,6 +92,12 @@ def test_thin_and_empty_images(shape):
         np.testing.assert_array_equal(labels, skimage_labels(rgb, 500.0, 0.9, 10))
 
 
-def test_rejects_float_images():
+def test_rejects_what_it_cannot_segment():
     with pytest.raises(ValueError, match="uint8"):
         felzenszwalb(np.zeros((4, 4, 3)), 500.0, 0.9, 10)
+    with pytest.raises(ValueError, match="at most 4 channels"):
+        felzenszwalb(np.zeros((4, 4, 5), dtype=np.uint8), 500.0, 0.9, 10)
+    # 2**30 pixels would overflow the 32-bit edge ids; a broadcast view costs no memory.
+    huge = np.broadcast_to(np.zeros((1, 1, 3), dtype=np.uint8), (32768, 32768, 3))
+    with pytest.raises(ValueError, match="under 2\\*\\*30 pixels"):
+        felzenszwalb(huge, 500.0, 0.9, 10)

@@ -228,7 +228,7 @@ def scaled(rectangles, factor: int):
     return tuple((tuple(c * factor for c in box), colour) for box, colour in rectangles)
 
 
-@pytest.mark.parametrize(("factor", "noise", "max_side"), [(1, 0, 2048), (1, 6, 2048), (4, 0, 256), (4, 6, 256)])
+@pytest.mark.parametrize(("factor", "noise", "max_side"), [(1, 0, 1024), (1, 6, 1024), (4, 0, 256), (4, 6, 256)])
 def test_fast_default_finds_each_rectangle(factor, noise, max_side):
     # factor 4 gives a 384x288 image, shrunk here to 256x192 before segmenting.
     rectangles = scaled(THREE_RECTANGLES, factor)
@@ -415,6 +415,19 @@ def test_fast_is_about_as_many_kept_boxes_as_rectangles_allow():
     for box, _ in scaled(THREE_RECTANGLES, 4):
         assert box_iou(box, fast_kept).max() >= 0.9
     assert len(fast_kept) < len(rich_kept)
+
+
+def test_fast_gives_the_package_boxes_on_a_photo():
+    from skimage.data import astronaut
+
+    # Checked against the selectivesearch package 0.4 (scale 500, sigma 0.9, min_size 10) on this photo:
+    # its 375 rects (x, y, w, h) are exactly these boxes less one pixel at the max edges, since the package
+    # reports w = max - min where a box that covers its last pixel ends one further.
+    boxes = get_algorithm("fast")(astronaut())
+    assert len(boxes) == 375
+    np.testing.assert_array_equal(boxes.sum(axis=0), [85399, 98692, 103678, 123631])
+    np.testing.assert_array_equal(boxes[:3], [[0, 0, 16, 27], [0, 0, 62, 145], [10, 0, 114, 228]])
+    np.testing.assert_array_equal(boxes[-2:], [[0, 0, 400, 512], [0, 0, 512, 512]])
 
 
 # --- rich: today's set, unchanged ------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 ``felzenszwalb(rgb, scale, sigma, min_size)`` returns what
 ``skimage.segmentation.felzenszwalb(img_as_float(rgb), scale, sigma, min_size)`` returns: the same
-regions, numbered the same way (in the order a raster scan first meets them), about five times faster.
+regions, numbered the same way (in the order a raster scan first meets them), 5-10 times faster.
 The ``selectivesearch`` package that SoCo's release copied starts from that segmentation, and its
 boxes move with any change of it (benchmarks/results/proposals.md), so the fast proposals reproduce it
 instead of approximating it. Steps, each as scikit-image does them:
@@ -188,7 +188,11 @@ def felzenszwalb(rgb: np.ndarray, scale: float = 1.0, sigma: float = 0.8, min_si
     rgb = np.asarray(rgb)
     if rgb.dtype != np.uint8 or rgb.ndim not in (2, 3):
         raise ValueError(f"felzenszwalb needs an (H, W) or (H, W, C) uint8 image, got {rgb.dtype} {rgb.shape}")
+    if rgb.ndim == 3 and rgb.shape[2] > 4:
+        raise ValueError(f"felzenszwalb takes at most 4 channels, got {rgb.shape[2]}")
     height, width = rgb.shape[:2]
+    if 4 * height * width >= 2**32:  # edge ids share a 64-bit sort key with the cost's 32 bits
+        raise ValueError(f"felzenszwalb takes images under 2**30 pixels, got {height}x{width}")
     if height == 0 or width == 0:
         return np.zeros((height, width), dtype=np.int32)
     costs, keys = _edge_costs(gaussian_planes(rgb, float(sigma)))
