@@ -10,8 +10,6 @@ import pytest
 from soco.data.proposals.felzenszwalb import felzenszwalb
 from soco.data.proposals.filter import filter_proposals
 from soco.data.proposals.selective_search import (
-    _LBP_COLUMN_OFFSETS,
-    _LBP_ROW_OFFSETS,
     ALGORITHM_NAMES,
     DEFAULT_ALGORITHM,
     MAX_FAST_REGIONS,
@@ -374,7 +372,7 @@ def test_lbp_codes_equal_scikit_image(photo):
         plane = np.ascontiguousarray(channels[:, :, channel])
         expected = np.minimum(local_binary_pattern(plane, 8, 1.0), 2).astype(np.int8)
         assert (expected < 2).mean() > 0.03  # the photo has codes 0 and 1 to compare
-        np.testing.assert_array_equal(_low_lbp_codes(plane, _LBP_ROW_OFFSETS, _LBP_COLUMN_OFFSETS), expected)
+        np.testing.assert_array_equal(_low_lbp_codes(plane), expected)
 
 
 def test_package_region_features_by_hand():

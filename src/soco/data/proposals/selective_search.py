@@ -227,16 +227,12 @@ def _hierarchical_grouping(
 def selective_search_boxes(
     rgb: np.ndarray, scale: float = 300.0, sigma: float = 0.9, min_size: int = 100
 ) -> np.ndarray:
-    """Run the release's selective search (skimage Felzenszwalb, full resolution) on an RGB image."""
-    from skimage.segmentation import felzenszwalb
-
+    """Run the release's selective search (skimage's Felzenszwalb, full resolution) on an RGB image."""
     rgb = _as_rgb_uint8(rgb)
     height, width = rgb.shape[:2]
     if height < 2 or width < 2:
         return _whole_image(width, height)
-    labels = felzenszwalb(
-        rgb.astype(np.float64) / 255.0, scale=scale, sigma=sigma, min_size=min_size, channel_axis=-1
-    )
+    labels = felzenszwalb(rgb, scale, sigma, min_size)  # scikit-image's label map, compiled
     features = _region_features(labels, *_reference_pixel_bins(rgb))
     boxes = _hierarchical_grouping(*features, image_size=float(height * width))
     return boxes.astype(np.float32)
@@ -321,7 +317,8 @@ _VALUE_BIN = np.minimum(np.searchsorted(_VALUE_BIN_EDGES, np.arange(256), side="
 # and code 1 (only the right-hand neighbour as bright or brighter) are counted, per channel.
 _PACKAGE_TEXTURE_CODES = 2
 # skimage's LBP samples its 8 neighbours at these (row, column) offsets (rounded to 5 decimals, as it
-# does), bilinearly interpolated, with 0 outside the image; neighbour 0 is the right-hand one.
+# does), bilinearly interpolated, with 0 outside the image; neighbour 0 is the right-hand one. The
+# compiled loops below read these tables (and _VALUE_BIN) as constants.
 _LBP_ANGLES = 2 * np.pi * np.arange(8) / 8
 _LBP_ROW_OFFSETS = np.round(-np.sin(_LBP_ANGLES), 5)
 _LBP_COLUMN_OFFSETS = np.round(np.cos(_LBP_ANGLES), 5)
@@ -351,20 +348,18 @@ def _bilinear(channel: np.ndarray, row: float, column: float) -> float:
 
 
 @numba.njit(cache=True, nogil=True)
-def _low_lbp_code(
-    channel: np.ndarray, row: int, column: int, row_offsets: np.ndarray, column_offsets: np.ndarray
-) -> int:
+def _low_lbp_code(channel: np.ndarray, row: int, column: int) -> int:
     """skimage's LBP code (P=8, R=1) of a pixel if it is 0 or 1, else 2 (any pixel, borders included)."""
     centre = float(channel[row, column])
     for neighbour in range(1, 8):
-        value = _bilinear(channel, row + row_offsets[neighbour], column + column_offsets[neighbour])
+        value = _bilinear(channel, row + _LBP_ROW_OFFSETS[neighbour], column + _LBP_COLUMN_OFFSETS[neighbour])
         if value - centre >= 0:
             return 2
     return 1 if _pixel_or_zero(channel, row, column + 1) >= centre else 0
 
 
 @numba.njit(cache=True, nogil=True)
-def _low_lbp_codes(channel: np.ndarray, row_offsets: np.ndarray, column_offsets: np.ndarray) -> np.ndarray:
+def _low_lbp_codes(channel: np.ndarray) -> np.ndarray:
     """skimage's LBP codes (P=8, R=1) of a channel where they are 0 or 1, else 2.
 
     Codes 0 and 1 need neighbours 1..7 darker than the centre. Inside the image the whole-pixel ones
@@ -376,25 +371,20 @@ def _low_lbp_codes(channel: np.ndarray, row_offsets: np.ndarray, column_offsets:
     for row in range(height):
         for column in range(width):
             if row == 0 or column == 0 or row == height - 1 or column == width - 1:
-                codes[row, column] = _low_lbp_code(channel, row, column, row_offsets, column_offsets)
+                codes[row, column] = _low_lbp_code(channel, row, column)
                 continue
             centre = channel[row, column]
             if channel[row - 1, column] >= centre or channel[row, column - 1] >= centre:
                 continue
             if channel[row + 1, column] >= centre:
                 continue
-            codes[row, column] = _low_lbp_code(channel, row, column, row_offsets, column_offsets)
+            codes[row, column] = _low_lbp_code(channel, row, column)
     return codes
 
 
 @numba.njit(cache=True, nogil=True)
 def _package_feature_sums(
-    labels: np.ndarray,
-    planes: np.ndarray,
-    n_regions: int,
-    value_bin: np.ndarray,
-    row_offsets: np.ndarray,
-    column_offsets: np.ndarray,
+    labels: np.ndarray, planes: np.ndarray, n_regions: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per region: pixel count, inclusive box, and counts of value bins then of LBP codes 0 / 1 per channel."""
     height, width = labels.shape
@@ -411,9 +401,9 @@ def _package_feature_sums(
             boxes[region, 2] = max(boxes[region, 2], column)
             boxes[region, 3] = max(boxes[region, 3], row)
             brightest = max(planes[0, row, column], planes[1, row, column], planes[2, row, column])
-            counts[region, value_bin[brightest]] += 1
+            counts[region, _VALUE_BIN[brightest]] += 1
     for channel in range(planes.shape[0]):
-        codes = _low_lbp_codes(planes[channel], row_offsets, column_offsets)
+        codes = _low_lbp_codes(planes[channel])
         for row in range(height):
             for column in range(width):
                 code = codes[row, column]
@@ -434,12 +424,7 @@ def _package_region_features(
     """
     n_regions = int(labels.max()) + 1
     sizes, boxes, counts = _package_feature_sums(
-        np.ascontiguousarray(labels, dtype=np.int32),
-        np.ascontiguousarray(rgb.transpose(2, 0, 1)),
-        n_regions,
-        _VALUE_BIN.astype(np.int64),
-        _LBP_ROW_OFFSETS,
-        _LBP_COLUMN_OFFSETS,
+        np.ascontiguousarray(labels, dtype=np.int32), np.ascontiguousarray(rgb.transpose(2, 0, 1)), n_regions
     )
     return sizes, boxes, counts / sizes[:, None], _corner_inside_pairs(boxes)
 
