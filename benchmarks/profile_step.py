@@ -40,7 +40,7 @@ def main() -> None:
     method = build_model(config, context)
     method.train()
     optimizer = build_optimizer(config.optim, method.parameter_groups(config.optim.weight_decay), lr=0.01)
-    runner = StepRunner(method, method, optimizer, context, config.train.precision, 1)
+    runner = StepRunner(method, method, optimizer, context, config.train.precision, 1, config.train.channels_last)
     runner.run([batch], 0, 100, lr=0.01)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as profiler:
         for step in range(1, args.steps + 1):

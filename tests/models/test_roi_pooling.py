@@ -12,6 +12,8 @@ from soco.models.roi_pooling import (
     pool_boxes_all_levels,
     pool_boxes_per_level,
     pool_boxes_single_level,
+    pool_rois,
+    roi_align_channels_last,
 )
 
 STRIDES = (4, 8, 16, 32)
@@ -100,8 +102,9 @@ def test_pooled_box_equals_roi_align_on_its_own_level():
     assert torch.equal(pooled[row : row + 1], expected)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("stride", [4, 16])
-def test_pooling_matches_hand_computed_aligned_roi_align(stride):
+def test_pooling_matches_hand_computed_aligned_roi_align(stride, channels_last):
     # On a map whose value is its column index, bilinear sampling is exact and the mean of a bin's
     # symmetric samples is the value at the bin centre. With aligned=True pixel i's centre is at
     # image x = (i + 0.5) * stride, so the bin centre in map units is x1/stride - 0.5 + (j + 0.5) * bin_w.
@@ -109,6 +112,8 @@ def test_pooling_matches_hand_computed_aligned_roi_align(stride):
     columns = torch.arange(width, dtype=torch.float32).expand(1, 1, height, width)
     rows = torch.arange(height, dtype=torch.float32)[:, None].expand(1, 1, height, width)
     feature = torch.cat([columns, rows], dim=1)
+    if channels_last:  # the NHWC path (roi_align_channels_last) must land on the same values
+        feature = feature.contiguous(memory_format=torch.channels_last)
     x1, y1, x2, y2 = 3.3 * stride, 2.1 * stride, 17.9 * stride, 15.2 * stride
     pooled = pool_boxes_single_level(feature, torch.tensor([[[x1, y1, x2, y2]]]), stride, 7)
     bins = torch.arange(7, dtype=torch.float32) + 0.5
@@ -161,3 +166,73 @@ def test_shape_errors():
         pool_boxes_per_level([torch.zeros(1, 2, 4, 4)], torch.zeros(1, 2, 4), (4, 8))
     with pytest.raises(ValueError):
         pool_boxes_single_level(torch.zeros(2, 2, 4, 4), torch.zeros(1, 2, 4), 4)
+
+
+def awkward_rois(count: int, images: int, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """(count, 5) rois on a 96 x 80 image: inside, across and beyond the borders, tiny, empty and reversed."""
+    corners = torch.rand(count, 2, generator=generator, dtype=dtype) * 120 - 15
+    sizes = torch.rand(count, 2, generator=generator, dtype=dtype) * 70 - 5  # some negative: reversed boxes
+    sizes[: count // 8] = 0.0  # empty boxes
+    sizes[count // 8 : count // 4] *= 0.02  # boxes under one map pixel
+    boxes = torch.cat([corners, corners + sizes], dim=1)
+    # samples exactly on the far edges (x = 24, y = 20 on the 24 x 20 map at stride 4) and on -1: still inside
+    boxes[0] = torch.tensor([84.0, 68.0, 112.0, 96.0], dtype=dtype)
+    boxes[1] = torch.tensor([-4.0, -4.0, 24.0, 24.0], dtype=dtype)
+    image_index = torch.randint(0, images, (count, 1), generator=generator).to(dtype)
+    return torch.cat([image_index, boxes], dim=1)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_channels_last_roi_align_equals_torchvision_with_gradients(aligned):
+    # float64, so that the only difference is the order of the sums: 1e-12 catches any wrong sample or weight.
+    generator = torch.Generator().manual_seed(4)
+    feature = torch.randn(3, 5, 20, 24, generator=generator, dtype=torch.float64)
+    rois = awkward_rois(64, 3, generator, torch.float64)
+    nhwc = feature.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    nchw = feature.clone().requires_grad_(True)
+    ours = roi_align_channels_last(nhwc, rois, 7, 0.25, aligned)
+    reference = roi_align(nchw, rois, 7, 0.25, -1, aligned=aligned)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-12)
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    upstream = torch.randn(reference.shape, generator=generator, dtype=torch.float64)
+    ours.backward(upstream)
+    reference.backward(upstream)
+    torch.testing.assert_close(nhwc.grad, nchw.grad, rtol=0, atol=1e-12)
+    assert nhwc.grad.abs().sum() > 0
+
+
+def test_channels_last_pyramid_pooling_equals_nchw_and_keeps_empty_levels_in_the_graph():
+    generator = torch.Generator().manual_seed(5)
+    features = pyramid(2, 4, 128, generator)
+    features = [feature.double() for feature in features]
+    boxes = boxes_on_every_level(2, 3, 128, generator).double()
+    boxes[:, :, 2:] = boxes[:, :, :2] + 20.0  # every box on P2: P3..P5 get no box
+    nhwc = [feature.contiguous(memory_format=torch.channels_last).requires_grad_(True) for feature in features]
+    pooled = pool_boxes_per_level(nhwc, boxes, STRIDES, 7)
+    torch.testing.assert_close(pooled, pool_boxes_per_level(features, boxes, STRIDES, 7), rtol=0, atol=1e-12)
+    pooled.sum().backward()
+    assert nhwc[0].grad.abs().sum() > 0
+    assert all(feature.grad is not None and torch.count_nonzero(feature.grad) == 0 for feature in nhwc[1:])
+
+
+def test_channels_last_bf16_map_pools_like_torchvision_in_float32_and_under_autocast():
+    # torchvision pools a bf16 map in float32 under autocast; the NHWC path computes in the rois' float32 too.
+    generator = torch.Generator().manual_seed(6)
+    feature = torch.randn(2, 8, 14, 14, generator=generator).to(torch.bfloat16)
+    rois = awkward_rois(24, 2, generator, torch.float32)
+    nhwc = feature.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    in_float32 = roi_align_channels_last(nhwc, rois, 7, 1 / 16)
+    assert in_float32.dtype == torch.float32
+    torch.testing.assert_close(in_float32, roi_align(feature.float(), rois, 7, 1 / 16, -1, aligned=True),
+                               rtol=0, atol=1e-5)
+    nchw = feature.clone().requires_grad_(True)
+    boxes, image_index = rois[:, 1:], rois[:, 0].long()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = pool_rois(nhwc, boxes, image_index, 16, 7)
+        reference = pool_rois(nchw, boxes, image_index, 16, 7)
+    assert ours.dtype == reference.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), reference.float(), rtol=1e-2, atol=1e-3)
+    ours.float().sum().backward()
+    reference.float().sum().backward()
+    # the gradient reaches the bf16 map in bf16 in both; where rois overlap, the NHWC path adds in bf16
+    torch.testing.assert_close(nhwc.grad.float(), nchw.grad.float(), rtol=1e-2, atol=1e-2)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from soco.data.collate import move_to_device, to_channels_last
+from soco.engine.allocator import keep_freed_memory
 from soco.engine.distributed import DistributedContext, all_reduce_mean
 from soco.errors import ConfigError, SocoError
 
@@ -100,6 +101,7 @@ class StepRunner:
 
     def __post_init__(self):
         self.autocast, self.scaler = autocast_context(self.precision, self.context.device)
+        keep_freed_memory()  # each step reuses the last one's memory instead of faulting it in anew
 
     def run(self, micro_batches: list[dict], step: int, total_steps: int, lr: float) -> StepResult:
         """Forward and backward every micro-batch, stop on a non-finite loss or gradient, then update.

@@ -40,10 +40,93 @@ def _rois_dtype(feature: torch.Tensor) -> torch.dtype:
     return torch.float64 if feature.dtype == torch.float64 else torch.float32
 
 
+def _axis_weights(start: torch.Tensor, bin_size: torch.Tensor, grid: torch.Tensor, size: int,
+                  output_size: int) -> torch.Tensor:
+    """(R, output_size, size) bilinear weights of one axis: how much each map row (or column) adds to each bin.
+
+    The sample points, the border rules and the weights are torchvision's roi_align kernel's, one axis at a
+    time: a sample's weight in 2-D is the product of its row weight and its column weight, and a sample
+    outside the map in either axis has a zero weight in that axis.
+    """
+    rois = start.shape[0]
+    samples = int(grid.max().item()) if rois else 1
+    bins = torch.arange(output_size, dtype=start.dtype, device=start.device)[None, :, None]
+    sample = torch.arange(max(samples, 1), dtype=start.dtype, device=start.device)[None, None, :]
+    # a roi of no width has no samples (all invalid below); dividing by 1 keeps its coordinates finite
+    grid3, bin3 = grid.clamp(min=1)[:, None, None], bin_size[:, None, None]
+    # the kernel's own order of operations, so that floor() falls on the same side of a pixel edge
+    coordinate = start[:, None, None] + bins * bin3 + (sample + 0.5) * bin3 / grid3
+    valid = (coordinate >= -1.0) & (coordinate <= size) & (sample < grid[:, None, None])
+    coordinate = coordinate.clamp(min=0)
+    low = coordinate.floor().long()
+    at_end = low >= size - 1
+    low = low.clamp(max=size - 1)
+    high = torch.where(at_end, low, low + 1)
+    fraction = torch.where(at_end, torch.zeros_like(coordinate), coordinate - low.to(coordinate.dtype))
+    weights = torch.zeros(rois, output_size, size, dtype=start.dtype, device=start.device)
+    weights.scatter_add_(2, low.flatten(2), ((1 - fraction) * valid).flatten(2))
+    weights.scatter_add_(2, high.flatten(2), (fraction * valid).flatten(2))
+    return weights
+
+
+def _window(weights: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows (or columns) each roi reads, padded to one width: (R, W) indices and (R, S, W) their weights."""
+    used = weights.ne(0).any(dim=1)
+    index = torch.arange(size, device=weights.device)
+    first = torch.where(used, index, size).amin(dim=1).clamp(max=size - 1)
+    last = torch.where(used, index, -1).amax(dim=1)
+    width = max(int((last - first + 1).max().item()), 1) if first.numel() else 1
+    positions = first[:, None] + torch.arange(width, device=weights.device)
+    inside = positions < size
+    positions = positions.clamp(max=size - 1)
+    window_weights = torch.gather(weights, 2, positions[:, None, :].expand(-1, weights.shape[1], -1))
+    return positions, window_weights * inside[:, None, :]
+
+
+def roi_align_channels_last(feature: torch.Tensor, rois: torch.Tensor, output_size: int, spatial_scale: float,
+                            aligned: bool = True) -> torch.Tensor:
+    """torchvision's roi_align (adaptive sampling) on an NHWC map without converting the whole map to NCHW.
+
+    torchvision's kernel makes the map contiguous first: on channels-last maps that is a copy of every
+    level for every view, forward and backward, though the boxes read a few windows of it. Here each roi
+    reads only the rows and columns its samples touch, and the bilinear sum is two small batched matrix
+    products (the weights are separable in y and x). Computes in the rois' dtype, like the kernel under
+    autocast; equal to torchvision to float rounding (tests/models/test_roi_pooling.py).
+    """
+    channels, height, width = feature.shape[1:]
+    offset = 0.5 if aligned else 0.0
+    x1, y1, x2, y2 = (rois[:, column] * spatial_scale - offset for column in (1, 2, 3, 4))
+    roi_width, roi_height = x2 - x1, y2 - y1
+    if not aligned:  # the kernel's legacy mode forces malformed rois to 1x1
+        roi_width, roi_height = roi_width.clamp(min=1.0), roi_height.clamp(min=1.0)
+    bin_width, bin_height = roi_width / output_size, roi_height / output_size
+    grid_width, grid_height = torch.ceil(bin_width).clamp(min=0), torch.ceil(bin_height).clamp(min=0)
+    rows, row_weights = _window(_axis_weights(y1, bin_height, grid_height, height, output_size), height)
+    columns, column_weights = _window(_axis_weights(x1, bin_width, grid_width, width, output_size), width)
+    count = (grid_height * grid_width).clamp(min=1)
+    image = rois[:, 0].long()
+    nhwc = feature.permute(0, 2, 3, 1)
+    windows = nhwc[image[:, None, None], rows[:, :, None], columns[:, None, :]].to(rois.dtype)  # (R, h, w, C)
+    number, window_rows, window_columns = windows.shape[:3]
+    with torch.autocast(feature.device.type, enabled=False):
+        # columns first, then rows, so that the result is laid out (R, S, S, C): NHWC for the box head
+        by_column = windows.transpose(1, 2).reshape(number, window_columns, window_rows * channels)
+        pooled = torch.bmm(column_weights, by_column).view(number, output_size, window_rows, channels)
+        by_row = pooled.transpose(1, 2).reshape(number, window_rows, output_size * channels)
+        pooled = torch.bmm(row_weights, by_row).view(number, output_size, output_size, channels)
+    pooled = pooled / count[:, None, None, None]
+    return pooled.permute(0, 3, 1, 2)  # (R, C, S, S), channels-last in memory like the map
+
+
 def _align(feature: torch.Tensor, rois: torch.Tensor, stride: float, output_size: int,
            aligned: bool = True) -> torch.Tensor:
     """roi_align with adaptive sampling, pooling a low-precision map in the rois' precision outside autocast."""
-    if feature.dtype != rois.dtype and not torch.is_autocast_enabled(feature.device.type):
+    autocast = torch.is_autocast_enabled(feature.device.type)
+    if feature.device.type == "cpu" and feature.ndim == 4 and feature.shape[1] > 1 and \
+            feature.is_contiguous(memory_format=torch.channels_last) and not feature.is_contiguous():
+        # in the map's dtype, as torchvision returns it under autocast too
+        return roi_align_channels_last(feature, rois, output_size, 1.0 / stride, aligned).to(feature.dtype)
+    if feature.dtype != rois.dtype and not autocast:
         # The kernel requires equal dtypes; under autocast torchvision casts both to float32 itself.
         pooled = roi_align(
             feature.to(rois.dtype), rois, output_size, 1.0 / stride, ADAPTIVE_SAMPLING, aligned=aligned
