@@ -353,9 +353,11 @@ def finetune(
     `stop_after_epochs` ends this call after that many epochs (the checkpoint lets a later call go on);
     metrics.json is then written without final AP. Returns the metrics dict.
     """
+    from soco.engine.allocator import keep_freed_memory
     from soco.engine.distributed import init_distributed
 
     validate_config(config)
+    keep_freed_memory()  # each iteration reuses the last one's memory (see engine/allocator.py)
     started = time.perf_counter()
     out_dir = Path(out_dir)
     context = init_distributed(config.device, setting="transfer.device")
