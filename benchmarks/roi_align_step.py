@@ -8,22 +8,15 @@ drifts slows both alike. Prints each pair's ratio (torchvision / in place) and t
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from step_setup import build_step, step_parser
 from torchvision.ops import roi_align
 
-from soco.cli.pretrain_command import resolve_data
-from soco.config.loading import load_config
-from soco.engine.bench import bench_dataset, first_batch
-from soco.engine.distributed import DistributedContext, resolve_device
-from soco.engine.optimizers import build_optimizer
-from soco.engine.step import StepRunner, resolve_precision, smallest_view_side
-from soco.engine.trainer import build_model
 from soco.models import roi_pooling
 from soco.models.roi_pooling import ADAPTIVE_SAMPLING
 
@@ -42,39 +35,27 @@ def torchvision_align(feature: torch.Tensor, rois: torch.Tensor, stride: float, 
 
 def main() -> None:
     """Alternate the two poolings over `--pairs` pairs of steps after one warm-up step of each."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="soco_r50_fpn")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser = step_parser(__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--json", default=None)
-    parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    config = load_config(args.config, [f"train.batch_size={args.batch_size}", "train.device=cpu", *args.overrides])
-    images_root, store = resolve_data(config, None, quiet=True)
-    batch = first_batch(bench_dataset(config, images_root, store), config.train.batch_size)
-    device = resolve_device(config.train.device)
-    context = DistributedContext(device=device)
-    method = build_model(config, context)
-    method.train()
-    optimizer = build_optimizer(config.optim, method.parameter_groups(config.optim.weight_decay), lr=0.01)
-    runner = StepRunner(method, method, optimizer, context, config.train.precision, 1, config.train.channels_last)
+    step = build_step(args)
     poolings = {"in_place": IN_PLACE, "torchvision": torchvision_align}
     seconds: dict[str, list[float]] = {name: [] for name in poolings}
-    step = 0
+    number = 0
     for round_number in range(args.pairs + 1):  # round 0 warms both up
         for name, pooling in poolings.items():
             roi_pooling._align = pooling
             started = time.perf_counter()
-            runner.run([batch], step, 1000, lr=0.01)
+            step.run(number)
             if round_number:
                 seconds[name].append(time.perf_counter() - started)
-            step += 1
+            number += 1
     roi_pooling._align = IN_PLACE
     ratios = [old / new for new, old in zip(seconds["in_place"], seconds["torchvision"])]
     result = {
         "config": args.config, "overrides": args.overrides, "batch_size": args.batch_size,
-        "precision": resolve_precision(config.train.precision, device, smallest_view_side(batch)),
-        "channels_last": config.train.channels_last, "threads": torch.get_num_threads(),
+        "precision": step.precision, "channels_last": step.config.train.channels_last, "threads": torch.get_num_threads(),
         "seconds": seconds, "ratios_torchvision_over_in_place": ratios,
         "median_ratio": statistics.median(ratios),
         "median_seconds": {name: statistics.median(values) for name, values in seconds.items()},

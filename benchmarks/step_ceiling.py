@@ -10,23 +10,15 @@ and if everything but the convolutions took no time at all: the bounds any speed
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+from step_setup import Step, build_step, step_parser
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
-
-from soco.cli.pretrain_command import resolve_data
-from soco.config.loading import load_config
-from soco.engine.bench import bench_dataset, first_batch
-from soco.engine.distributed import DistributedContext, resolve_device
-from soco.engine.optimizers import build_optimizer
-from soco.engine.step import StepRunner, resolve_precision, smallest_view_side
-from soco.engine.trainer import build_model
 
 CONVOLUTION_OPERATORS = ("aten::convolution", "aten::convolution_backward", "aten::mkldnn_convolution",
                          "aten::_convolution")
@@ -45,20 +37,20 @@ def matmul_peak_gflops(dtype: torch.dtype, side: int = 2048, repeats: int = 10) 
     return 2 * side**3 / sorted(seconds)[repeats // 2] / 1e9
 
 
-def flops_by_operator(runner: StepRunner, batch: dict) -> dict[str, int]:
+def flops_by_operator(step: Step) -> dict[str, int]:
     """FLOPs of one whole step (forward, backward, update) per ATen operator."""
     with FlopCounterMode(display=False) as counter:
-        runner.run([batch], 1, 100, lr=0.01)
+        step.run(1)
     return {str(operator): int(flops) for operator, flops in counter.get_flop_counts()["Global"].items()}
 
 
-def convolution_seconds(runner: StepRunner, batch: dict, steps: int) -> tuple[float, float]:
+def convolution_seconds(step: Step, steps: int) -> tuple[float, float]:
     """(median wall seconds of a step, convolution self CPU seconds per step) over `steps` profiled steps."""
     walls = []
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
-        for step in range(steps):
+        for number in range(steps):
             started = time.perf_counter()
-            runner.run([batch], 2 + step, 100, lr=0.01)
+            step.run(2 + number)
             walls.append(time.perf_counter() - started)
     self_time = defaultdict(float)
     for event in profiler.key_averages():
@@ -70,35 +62,24 @@ def convolution_seconds(runner: StepRunner, batch: dict, steps: int) -> tuple[fl
 
 def main() -> None:
     """Print (and optionally write as JSON) the step's FLOPs, rates and ceilings."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="soco_r50_fpn")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser = step_parser(__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--json", default=None)
-    parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    config = load_config(args.config, [f"train.batch_size={args.batch_size}", "train.device=cpu", *args.overrides])
-    images_root, store = resolve_data(config, None, quiet=True)
-    batch = first_batch(bench_dataset(config, images_root, store), config.train.batch_size)
-    device = resolve_device(config.train.device)
-    context = DistributedContext(device=device)
-    method = build_model(config, context)
-    method.train()
-    optimizer = build_optimizer(config.optim, method.parameter_groups(config.optim.weight_decay), lr=0.01)
-    runner = StepRunner(method, method, optimizer, context, config.train.precision, 1, config.train.channels_last)
-    precision = resolve_precision(config.train.precision, device, smallest_view_side(batch))
-    runner.run([batch], 0, 100, lr=0.01)  # warm-up: oneDNN primitives, allocator
+    step = build_step(args)
+    precision = step.precision
+    step.run(0)  # warm-up: oneDNN primitives, allocator
 
-    flops = flops_by_operator(runner, batch)
+    flops = flops_by_operator(step)
     convolution_flops = sum(v for k, v in flops.items() if "convolution" in k)
-    step_seconds, conv_seconds = convolution_seconds(runner, batch, args.steps)
+    step_seconds, conv_seconds = convolution_seconds(step, args.steps)
     peak = matmul_peak_gflops(torch.bfloat16 if precision == "bf16" else torch.float32)
     conv_rate = convolution_flops / conv_seconds / 1e9
     other_seconds = step_seconds - conv_seconds
     conv_at_peak = convolution_flops / peak / 1e9
     result = {
         "config": args.config, "overrides": args.overrides, "precision": precision,
-        "channels_last": config.train.channels_last, "threads": torch.get_num_threads(),
+        "channels_last": step.config.train.channels_last, "threads": torch.get_num_threads(),
         "step_seconds": step_seconds, "total_gflop": sum(flops.values()) / 1e9,
         "convolution_gflop": convolution_flops / 1e9, "gflop_by_operator": {k: v / 1e9 for k, v in flops.items()},
         "convolution_seconds": conv_seconds, "convolution_share": conv_seconds / step_seconds,
