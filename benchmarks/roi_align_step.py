@@ -15,22 +15,11 @@ from pathlib import Path
 
 import torch
 from step_setup import build_step, step_parser
-from torchvision.ops import roi_align
 
 from soco.models import roi_pooling
-from soco.models.roi_pooling import ADAPTIVE_SAMPLING
+from soco.models.roi_pooling import torchvision_align
 
 IN_PLACE = roi_pooling._align
-
-
-def torchvision_align(feature: torch.Tensor, rois: torch.Tensor, stride: float, output_size: int,
-                      aligned: bool = True) -> torch.Tensor:
-    """The pooling before the change: torchvision's kernel, which makes an NHWC map contiguous NCHW first."""
-    if feature.dtype != rois.dtype and not torch.is_autocast_enabled(feature.device.type):
-        pooled = roi_align(feature.to(rois.dtype), rois, output_size, 1.0 / stride, ADAPTIVE_SAMPLING,
-                           aligned=aligned)
-        return pooled.to(feature.dtype)
-    return roi_align(feature, rois, output_size, 1.0 / stride, ADAPTIVE_SAMPLING, aligned=aligned)
 
 
 def main() -> None:

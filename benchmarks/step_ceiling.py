@@ -67,18 +67,17 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     step = build_step(args)
-    precision = step.precision
     step.run(0)  # warm-up: oneDNN primitives, allocator
 
     flops = flops_by_operator(step)
     convolution_flops = sum(v for k, v in flops.items() if "convolution" in k)
     step_seconds, conv_seconds = convolution_seconds(step, args.steps)
-    peak = matmul_peak_gflops(torch.bfloat16 if precision == "bf16" else torch.float32)
+    peak = matmul_peak_gflops(torch.bfloat16 if step.precision == "bf16" else torch.float32)
     conv_rate = convolution_flops / conv_seconds / 1e9
     other_seconds = step_seconds - conv_seconds
     conv_at_peak = convolution_flops / peak / 1e9
     result = {
-        "config": args.config, "overrides": args.overrides, "precision": precision,
+        "config": args.config, "overrides": args.overrides, "precision": step.precision,
         "channels_last": step.config.train.channels_last, "threads": torch.get_num_threads(),
         "step_seconds": step_seconds, "total_gflop": sum(flops.values()) / 1e9,
         "convolution_gflop": convolution_flops / 1e9, "gflop_by_operator": {k: v / 1e9 for k, v in flops.items()},

@@ -49,9 +49,9 @@ def _axis_weights(start: torch.Tensor, bin_size: torch.Tensor, grid: torch.Tenso
     outside the map in either axis has a zero weight in that axis.
     """
     rois = start.shape[0]
-    samples = int(grid.max().item()) if rois else 1
+    samples = max(int(grid.max().item()), 1) if rois else 1
     bins = torch.arange(output_size, dtype=start.dtype, device=start.device)[None, :, None]
-    sample = torch.arange(max(samples, 1), dtype=start.dtype, device=start.device)[None, None, :]
+    sample = torch.arange(samples, dtype=start.dtype, device=start.device)[None, None, :]
     # a roi of no width has no samples (all invalid below); dividing by 1 keeps its coordinates finite
     grid3, bin3 = grid.clamp(min=1)[:, None, None], bin_size[:, None, None]
     # the kernel's own order of operations, so that floor() falls on the same side of a pixel edge
@@ -118,21 +118,26 @@ def roi_align_channels_last(feature: torch.Tensor, rois: torch.Tensor, output_si
     return pooled.permute(0, 3, 1, 2)  # (R, C, S, S), channels-last in memory like the map
 
 
-def _align(feature: torch.Tensor, rois: torch.Tensor, stride: float, output_size: int,
-           aligned: bool = True) -> torch.Tensor:
-    """roi_align with adaptive sampling, pooling a low-precision map in the rois' precision outside autocast."""
-    autocast = torch.is_autocast_enabled(feature.device.type)
-    if feature.device.type == "cpu" and feature.ndim == 4 and feature.shape[1] > 1 and \
-            feature.is_contiguous(memory_format=torch.channels_last) and not feature.is_contiguous():
-        # in the map's dtype, as torchvision returns it under autocast too
-        return roi_align_channels_last(feature, rois, output_size, 1.0 / stride, aligned).to(feature.dtype)
-    if feature.dtype != rois.dtype and not autocast:
+def torchvision_align(feature: torch.Tensor, rois: torch.Tensor, stride: float, output_size: int,
+                      aligned: bool = True) -> torch.Tensor:
+    """torchvision's roi_align with adaptive sampling, a low-precision map pooled in the rois' precision outside autocast."""
+    if feature.dtype != rois.dtype and not torch.is_autocast_enabled(feature.device.type):
         # The kernel requires equal dtypes; under autocast torchvision casts both to float32 itself.
         pooled = roi_align(
             feature.to(rois.dtype), rois, output_size, 1.0 / stride, ADAPTIVE_SAMPLING, aligned=aligned
         )
         return pooled.to(feature.dtype)
     return roi_align(feature, rois, output_size, 1.0 / stride, ADAPTIVE_SAMPLING, aligned=aligned)
+
+
+def _align(feature: torch.Tensor, rois: torch.Tensor, stride: float, output_size: int,
+           aligned: bool = True) -> torch.Tensor:
+    """RoIAlign of rois on one map: NHWC CPU maps in place (roi_align_channels_last), others by torchvision."""
+    if feature.device.type == "cpu" and feature.ndim == 4 and feature.shape[1] > 1 and \
+            feature.is_contiguous(memory_format=torch.channels_last) and not feature.is_contiguous():
+        # in the map's dtype, as torchvision returns it under autocast too
+        return roi_align_channels_last(feature, rois, output_size, 1.0 / stride, aligned).to(feature.dtype)
+    return torchvision_align(feature, rois, stride, output_size, aligned)
 
 
 def pool_rois(feature: torch.Tensor, boxes: torch.Tensor, image_index: torch.Tensor, stride: float,
