@@ -236,3 +236,26 @@ def test_channels_last_bf16_map_pools_like_torchvision_in_float32_and_under_auto
     reference.float().sum().backward()
     # the gradient reaches the bf16 map in bf16 in both; where rois overlap, the NHWC path adds in bf16
     torch.testing.assert_close(nhwc.grad.float(), nchw.grad.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_channels_last_roi_align_gradient_is_the_same_run_to_run_on_two_threads():
+    # Overlapping rois send several gradients to one pixel. Advanced indexing's backward adds them with atomics
+    # across threads in a timing-dependent order (differing in the last bits run to run); the pixel gather must add
+    # them in one fixed order, so that two threads give one answer every time.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        generator = torch.Generator().manual_seed(7)
+        feature = torch.randn(4, 64, 28, 28, generator=generator).contiguous(memory_format=torch.channels_last)
+        corners = torch.rand(64, 2, generator=generator) * 60
+        sides = torch.rand(64, 2, generator=generator) * 40 + 8
+        rois = torch.cat([torch.randint(0, 4, (64, 1), generator=generator).float(), corners, corners + sides], 1)
+        upstream = torch.randn(64, 64, 7, 7, generator=generator)
+        gradients = []
+        for _ in range(6):
+            leaf = feature.clone().requires_grad_(True)
+            roi_align_channels_last(leaf, rois, 7, 0.25).backward(upstream)
+            gradients.append(leaf.grad)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(gradients[0], gradient) for gradient in gradients[1:])

@@ -6,10 +6,15 @@ import torch
 import torch.nn.functional as F
 
 
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor in float32, or as it is in float64: losses compute in fp32 under bf16/fp16, and float64 checks stay exact."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
 def byol_regression(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-row BYOL loss 2 - 2 cos(prediction, target); the target carries no gradient."""
-    prediction = F.normalize(prediction.float(), dim=-1)
-    target = F.normalize(target.detach().float(), dim=-1)
+    prediction = F.normalize(at_least_float32(prediction), dim=-1)
+    target = F.normalize(at_least_float32(target.detach()), dim=-1)
     return 2.0 - 2.0 * (prediction * target).sum(dim=-1)
 
 
@@ -50,8 +55,8 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, negatives: torch.Tensor, te
     """
     # autocast would run the matrix product in bf16/fp16 even on fp32 inputs: logits / 0.2 need fp32
     with torch.autocast(query.device.type, enabled=False):
-        query = query.float()
-        positive = (query * key.detach().float()).sum(dim=-1, keepdim=True)
-        negative = query @ negatives.detach().float().t()
+        query = at_least_float32(query)
+        positive = (query * at_least_float32(key.detach())).sum(dim=-1, keepdim=True)
+        negative = query @ at_least_float32(negatives.detach()).t()
         logits = torch.cat([positive, negative], dim=1) / temperature
         return F.cross_entropy(logits, torch.zeros(len(query), dtype=torch.long, device=query.device))

@@ -105,9 +105,13 @@ def roi_align_channels_last(feature: torch.Tensor, rois: torch.Tensor, output_si
     columns, column_weights = _window(_axis_weights(x1, bin_width, grid_width, width, output_size), width)
     count = (grid_height * grid_width).clamp(min=1)
     image = rois[:, 0].long()
-    nhwc = feature.permute(0, 2, 3, 1)
-    windows = nhwc[image[:, None, None], rows[:, :, None], columns[:, None, :]].to(rois.dtype)  # (R, h, w, C)
-    number, window_rows, window_columns = windows.shape[:3]
+    # index_select of the map's pixel rows, not advanced indexing: the windows overlap, and the backward of
+    # advanced indexing (index_put_ with accumulate) adds float gradients with atomics on several threads, in an
+    # order that changes from run to run; index_select's backward (index_add_) adds them in index order.
+    pixels = feature.permute(0, 2, 3, 1).reshape(-1, channels)  # a view: the map is NHWC in memory
+    pixel_index = (image[:, None, None] * height + rows[:, :, None]) * width + columns[:, None, :]
+    windows = pixels.index_select(0, pixel_index.reshape(-1)).view(*pixel_index.shape, channels).to(rois.dtype)
+    number, window_rows, window_columns = windows.shape[:3]  # (R, h, w, C)
     with torch.autocast(feature.device.type, enabled=False):
         # columns first, then rows, so that the result is laid out (R, S, S, C): NHWC for the box head
         by_column = windows.transpose(1, 2).reshape(number, window_columns, window_rows * channels)
