@@ -18,11 +18,20 @@ def tiny_data(tmp_path_factory):
     return images, root / "store"
 
 
-@pytest.fixture
-def one_thread():
-    """Run on one torch thread: tiny tensors on shared CPUs wait on other threads far longer than they compute, and the
-    golden digests were recorded on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def threads_fixture(count: int, why: str):
+    """A fixture that runs its test on `count` torch threads and restores the number after it."""
+
+    def fixture():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(count)
+        yield
+        torch.set_num_threads(threads)
+
+    fixture.__doc__ = f"Run on {count} torch thread(s): {why}"
+    return pytest.fixture(fixture)
+
+
+one_thread = threads_fixture(1, "tiny tensors on shared CPUs wait on other threads far longer than they compute, "
+                                "and the golden record was made on one thread.")
+two_threads = threads_fixture(2, "reproducibility is promised for a given thread count, and several threads are "
+                                 "where kernels can add in a timing-dependent order.")
