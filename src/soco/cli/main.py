@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     proposals.add_argument("--shard", default=None, help="I/N: compute only shard I of N (0-based)")
     proposals.add_argument("--algorithm", default=None,
                            help="'fast' (default: the selectivesearch package's grouping, fast), 'rich' (the "
-                                "earlier default, more boxes) or 'reference' (the paper's, full resolution, slow)")
+                                "earlier default, more boxes), 'reference' (the paper's, full resolution, slow) or "
+                                "'release' (SoCo's release's own, box for box)")
     proposals.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_arguments(proposals)
 

@@ -21,7 +21,7 @@ from soco.data.proposals.selective_search import (
     _package_region_features,
     _row_sum,
     _segment,
-    fast_selective_search_boxes,
+    package_selective_search_boxes,
     get_algorithm,
 )
 from soco.errors import ConfigError
@@ -194,7 +194,7 @@ def test_unknown_name_suggests_the_closest(typo, meant):
 
 
 def test_names_and_default():
-    assert ALGORITHM_NAMES == ("fast", "rich", "reference")
+    assert ALGORITHM_NAMES == ("fast", "rich", "reference", "release")
     assert DEFAULT_ALGORITHM == "fast"
     for name in ALGORITHM_NAMES:
         assert get_algorithm(name).name == name
@@ -245,7 +245,7 @@ def test_fast_hierarchy_of_three_rectangles_gives_four_boxes():
     # the 4 regions, in region order.
     image = flat_scene(72, 96, THREE_RECTANGLES)
     assert int(_segment(image, 500.0, 0.0, 10).max()) + 1 == 4
-    boxes = fast_selective_search_boxes(image, sigma=0.0)
+    boxes = package_selective_search_boxes(image, sigma=0.0)
     expected = [[0, 0, 96, 72], [51, 6, 84, 33], [9, 12, 39, 42], [45, 45, 90, 66]]
     np.testing.assert_array_equal(boxes, np.array(expected, dtype=np.float32))
 
@@ -254,7 +254,7 @@ def test_fast_maps_shrunk_boxes_to_exact_original_pixels():
     # 384x288 is shrunk by 1.5 to 256x192; edges on multiples of 3 original pixels fall on whole
     # working pixels, so the four boxes come back exactly (x4 the previous test's).
     image = flat_scene(288, 384, scaled(THREE_RECTANGLES, 4))
-    boxes = fast_selective_search_boxes(image, max_side=256, sigma=0.0)
+    boxes = package_selective_search_boxes(image, max_side=256, sigma=0.0)
     expected = [[0, 0, 384, 288], [204, 24, 336, 132], [36, 48, 156, 168], [180, 180, 360, 264]]
     np.testing.assert_array_equal(boxes, np.array(expected, dtype=np.float32))
 
@@ -263,7 +263,7 @@ def test_fast_never_merges_regions_without_a_corner_inside():
     # Two halves touch along a column, but neither has a corner strictly inside the other's box:
     # the package never merges them, so there is no whole-image box.
     image = flat_scene(64, 80, (((40, 0, 80, 64), (30, 40, 210)),), background=(220, 30, 30))
-    boxes = fast_selective_search_boxes(image, sigma=0.0)
+    boxes = package_selective_search_boxes(image, sigma=0.0)
     np.testing.assert_array_equal(boxes, np.array([[0, 0, 40, 64], [40, 0, 80, 64]], dtype=np.float32))
 
 
@@ -462,6 +462,43 @@ def test_rich_gives_the_previous_default_boxes_on_a_photo():
 def test_fingerprint_follows_name_and_parameters():
     fast, rich = get_algorithm("fast"), get_algorithm("rich")
     assert fast.fingerprint == get_algorithm("fast").fingerprint
-    assert len({fast.fingerprint, rich.fingerprint, get_algorithm("reference").fingerprint}) == 3
+    assert len({fast.fingerprint, rich.fingerprint, get_algorithm("reference").fingerprint,
+                get_algorithm("release").fingerprint}) == 4
     changed = ProposalAlgorithm("fast", dict(fast.params, max_side=320))
     assert changed.fingerprint != fast.fingerprint
+
+
+# --- release: SoCo's release's own selective search -----------------------------------------------
+
+
+def small_photos() -> dict[str, np.ndarray]:
+    """Real photos small enough for the release's pure-Python function to take about a second each."""
+    from skimage.data import astronaut, chelsea, coffee
+
+    return {"chelsea": chelsea(), "astronaut crop": astronaut()[40:280, 120:420], "coffee crop": coffee()[:240, 150:470]}
+
+
+@pytest.mark.parametrize("name", ["chelsea", "astronaut crop", "coffee crop"])
+def test_release_boxes_equal_the_release_functions_rects(name):
+    from tests.reference.release_selective_search import release_rects, rects_as_boxes
+
+    image = np.ascontiguousarray(small_photos()[name])
+    expected = rects_as_boxes(release_rects(image))
+    boxes = get_algorithm("release")(image)
+    # box for box, in the release's order, duplicates included (no tie in the merge order on these photos)
+    np.testing.assert_array_equal(boxes, expected)
+    assert len(np.unique(expected, axis=0)) < len(expected)  # the release's list does hold rects twice
+
+
+def test_release_texture_bins_are_skimages_lbp_codes_binned_as_numpy_bins_them():
+    from skimage.feature import local_binary_pattern
+
+    from soco.data.proposals.selective_search import _texture_bins
+
+    for image in small_photos().values():
+        bins = _texture_bins(np.ascontiguousarray(image.transpose(2, 0, 1)), True)
+        for channel in range(3):
+            codes = local_binary_pattern(image[:, :, channel].astype(np.float64), 8, 1.0)
+            # np.histogram(codes, 10, (0, 255)): edges 0, 25.5, ..., 255, the last bin closed
+            expected = np.minimum(np.searchsorted(np.linspace(0.0, 255.0, 11), codes, side="right") - 1, 9)
+            np.testing.assert_array_equal(bins[channel], expected)

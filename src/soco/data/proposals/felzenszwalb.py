@@ -133,22 +133,23 @@ def _merge_components(
     offsets = np.array([1, width, width + 1, width - 1])
     parent = np.arange(n_pixels).astype(np.int32)
     size = np.ones(n_pixels, np.int32)
-    internal = np.zeros(n_pixels)
+    # Each root's float32 merge bound, internal cost + scale / size, changes only when the root merges: kept
+    # here rather than divided anew for both ends of every edge (the values are the same).
+    bound_of_root = np.full(n_pixels, np.float32(scale))
     for i in range(n_edges):
         first = edges[i] >> 2
         root0 = _find_root(parent, first)
         root1 = _find_root(parent, first + offsets[edges[i] & 3])
         if root0 == root1:
             continue
-        bound0 = np.float32(internal[root0] + scale / size[root0])
-        bound = min(bound0, np.float32(internal[root1] + scale / size[root1]))
+        bound = min(bound_of_root[root0], bound_of_root[root1])
         if rounded[i] > bound or (rounded[i] == bound and not costs[edges[i]] < np.float64(bound)):
             continue
         if size[root0] < size[root1]:
             root0, root1 = root1, root0
         parent[root1] = root0
         size[root0] += size[root1]
-        internal[root0] = costs[edges[i]]
+        bound_of_root[root0] = np.float32(costs[edges[i]] + scale / size[root0])
 
     roots = np.empty(n_pixels, np.int32)
     any_small = False

@@ -1,21 +1,26 @@
 """Selective search (Uijlings et al.) that turns an RGB image into raw, unfiltered proposal boxes.
 
-Three algorithms:
+Four algorithms:
 
-* ``fast`` (the default): the selective search of the ``selectivesearch`` package, which SoCo's release
-  copied, with the parameters scale=500, sigma=0.9, min_size=10, reproduced box for box: scikit-image's
-  Felzenszwalb segmentation, label for label (``felzenszwalb.py``), and the package's greedy grouping
-  with its own semantics, quirks included (see ``fast_selective_search_boxes``), in compiled loops;
-  photos over 1024 px are shrunk first. Up to that size its raw boxes are the package's (which end one
-  pixel short); on the default photos 97-100% of the package's kept boxes are recalled and 95-99% of its
-  kept boxes match one (IoU 0.5), at about 30 times less CPU time (benchmarks/results/proposals.md).
+* ``fast`` (the default): the selective search of the ``selectivesearch`` package 0.4 as the package
+  releases it, at scale=500, sigma=0.9, min_size=10 (soco's choice, not SoCo's release's: see
+  ``release``), reproduced box for box: scikit-image's Felzenszwalb segmentation, label for label
+  (``felzenszwalb.py``), and the package's greedy grouping with its own semantics, quirks included (see
+  ``package_selective_search_boxes``), in compiled loops; photos over 1024 px are shrunk first. Up to
+  that size its raw boxes are the package's (which end one pixel short).
+* ``release``: SoCo's release's own selective search, box for box: the package with the one line the
+  release changed (the LBP texture histogram binned over (0, 255)), at the release's scale=300,
+  sigma=0.9, min_size=100, its rects as boxes in its order, duplicates kept
+  (``release_selective_search_boxes``; tested against the release's function rebuilt from the installed
+  package, ``tests/reference/release_selective_search.py``).
 * ``rich``: the default before ``fast``: the same grouping as ``reference`` on a 160 px copy, pooled over
   four similarity weightings (the "diversification" of Uijlings et al.). About 3.4 times as many kept
-  boxes as the package; 0.37-0.60 of them match a package box, and they recall 0.58-0.98 of its boxes.
-* ``reference``: the algorithm of SoCo's release, at the image's original resolution, with the
-  release's parameters (scale=300, sigma=0.9, min_size=100) and its histograms repaired: HSV colour
-  histograms (25 bins per channel), LBP texture histograms (10 bins per channel), similarity = colour
-  + texture + size + fill, greedy merging of the most similar touching pair; every region yields a box.
+  boxes as the package.
+* ``reference``: despite its name not the release: the algorithm of the paper at the image's original
+  resolution, with the release's parameters (scale=300, sigma=0.9, min_size=100) and its histograms
+  repaired: HSV colour histograms (25 bins per channel), LBP texture histograms (10 bins per channel),
+  similarity = colour + texture + size + fill, greedy merging of the most similar touching pair; every
+  region yields a box.
 
 Boxes are float32 ``(N, 4)`` arrays of ``x1 y1 x2 y2`` in original-image pixels with an exclusive
 max edge (a region covering columns 3..10 gives ``x1 = 3, x2 = 11``), clipped to the image.
@@ -316,6 +321,11 @@ _VALUE_BIN = np.minimum(np.searchsorted(_VALUE_BIN_EDGES, np.arange(256), side="
 # Its texture histograms bin LBP codes 0..255 over [0, 1]: only code 0 (all eight neighbours darker)
 # and code 1 (only the right-hand neighbour as bright or brighter) are counted, per channel.
 _PACKAGE_TEXTURE_CODES = 2
+# SoCo's release changed that one line (selective_search/selective_search.py, line 140) to bin the codes over
+# (0, 255): 10 bins of 25.5 codes, the last one closed. np.histogram itself gives each code's bin.
+_RELEASE_TEXTURE_BIN = np.array([np.histogram([code], TEXTURE_BINS, (0.0, 255.0))[0].argmax()
+                                 for code in range(_LBP_CODES)], dtype=np.int8)
+TEXTURE_RANGES = ("package", "release")
 # skimage's LBP samples its 8 neighbours at these (row, column) offsets (rounded to 5 decimals, as it
 # does), bilinearly interpolated, with 0 outside the image; neighbour 0 is the right-hand one. The
 # compiled loops below read these tables (and _VALUE_BIN) as constants.
@@ -383,15 +393,93 @@ def _low_lbp_codes(channel: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True)
+def _lbp_code(channel: np.ndarray, row: int, column: int) -> int:
+    """skimage's full LBP code (P=8, R=1, 'default') of a pixel: bit p set where neighbour p >= the centre."""
+    centre = float(channel[row, column])
+    code = 0
+    for neighbour in range(8):
+        value = _bilinear(channel, row + _LBP_ROW_OFFSETS[neighbour], column + _LBP_COLUMN_OFFSETS[neighbour])
+        if value - centre >= 0:
+            code |= 1 << neighbour
+    return code
+
+
+@numba.njit(cache=True, nogil=True)
+def _release_texture_bins(plane: np.ndarray, bins: np.ndarray) -> None:
+    """Fill (H, W) ``bins`` with the release's texture bin of each pixel's full skimage LBP code.
+
+    Inside the image the whole-pixel neighbours (right, up, left, down) are read directly, which is what
+    skimage's interpolation returns for them, and a diagonal neighbour's interpolation weights depend only on
+    its row (or column), so they are computed once per row and column in skimage's order of operations.
+    """
+    height, width = plane.shape
+    for row in range(height):
+        for column in range(width):
+            if row == 0 or column == 0 or row == height - 1 or column == width - 1:
+                bins[row, column] = _RELEASE_TEXTURE_BIN[_lbp_code(plane, row, column)]
+    if height < 3 or width < 3:
+        return
+    # Per diagonal neighbour (1, 3, 5, 7): its upper row and left column relative to the pixel, and the
+    # fractions down and across of every row and column, as skimage's bilinear sample computes them.
+    down = np.empty((4, height))
+    across = np.empty((4, width))
+    upper = np.empty(4, np.int64)
+    left = np.empty(4, np.int64)
+    for i in range(4):
+        neighbour = 2 * i + 1
+        row_offset, column_offset = _LBP_ROW_OFFSETS[neighbour], _LBP_COLUMN_OFFSETS[neighbour]
+        upper[i] = -1 if row_offset < 0 else 0
+        left[i] = -1 if column_offset < 0 else 0
+        for row in range(height):
+            down[i, row] = (row + row_offset) - (row + upper[i])
+        for column in range(width):
+            across[i, column] = (column + column_offset) - (column + left[i])
+    for row in range(1, height - 1):
+        for column in range(1, width - 1):
+            centre = plane[row, column]
+            code = (1 if plane[row, column + 1] >= centre else 0) | (4 if plane[row - 1, column] >= centre else 0)
+            code |= (16 if plane[row, column - 1] >= centre else 0) | (64 if plane[row + 1, column] >= centre else 0)
+            for i in range(4):
+                top_row, left_column = row + upper[i], column + left[i]
+                a, d = across[i, column], down[i, row]
+                top = (1 - a) * float(plane[top_row, left_column]) + a * float(plane[top_row, left_column + 1])
+                bottom = (1 - a) * float(plane[top_row + 1, left_column]) + a * float(plane[top_row + 1, left_column + 1])
+                if (1 - d) * top + d * bottom - float(centre) >= 0:
+                    code |= 1 << (2 * i + 1)
+            bins[row, column] = _RELEASE_TEXTURE_BIN[code]
+
+
+@numba.njit(cache=True, nogil=True)
+def _texture_bins(planes: np.ndarray, release: bool) -> np.ndarray:
+    """(C, H, W) int8 texture bin of every pixel and channel, -1 where the histogram does not count it.
+
+    The package's: the LBP code itself where it is 0 or 1 (its (0, 1) range). The release's: the code's bin of
+    10 over (0, 255).
+    """
+    channels, height, width = planes.shape
+    bins = np.full((channels, height, width), -1, np.int8)
+    for channel in range(channels):
+        if release:
+            _release_texture_bins(planes[channel], bins[channel])
+            continue
+        codes = _low_lbp_codes(planes[channel])
+        for row in range(height):
+            for column in range(width):
+                if codes[row, column] < _PACKAGE_TEXTURE_CODES:
+                    bins[channel, row, column] = codes[row, column]
+    return bins
+
+
+@numba.njit(cache=True, nogil=True)
 def _package_feature_sums(
-    labels: np.ndarray, planes: np.ndarray, n_regions: int
+    labels: np.ndarray, planes: np.ndarray, texture_bins: np.ndarray, n_texture_bins: int, n_regions: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per region: pixel count, inclusive box, and counts of value bins then of LBP codes 0 / 1 per channel."""
+    """Per region: pixel count, inclusive box, and counts of value bins then of texture bins per channel."""
     height, width = labels.shape
     sizes = np.zeros(n_regions)
     boxes = np.empty((n_regions, 4))
     boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3] = width, height, 0.0, 0.0
-    counts = np.zeros((n_regions, COLOUR_BINS + 3 * _PACKAGE_TEXTURE_CODES))
+    counts = np.zeros((n_regions, COLOUR_BINS + planes.shape[0] * n_texture_bins))
     for row in range(height):
         for column in range(width):
             region = labels[row, column]
@@ -403,28 +491,34 @@ def _package_feature_sums(
             brightest = max(planes[0, row, column], planes[1, row, column], planes[2, row, column])
             counts[region, _VALUE_BIN[brightest]] += 1
     for channel in range(planes.shape[0]):
-        codes = _low_lbp_codes(planes[channel])
         for row in range(height):
             for column in range(width):
-                code = codes[row, column]
-                if code < _PACKAGE_TEXTURE_CODES:
-                    counts[labels[row, column], COLOUR_BINS + channel * _PACKAGE_TEXTURE_CODES + code] += 1
+                texture_bin = texture_bins[channel, row, column]
+                if texture_bin >= 0:
+                    counts[labels[row, column], COLOUR_BINS + channel * n_texture_bins + texture_bin] += 1
     return sizes, boxes, counts
 
 
 def _package_region_features(
-    labels: np.ndarray, rgb: np.ndarray
+    labels: np.ndarray, rgb: np.ndarray, texture_range: str = "package"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Sizes, inclusive boxes, histograms and neighbour pairs of the package, regions in its order.
 
     The package numbers regions in the order a raster scan first meets them (scikit-image's labels),
     and its neighbour test depends on that order, so ``labels`` must be numbered that way. Colour: 25
-    bins of max(R, G, B); texture: per channel, the pixels of LBP code 0 and 1 (skimage's codes, equal
-    to the bit). Both are divided by the region's pixel count, as the package does.
+    bins of max(R, G, B); texture, per channel: the pixels of LBP code 0 and 1 (``texture_range``
+    "package", its (0, 1) range) or of each of 10 bins of the codes over (0, 255) ("release", SoCo's
+    release's line 140); skimage's LBP codes, equal to the bit. All are divided by the region's pixel
+    count, as the package does.
     """
+    if texture_range not in TEXTURE_RANGES:
+        raise ConfigError(f"texture_range must be one of {', '.join(TEXTURE_RANGES)}, not {texture_range!r}")
+    release = texture_range == "release"
+    planes = np.ascontiguousarray(rgb.transpose(2, 0, 1))
     n_regions = int(labels.max()) + 1
     sizes, boxes, counts = _package_feature_sums(
-        np.ascontiguousarray(labels, dtype=np.int32), np.ascontiguousarray(rgb.transpose(2, 0, 1)), n_regions
+        np.ascontiguousarray(labels, dtype=np.int32), planes, _texture_bins(planes, release),
+        TEXTURE_BINS if release else _PACKAGE_TEXTURE_CODES, n_regions,
     )
     return sizes, boxes, counts / sizes[:, None], _corner_inside_pairs(boxes)
 
@@ -593,29 +687,13 @@ def _segment(rgb: np.ndarray, scale: float, sigma: float, min_size: int) -> np.n
         min_size *= 2  # only noise-like images get here: thousands of regions of a few pixels
 
 
-def fast_selective_search_boxes(
-    rgb: np.ndarray, max_side: int = 1024, scale: float = 500.0, sigma: float = 0.9, min_size: int = 10
-) -> np.ndarray:
-    """The ``selectivesearch`` package's selective search, box for box, in compiled loops.
-
-    The package (which SoCo's release copied) segments with scikit-image's Felzenszwalb (``scale``,
-    ``sigma``, ``min_size``), then merges greedily with its own semantics, quirks included, because
-    they decide which regions form: similarity is the intersection of value histograms (25 bins of
-    max(R, G, B)) and of LBP code-0/code-1 counts, plus size and fill; neighbours are regions with a
-    bounding-box corner strictly inside an earlier region's box (raster order), whether or not they
-    touch; pairs are merged until none is left (regions without neighbours never merge, so the last box
-    need not be the whole image). Here the segmentation equals scikit-image's label for label
-    (``felzenszwalb.py``) and the histograms equal the package's, so the boxes are the package's up to
-    ties in the merge order. Images with a side over ``max_side`` are first shrunk to it (min_size
-    with the area): the package itself takes hours on a 3-megapixel photo, and here the time per pixel
-    grows with the size (random access over the pixels; 0.6 s a photo at 1024 px, 4 s at 1536 px).
-    """
+def _package_boxes(
+    rgb: np.ndarray, max_side: int, scale: float, sigma: float, min_size: int, texture_range: str
+) -> tuple[np.ndarray, int, int]:
+    """(inclusive boxes of every region and merge in the package's order, shrunk width, shrunk height)."""
     import cv2
 
-    rgb = _as_rgb_uint8(rgb)
     height, width = rgb.shape[:2]
-    if height < 2 or width < 2:
-        return _whole_image(width, height)
     previous_threads = cv2.getNumThreads()
     cv2.setNumThreads(1)  # callers parallelise over images; the benchmark reports per-core rates
     try:
@@ -625,8 +703,59 @@ def fast_selective_search_boxes(
         labels = _segment(small, float(scale), float(sigma), max(1, round(min_size * area_factor)))
     finally:
         cv2.setNumThreads(previous_threads)
-    features = _package_region_features(labels, small)
-    boxes = _package_grouping(*features, image_size=float(small_h * small_w))
+    features = _package_region_features(labels, small, texture_range)
+    return _package_grouping(*features, image_size=float(small_h * small_w)), small_w, small_h
+
+
+def release_selective_search_boxes(
+    rgb: np.ndarray, max_side: int = 1024, scale: float = 300.0, sigma: float = 0.9, min_size: int = 100
+) -> np.ndarray:
+    """SoCo's release's selective search, box for box: its rects as boxes, in its order, duplicates kept.
+
+    The release (hologerry/SoCo) calls its copy of the ``selectivesearch`` package with scale=300,
+    sigma=0.9, min_size=100 on the full image (``selective_search/generate_imagenet_ss_proposals.py``,
+    lines 22-23 and 47); the copy differs from the package in one line that changes results, the LBP
+    texture histogram binned over (0, 255) (``selective_search/selective_search.py``, line 140). Everything
+    else is the package's, quirks included (see ``package_selective_search_boxes``). A box is the rect
+    ``(x, y, x + w, y + h)`` with the release's ``w = max - min``, so it ends at the region's last column
+    and SoCo's filter sees the release's widths; the list holds a rect twice where a merge has the box of
+    one of its parts, as the release's does, since its views sample K of them without replacement.
+    Images with a side over ``max_side`` are shrunk first (min_size with the area), where the release
+    would take minutes to hours; ImageNet-sized images never are.
+    """
+    rgb = _as_rgb_uint8(rgb)
+    height, width = rgb.shape[:2]
+    if height < 2 or width < 2:
+        return _whole_image(width, height)
+    boxes, small_w, small_h = _package_boxes(rgb, max_side, scale, sigma, min_size, "release")
+    # Inclusive max -> exclusive edge for the mapping to the original pixels, then back to the release's end.
+    boxes = _to_original_pixels(boxes + np.array([0.0, 0.0, 1.0, 1.0]), small_w, small_h, width, height)
+    return boxes - np.array([0.0, 0.0, 1.0, 1.0], dtype=np.float32)
+
+
+def package_selective_search_boxes(
+    rgb: np.ndarray, max_side: int = 1024, scale: float = 500.0, sigma: float = 0.9, min_size: int = 10
+) -> np.ndarray:
+    """The ``selectivesearch`` package 0.4's selective search as released, box for box, in compiled loops.
+
+    soco's default (``fast``), at the parameters it uses. The package segments
+    with scikit-image's Felzenszwalb (``scale``, ``sigma``, ``min_size``), then merges greedily with its own
+    semantics, quirks included, because they decide which regions form: similarity is the intersection of
+    value histograms (25 bins of max(R, G, B)) and of LBP code-0/code-1 counts, plus size and fill;
+    neighbours are regions with a bounding-box corner strictly inside an earlier region's box (raster
+    order), whether or not they touch; pairs are merged until none is left (regions without neighbours
+    never merge, so the last box need not be the whole image). Here the segmentation equals scikit-image's
+    label for label (``felzenszwalb.py``) and the histograms equal the package's, so the boxes are the
+    package's up to ties in the merge order, with an exclusive max edge (one pixel past the package's
+    ``max - min``) and duplicates dropped. Images with a side over ``max_side`` are first shrunk to it
+    (min_size with the area): the package itself takes hours on a 3-megapixel photo, and here the time per
+    pixel grows with the size (random access over the pixels; 0.6 s a photo at 1024 px, 4 s at 1536 px).
+    """
+    rgb = _as_rgb_uint8(rgb)
+    height, width = rgb.shape[:2]
+    if height < 2 or width < 2:
+        return _whole_image(width, height)
+    boxes, small_w, small_h = _package_boxes(rgb, max_side, scale, sigma, min_size, "package")
     boxes = boxes + np.array([0.0, 0.0, 1.0, 1.0])  # inclusive max -> exclusive edge
     return deduplicate_boxes(_to_original_pixels(boxes, small_w, small_h, width, height))
 
@@ -661,14 +790,16 @@ class ProposalAlgorithm:
         return hashlib.blake2b(settings.encode(), digest_size=6).hexdigest()
 
 
-# "fast" first: the default. "rich" is the default before the package-matching "fast" existed.
-ALGORITHM_NAMES = ("fast", "rich", "reference")
+# "fast" first: the default. "rich" is the default before the package-matching "fast" existed. "release" is SoCo's
+# release's own selective search (the package with its one changed line, at the release's parameters).
+ALGORITHM_NAMES = ("fast", "rich", "reference", "release")
 DEFAULT_ALGORITHM = "fast"
 
 _FUNCTIONS = {
-    "fast": fast_selective_search_boxes,
+    "fast": package_selective_search_boxes,
     "rich": rich_selective_search_boxes,
     "reference": selective_search_boxes,
+    "release": release_selective_search_boxes,
 }
 
 _PARAMS: dict[str, dict[str, Any]] = {
@@ -681,6 +812,7 @@ _PARAMS: dict[str, dict[str, Any]] = {
         "similarities": [list(weights) for weights in RICH_SIMILARITIES],
     },
     "reference": {"scale": 300.0, "sigma": 0.9, "min_size": 100},
+    "release": {"max_side": 1024, "scale": 300.0, "sigma": 0.9, "min_size": 100},
 }
 
 
