@@ -16,7 +16,7 @@ from soco.data.proposals.selective_search import (
     ProposalAlgorithm,
     _corner_inside_pairs,
     _hierarchical_grouping,
-    _low_lbp_codes,
+    _lbp_codes,
     _package_grouping,
     _package_region_features,
     _row_sum,
@@ -361,8 +361,8 @@ def test_segment_coarsens_until_the_grouping_matrix_fits():
 
 @pytest.mark.parametrize("photo", ["astronaut", "coffee", "camera"])
 def test_lbp_codes_equal_scikit_image(photo):
-    # The package's texture histograms count skimage's LBP codes 0 and 1, whose diagonal neighbours are
-    # interpolated: equal-to-the-bit arithmetic decides pixels on flat ground, so every code must match.
+    # The texture histograms count skimage's LBP codes (the package's: codes 0 and 1), whose diagonal neighbours
+    # are interpolated: equal-to-the-bit arithmetic decides pixels on flat ground, so every code must match.
     import skimage.data
     from skimage.feature import local_binary_pattern
 
@@ -370,9 +370,9 @@ def test_lbp_codes_equal_scikit_image(photo):
     channels = image.reshape(*image.shape[:2], -1)
     for channel in range(channels.shape[2]):
         plane = np.ascontiguousarray(channels[:, :, channel])
-        expected = np.minimum(local_binary_pattern(plane, 8, 1.0), 2).astype(np.int8)
+        expected = local_binary_pattern(plane, 8, 1.0).astype(np.uint8)
         assert (expected < 2).mean() > 0.03  # the photo has codes 0 and 1 to compare
-        np.testing.assert_array_equal(_low_lbp_codes(plane), expected)
+        np.testing.assert_array_equal(_lbp_codes(plane), expected)
 
 
 def test_package_region_features_by_hand():

@@ -325,6 +325,9 @@ _PACKAGE_TEXTURE_CODES = 2
 # (0, 255): 10 bins of 25.5 codes, the last one closed. np.histogram itself gives each code's bin.
 _RELEASE_TEXTURE_BIN = np.array([np.histogram([code], TEXTURE_BINS, (0.0, 255.0))[0].argmax()
                                  for code in range(_LBP_CODES)], dtype=np.int8)
+# The package's: codes 0 and 1 are their own bins, every other code is not counted (-1).
+_PACKAGE_TEXTURE_BIN = np.array([code if code < _PACKAGE_TEXTURE_CODES else -1 for code in range(_LBP_CODES)],
+                                dtype=np.int8)
 TEXTURE_RANGES = ("package", "release")
 # skimage's LBP samples its 8 neighbours at these (row, column) offsets (rounded to 5 decimals, as it
 # does), bilinearly interpolated, with 0 outside the image; neighbour 0 is the right-hand one. The
@@ -358,43 +361,8 @@ def _bilinear(channel: np.ndarray, row: float, column: float) -> float:
 
 
 @numba.njit(cache=True, nogil=True)
-def _low_lbp_code(channel: np.ndarray, row: int, column: int) -> int:
-    """skimage's LBP code (P=8, R=1) of a pixel if it is 0 or 1, else 2 (any pixel, borders included)."""
-    centre = float(channel[row, column])
-    for neighbour in range(1, 8):
-        value = _bilinear(channel, row + _LBP_ROW_OFFSETS[neighbour], column + _LBP_COLUMN_OFFSETS[neighbour])
-        if value - centre >= 0:
-            return 2
-    return 1 if _pixel_or_zero(channel, row, column + 1) >= centre else 0
-
-
-@numba.njit(cache=True, nogil=True)
-def _low_lbp_codes(channel: np.ndarray) -> np.ndarray:
-    """skimage's LBP codes (P=8, R=1) of a channel where they are 0 or 1, else 2.
-
-    Codes 0 and 1 need neighbours 1..7 darker than the centre. Inside the image the whole-pixel ones
-    (up, left, down), which skimage's interpolation returns exactly, are tested first and settle most
-    pixels; the diagonal ones are interpolated as skimage does only for the rest.
-    """
-    height, width = channel.shape
-    codes = np.full((height, width), 2, np.int8)
-    for row in range(height):
-        for column in range(width):
-            if row == 0 or column == 0 or row == height - 1 or column == width - 1:
-                codes[row, column] = _low_lbp_code(channel, row, column)
-                continue
-            centre = channel[row, column]
-            if channel[row - 1, column] >= centre or channel[row, column - 1] >= centre:
-                continue
-            if channel[row + 1, column] >= centre:
-                continue
-            codes[row, column] = _low_lbp_code(channel, row, column)
-    return codes
-
-
-@numba.njit(cache=True, nogil=True)
 def _lbp_code(channel: np.ndarray, row: int, column: int) -> int:
-    """skimage's full LBP code (P=8, R=1, 'default') of a pixel: bit p set where neighbour p >= the centre."""
+    """skimage's LBP code (P=8, R=1, 'default') of any pixel, borders included: bit p set where neighbour p >= the centre."""
     centre = float(channel[row, column])
     code = 0
     for neighbour in range(8):
@@ -405,20 +373,21 @@ def _lbp_code(channel: np.ndarray, row: int, column: int) -> int:
 
 
 @numba.njit(cache=True, nogil=True)
-def _release_texture_bins(plane: np.ndarray, bins: np.ndarray) -> None:
-    """Fill (H, W) ``bins`` with the release's texture bin of each pixel's full skimage LBP code.
+def _lbp_codes(channel: np.ndarray) -> np.ndarray:
+    """skimage's LBP codes (P=8, R=1, 'default') of a channel, equal to the bit.
 
     Inside the image the whole-pixel neighbours (right, up, left, down) are read directly, which is what
     skimage's interpolation returns for them, and a diagonal neighbour's interpolation weights depend only on
     its row (or column), so they are computed once per row and column in skimage's order of operations.
     """
-    height, width = plane.shape
+    height, width = channel.shape
+    codes = np.empty((height, width), np.uint8)
     for row in range(height):
         for column in range(width):
             if row == 0 or column == 0 or row == height - 1 or column == width - 1:
-                bins[row, column] = _RELEASE_TEXTURE_BIN[_lbp_code(plane, row, column)]
+                codes[row, column] = _lbp_code(channel, row, column)
     if height < 3 or width < 3:
-        return
+        return codes
     # Per diagonal neighbour (1, 3, 5, 7): its upper row and left column relative to the pixel, and the
     # fractions down and across of every row and column, as skimage's bilinear sample computes them.
     down = np.empty((4, height))
@@ -436,17 +405,19 @@ def _release_texture_bins(plane: np.ndarray, bins: np.ndarray) -> None:
             across[i, column] = (column + column_offset) - (column + left[i])
     for row in range(1, height - 1):
         for column in range(1, width - 1):
-            centre = plane[row, column]
-            code = (1 if plane[row, column + 1] >= centre else 0) | (4 if plane[row - 1, column] >= centre else 0)
-            code |= (16 if plane[row, column - 1] >= centre else 0) | (64 if plane[row + 1, column] >= centre else 0)
+            centre = channel[row, column]
+            code = (1 if channel[row, column + 1] >= centre else 0) | (4 if channel[row - 1, column] >= centre else 0)
+            code |= (16 if channel[row, column - 1] >= centre else 0) | (64 if channel[row + 1, column] >= centre else 0)
             for i in range(4):
                 top_row, left_column = row + upper[i], column + left[i]
                 a, d = across[i, column], down[i, row]
-                top = (1 - a) * float(plane[top_row, left_column]) + a * float(plane[top_row, left_column + 1])
-                bottom = (1 - a) * float(plane[top_row + 1, left_column]) + a * float(plane[top_row + 1, left_column + 1])
+                top = (1 - a) * float(channel[top_row, left_column]) + a * float(channel[top_row, left_column + 1])
+                bottom = (1 - a) * float(channel[top_row + 1, left_column]) + a * float(
+                    channel[top_row + 1, left_column + 1])
                 if (1 - d) * top + d * bottom - float(centre) >= 0:
                     code |= 1 << (2 * i + 1)
-            bins[row, column] = _RELEASE_TEXTURE_BIN[code]
+            codes[row, column] = code
+    return codes
 
 
 @numba.njit(cache=True, nogil=True)
@@ -456,17 +427,14 @@ def _texture_bins(planes: np.ndarray, release: bool) -> np.ndarray:
     The package's: the LBP code itself where it is 0 or 1 (its (0, 1) range). The release's: the code's bin of
     10 over (0, 255).
     """
+    table = _RELEASE_TEXTURE_BIN if release else _PACKAGE_TEXTURE_BIN
     channels, height, width = planes.shape
-    bins = np.full((channels, height, width), -1, np.int8)
+    bins = np.empty((channels, height, width), np.int8)
     for channel in range(channels):
-        if release:
-            _release_texture_bins(planes[channel], bins[channel])
-            continue
-        codes = _low_lbp_codes(planes[channel])
+        codes = _lbp_codes(planes[channel])
         for row in range(height):
             for column in range(width):
-                if codes[row, column] < _PACKAGE_TEXTURE_CODES:
-                    bins[channel, row, column] = codes[row, column]
+                bins[channel, row, column] = table[codes[row, column]]
     return bins
 
 
