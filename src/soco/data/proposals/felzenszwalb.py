@@ -92,11 +92,11 @@ def _edge_costs(planes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @numba.njit(cache=True, nogil=True)
-def _find_root(parent: np.ndarray, node: int) -> int:
-    """Root of node's component, halving the path on the way."""
-    while parent[node] != node:
-        parent[node] = parent[parent[node]]
-        node = parent[node]
+def _find_root(nodes: np.ndarray, node: int) -> int:
+    """Root of node's component (``nodes[:, 0]`` holds the parents), halving the path on the way."""
+    while nodes[node, 0] != node:
+        nodes[node, 0] = nodes[nodes[node, 0], 0]
+        node = nodes[node, 0]
     return node
 
 
@@ -131,30 +131,36 @@ def _merge_components(
     n_pixels = height * width
     n_edges = edges.size
     offsets = np.array([1, width, width + 1, width - 1])
-    parent = np.arange(n_pixels).astype(np.int32)
+    # One (parent, merge bound) record per pixel, so that the root lookups and the bound test of an edge read
+    # one cache line per end instead of two; pass 1 is bound by these random reads. A root's float32 bound,
+    # internal cost + scale / size, changes only when the root merges, so it is kept rather than divided anew
+    # for both ends of every edge (the values are the same).
+    nodes = np.empty((n_pixels, 2), np.int32)
+    bounds = nodes.view(np.float32)  # column 1, as float32
+    for pixel in range(n_pixels):
+        nodes[pixel, 0] = pixel
+        bounds[pixel, 1] = np.float32(scale)
     size = np.ones(n_pixels, np.int32)
-    # Each root's float32 merge bound, internal cost + scale / size, changes only when the root merges: kept
-    # here rather than divided anew for both ends of every edge (the values are the same).
-    bound_of_root = np.full(n_pixels, np.float32(scale))
     for i in range(n_edges):
-        first = edges[i] >> 2
-        root0 = _find_root(parent, first)
-        root1 = _find_root(parent, first + offsets[edges[i] & 3])
+        edge = edges[i]
+        first = edge >> 2
+        root0 = _find_root(nodes, first)
+        root1 = _find_root(nodes, first + offsets[edge & 3])
         if root0 == root1:
             continue
-        bound = min(bound_of_root[root0], bound_of_root[root1])
-        if rounded[i] > bound or (rounded[i] == bound and not costs[edges[i]] < np.float64(bound)):
+        bound = min(bounds[root0, 1], bounds[root1, 1])
+        if rounded[i] > bound or (rounded[i] == bound and not costs[edge] < np.float64(bound)):
             continue
         if size[root0] < size[root1]:
             root0, root1 = root1, root0
-        parent[root1] = root0
+        nodes[root1, 0] = root0
         size[root0] += size[root1]
-        bound_of_root[root0] = np.float32(costs[edges[i]] + scale / size[root0])
+        bounds[root0, 1] = np.float32(costs[edge] + scale / size[root0])
 
     roots = np.empty(n_pixels, np.int32)
     any_small = False
     for pixel in range(n_pixels):
-        roots[pixel] = _find_root(parent, pixel)
+        roots[pixel] = _find_root(nodes, pixel)
         any_small = any_small or size[roots[pixel]] < min_size
     if any_small:
         for i in range(n_edges):
@@ -163,14 +169,14 @@ def _merge_components(
             # Sizes only grow: two components already at min_size never merge here.
             if size[roots[first]] >= min_size and size[roots[second]] >= min_size:
                 continue
-            root0, root1 = _find_root(parent, first), _find_root(parent, second)
+            root0, root1 = _find_root(nodes, first), _find_root(nodes, second)
             if root0 != root1 and (size[root0] < min_size or size[root1] < min_size):
                 if size[root0] < size[root1]:
                     root0, root1 = root1, root0
-                parent[root1] = root0
+                nodes[root1, 0] = root0
                 size[root0] += size[root1]
         for pixel in range(n_pixels):
-            roots[pixel] = _find_root(parent, pixel)
+            roots[pixel] = _find_root(nodes, pixel)
 
     labels = np.empty(n_pixels, np.int32)
     label_of_root = np.full(n_pixels, -1, np.int32)
