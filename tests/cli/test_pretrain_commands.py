@@ -33,6 +33,25 @@ def test_unknown_method_and_misplaced_key_are_one_line_errors(tiny_data, tmp_pat
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_store_of_another_algorithm_is_refused_in_one_line_naming_both_ways(tiny_data, tmp_path, capsys):
+    from soco.config.schema import ProposalsConfig
+    from soco.data.proposals.pipeline import run_proposals
+
+    images, _ = tiny_data
+    # the earlier default's store: the package algorithm, as `fast` made it
+    old_store = tmp_path / "package-store"
+    run_proposals(images, old_store, ProposalsConfig(workers=1, algorithm="package"), progress=False)
+    common = ["pretrain", "--config", "soco_tiny", "--data", str(images), "--proposals", str(old_store), "--steps", "1",
+              "--device", "cpu", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    assert f"{old_store} was made by the proposal algorithm 'package'" in error and "uses 'release'" in error
+    assert "soco proposals IMAGES -o NEW_STORE" in error and "proposals.algorithm=package" in error
+    assert not (tmp_path / "run").exists()
+    assert main([*common, "--out", str(tmp_path / "run"), "proposals.algorithm=package"]) == 0
+
+
 def test_bench_times_the_step_and_a_compared_configuration(tiny_data, tmp_path, capsys):
     images, store = tiny_data
     output = tmp_path / "bench.json"

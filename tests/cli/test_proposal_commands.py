@@ -32,7 +32,7 @@ def test_proposals_inspect_and_show(images, tmp_path, capsys):
 
     assert main(["inspect", str(store)]) == 0
     out = capsys.readouterr().out
-    assert "images: 5 (0 failed)" in out and "algorithm: fast" in out
+    assert "images: 5 (0 failed)" in out and "algorithm: release" in out
 
     assert main(["inspect", str(store), "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
@@ -61,7 +61,7 @@ def test_sharded_runs_and_merge_command(images, tmp_path, capsys):
     [
         (["proposals", "{tmp}/missing", "-o", "{tmp}/s"], "missing"),
         (["proposals", "{images}", "-o", "{tmp}/s", "proposals.wokers=2"], "did you mean 'proposals.workers'"),
-        (["proposals", "{images}", "-o", "{tmp}/s", "--algorithm", "refrence"], "did you mean 'reference'"),
+        (["proposals", "{images}", "-o", "{tmp}/s", "--algorithm", "repiared"], "did you mean 'repaired'"),
         (["proposals", "{images}", "-o", "{tmp}/s", "--shard", "2/2"], "0 <= I < N"),
         (["inspect", "{tmp}/nothing"], "does not exist"),
     ],

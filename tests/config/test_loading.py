@@ -55,7 +55,7 @@ def test_overrides_are_typed_and_applied_in_order():
     config = load_config("default", ["proposals.workers=3", "proposals.min_side=16", "proposals.workers=5"])
     assert config.proposals.workers == 5
     assert config.proposals.min_side == 16.0 and isinstance(config.proposals.min_side, float)
-    assert config.proposals.algorithm == "fast"
+    assert config.proposals.algorithm == "release"
 
 
 def test_override_values_parse_as_yaml_scalars():

@@ -164,7 +164,7 @@ def test_the_values_of_the_issue_are_refused_naming_their_key():
         "proposals.workers=-1": "proposals.workers: must be at least 0, not -1",
         "train.precision=fp8": "train.precision: must be one of 'auto', 'fp32', 'bf16', 'fp16', not 'fp8'",
         "train.workers=-2": "train.workers: must be at least -1, not -2",
-        "proposals.algorithm=refrence": "did you mean 'reference'?",
+        "proposals.algorithm=repiared": "did you mean 'repaired'?",
         "optim.nesterov=true": "optim.nesterov: applies to optim.name=sgd only, not lars",
         "method.model.level_thresholds=[96,48,192]": "method.model.level_thresholds: need 3 increasing values",
         "optim.base_lr=.inf": "optim.base_lr: must be greater than 0, not inf",

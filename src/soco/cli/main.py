@@ -78,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="processes; 0: one per core (default: proposals.workers of the config, 0)")
     proposals.add_argument("--shard", default=None, help="I/N: compute only shard I of N (0-based)")
     proposals.add_argument("--algorithm", default=None,
-                           help="'fast' (default: the selectivesearch package's grouping, fast), 'rich' (the "
-                                "earlier default, more boxes), 'reference' (the paper's, full resolution, slow) or "
-                                "'release' (SoCo's release's own, box for box)")
+                           help="'release' (default: SoCo's release's own selective search, box for box), 'package' "
+                                "(the selectivesearch package at soco's earlier parameters), 'rich' (more boxes) or "
+                                "'repaired' (the paper's with repaired histograms, full resolution, slow)")
     proposals.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_arguments(proposals)
 

@@ -14,7 +14,7 @@ from soco.config.schema import Config
 from soco.config.validation import count_argument, positive_number_argument
 from soco.data.images import list_images
 from soco.data.photos import assemble_photos, default_cache_dir
-from soco.data.proposals.pipeline import run_proposals
+from soco.data.proposals.pipeline import refuse_other_algorithm, run_proposals
 from soco.data.proposals.store import is_store, listing_digest
 from soco.errors import ConfigError, DataError
 
@@ -132,6 +132,8 @@ def resolve_data(config: Config, proposals: str | None, quiet: bool) -> tuple[Pa
     store = Path(proposals) if proposals else default_store_for(images_root, config)
     if not proposals:
         ensure_proposals(images_root, store, config, quiet)
+    elif is_store(store):  # the trainer says in one line what is wrong with a path that is not a store
+        refuse_other_algorithm(store, config.proposals)
     return images_root, store
 
 

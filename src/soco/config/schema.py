@@ -25,7 +25,7 @@ from soco.config.validation import (
 from soco.errors import ConfigError
 
 # The names the engine accepts (tests/config/test_validation.py holds them equal to the engine's own).
-PROPOSAL_ALGORITHMS = ("fast", "rich", "reference", "release")
+PROPOSAL_ALGORITHMS = ("release", "package", "rich", "repaired")
 OPTIMIZERS = ("lars", "sgd")
 COSINE_PER = ("step", "epoch")
 DEVICES = ("auto", "cpu", "cuda")
@@ -50,7 +50,7 @@ class DataConfig:
 class ProposalsConfig:
     """How object proposals are computed and filtered (`soco proposals`)."""
 
-    algorithm: str = "fast"  # "fast" (default: matches the selectivesearch package), "rich" (4x the boxes), "reference", "release" (SoCo's release's own)
+    algorithm: str = "release"  # "release" (default: SoCo's release's own), "package" (soco's earlier), "rich", "repaired"
     workers: int = 0  # processes; 0 means one per available core
     min_side: float = 32.0  # filter: both box sides at least this many pixels
     max_aspect: float = 3.0  # filter: 1/max_aspect <= w/h <= max_aspect

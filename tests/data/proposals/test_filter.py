@@ -61,10 +61,10 @@ def test_last_fallback_is_the_whole_image(candidates):
     np.testing.assert_array_equal(kept, boxes([0, 0, 640, 480]))
 
 
-def test_duplicates_are_removed_and_order_kept():
-    candidates = boxes([10, 10, 60, 60], [0, 0, 50, 50], [10, 10, 60, 60], [0, 0, 50, 50])
+def test_duplicates_are_kept_in_order_as_the_release_keeps_them():
+    candidates = boxes([10, 10, 60, 60], [0, 0, 50, 50], [10, 10, 60, 60], [0, 0, 5, 5])
     kept, _ = filter_proposals(candidates, 100, 100)
-    np.testing.assert_array_equal(kept, boxes([10, 10, 60, 60], [0, 0, 50, 50]))
+    np.testing.assert_array_equal(kept, boxes([10, 10, 60, 60], [0, 0, 50, 50], [10, 10, 60, 60]))
 
 
 def test_custom_rules_change_thresholds():

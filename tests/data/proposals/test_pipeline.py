@@ -80,13 +80,13 @@ KILL_SCRIPT = """
 import sys
 from soco.config.schema import ProposalsConfig
 from soco.data.proposals.pipeline import run_proposals
-run_proposals(sys.argv[1], sys.argv[2], ProposalsConfig(workers=1, algorithm="reference"), progress=False)
+run_proposals(sys.argv[1], sys.argv[2], ProposalsConfig(workers=1, algorithm="repaired"), progress=False)
 """
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     images = make_image_folder(tmp_path / "images", 16, size=(200, 150))
-    run_proposals(images, tmp_path / "whole", config(algorithm="reference"), progress=False)
+    run_proposals(images, tmp_path / "whole", config(algorithm="repaired"), progress=False)
 
     log_path = tmp_path / "killed" / PARTS_DIR / Shard().log_name()
     process = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(images), str(tmp_path / "killed")])
@@ -101,7 +101,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert 4 <= len(done_before) < 16, "kill must land in the middle of the run"
     assert not (tmp_path / "killed" / "meta.json").exists()
 
-    resumed = run_proposals(images, tmp_path / "killed", config(algorithm="reference"), progress=False)
+    resumed = run_proposals(images, tmp_path / "killed", config(algorithm="repaired"), progress=False)
     assert resumed.computed_now == 16 - len({r.path for r in done_before})  # nothing computed twice
     assert_same_store(tmp_path / "whole", tmp_path / "killed")
 
@@ -144,8 +144,8 @@ def test_output_of_another_folder_is_refused(image_folder, tmp_path):
     run_proposals(image_folder, tmp_path / "half", config(), Shard(0, 2), progress=False)
     with pytest.raises(ProposalStoreError, match="belongs to another image folder"):
         run_proposals(other, tmp_path / "half", config(), Shard(1, 2), progress=False)
-    with pytest.raises(ProposalStoreError, match="started with algorithm=fast"):
-        run_proposals(image_folder, tmp_path / "half", config(algorithm="reference"), Shard(1, 2), progress=False)
+    with pytest.raises(ProposalStoreError, match="started with algorithm=release"):
+        run_proposals(image_folder, tmp_path / "half", config(algorithm="repaired"), Shard(1, 2), progress=False)
 
 
 def test_non_store_output_folder_is_not_touched(image_folder, tmp_path):

@@ -85,7 +85,7 @@ def test_boxes_find_both_rectangles(name):
 
 
 def test_reference_box_edges_are_exclusive_and_exact():
-    boxes = get_algorithm("reference")(two_rectangles())
+    boxes = get_algorithm("repaired")(two_rectangles())
     # A region covering columns 8..39 must give x1 = 8 and x2 = 40, not 39.
     for rectangle in (RED_BOX, BLUE_BOX):
         assert np.any(np.all(boxes == np.array(rectangle, dtype=np.float32), axis=1)), rectangle
@@ -101,7 +101,7 @@ def test_reference_yields_one_box_per_region_ever_formed():
     n_regions = len(np.unique(labels))
     assert n_regions >= 3  # background and two rectangles at least
     # n leaves and, on a connected region graph, n - 1 merges.
-    assert len(get_algorithm("reference")(image)) == 2 * n_regions - 1
+    assert len(get_algorithm("repaired")(image)) == 2 * n_regions - 1
 
 
 def test_grouping_merges_the_most_similar_neighbours_first():
@@ -139,7 +139,7 @@ def test_rich_keeps_the_object_after_filtering():
 @pytest.mark.parametrize("name", ALGORITHM_NAMES)
 def test_deterministic(name):
     rng = np.random.default_rng(2)
-    if name in ("fast", "rich"):
+    if name in ("release", "package", "rich"):
         image = rng.integers(0, 256, size=(300, 500, 3), dtype=np.uint8)
     else:
         image = rng.integers(0, 256, size=(60, 80, 3), dtype=np.uint8)
@@ -180,10 +180,10 @@ def test_empty_image_gives_no_boxes(name):
 
 def test_non_uint8_is_rejected():
     with pytest.raises(ValueError, match="uint8"):
-        get_algorithm("fast")(np.zeros((10, 10, 3), dtype=np.float32))
+        get_algorithm("package")(np.zeros((10, 10, 3), dtype=np.float32))
 
 
-@pytest.mark.parametrize(("typo", "meant"), [("fsat", "fast"), ("referense", "reference"), ("ritch", "rich")])
+@pytest.mark.parametrize(("typo", "meant"), [("relaese", "release"), ("pakage", "package"), ("repiared", "repaired"), ("ritch", "rich")])
 def test_unknown_name_suggests_the_closest(typo, meant):
     with pytest.raises(ConfigError) as caught:
         get_algorithm(typo)
@@ -194,8 +194,8 @@ def test_unknown_name_suggests_the_closest(typo, meant):
 
 
 def test_names_and_default():
-    assert ALGORITHM_NAMES == ("fast", "rich", "reference", "release")
-    assert DEFAULT_ALGORITHM == "fast"
+    assert ALGORITHM_NAMES == ("release", "package", "rich", "repaired")
+    assert DEFAULT_ALGORITHM == "release"
     for name in ALGORITHM_NAMES:
         assert get_algorithm(name).name == name
 
@@ -227,17 +227,17 @@ def scaled(rectangles, factor: int):
 
 
 @pytest.mark.parametrize(("factor", "noise", "max_side"), [(1, 0, 1024), (1, 6, 1024), (4, 0, 256), (4, 6, 256)])
-def test_fast_default_finds_each_rectangle(factor, noise, max_side):
+def test_package_default_finds_each_rectangle(factor, noise, max_side):
     # factor 4 gives a 384x288 image, shrunk here to 256x192 before segmenting.
     rectangles = scaled(THREE_RECTANGLES, factor)
     image = flat_scene(72 * factor, 96 * factor, rectangles, noise=noise)
-    boxes = ProposalAlgorithm("fast", dict(get_algorithm("fast").params, max_side=max_side))(image)
+    boxes = ProposalAlgorithm("package", dict(get_algorithm("package").params, max_side=max_side))(image)
     assert_valid_boxes(boxes, 96 * factor, 72 * factor)
     for box, _ in rectangles:
         assert box_iou(box, boxes).max() >= 0.9, box
 
 
-def test_fast_hierarchy_of_three_rectangles_gives_four_boxes():
+def test_package_hierarchy_of_three_rectangles_gives_four_boxes():
     # Without blur the segmentation is the 4 flat regions, numbered in raster order: background
     # (first pixel), blue (row 6), red (row 12), green (row 45). Every rectangle has its corners strictly
     # inside the background's box and none inside another rectangle's, so the neighbour pairs are the
@@ -250,7 +250,7 @@ def test_fast_hierarchy_of_three_rectangles_gives_four_boxes():
     np.testing.assert_array_equal(boxes, np.array(expected, dtype=np.float32))
 
 
-def test_fast_maps_shrunk_boxes_to_exact_original_pixels():
+def test_package_maps_shrunk_boxes_to_exact_original_pixels():
     # 384x288 is shrunk by 1.5 to 256x192; edges on multiples of 3 original pixels fall on whole
     # working pixels, so the four boxes come back exactly (x4 the previous test's).
     image = flat_scene(288, 384, scaled(THREE_RECTANGLES, 4))
@@ -259,7 +259,7 @@ def test_fast_maps_shrunk_boxes_to_exact_original_pixels():
     np.testing.assert_array_equal(boxes, np.array(expected, dtype=np.float32))
 
 
-def test_fast_never_merges_regions_without_a_corner_inside():
+def test_package_never_merges_regions_without_a_corner_inside():
     # Two halves touch along a column, but neither has a corner strictly inside the other's box:
     # the package never merges them, so there is no whole-image box.
     image = flat_scene(64, 80, (((40, 0, 80, 64), (30, 40, 210)),), background=(220, 30, 30))
@@ -404,24 +404,24 @@ def test_package_region_features_by_hand():
     assert len(pairs) == 0  # neither box has a corner strictly inside the other
 
 
-def test_fast_is_about_as_many_kept_boxes_as_rectangles_allow():
+def test_package_is_about_as_many_kept_boxes_as_rectangles_allow():
     # The three-rectangle scene at 288x384 (default blur): each rectangle passes SoCo's filter once it
     # is found, and the kept set is a handful, not the pooled hierarchies' dozens of `rich`.
     image = flat_scene(288, 384, scaled(THREE_RECTANGLES, 4), noise=6)
-    fast_kept, _ = filter_proposals(get_algorithm("fast")(image), 384, 288)
+    package_kept, _ = filter_proposals(get_algorithm("package")(image), 384, 288)
     rich_kept, _ = filter_proposals(get_algorithm("rich")(image), 384, 288)
     for box, _ in scaled(THREE_RECTANGLES, 4):
-        assert box_iou(box, fast_kept).max() >= 0.9
-    assert len(fast_kept) < len(rich_kept)
+        assert box_iou(box, package_kept).max() >= 0.9
+    assert len(package_kept) < len(rich_kept)
 
 
-def test_fast_gives_the_package_boxes_on_a_photo():
+def test_package_gives_the_package_boxes_on_a_photo():
     from skimage.data import astronaut
 
     # Checked against the selectivesearch package 0.4 (scale 500, sigma 0.9, min_size 10) on this photo:
     # its 375 rects (x, y, w, h) are exactly these boxes less one pixel at the max edges, since the package
     # reports w = max - min where a box that covers its last pixel ends one further.
-    boxes = get_algorithm("fast")(astronaut())
+    boxes = get_algorithm("package")(astronaut())
     assert_recorded(boxes, 375, [85399, 98692, 103678, 123631], [[0, 0, 16, 27], [0, 0, 62, 145], [10, 0, 114, 228]],
                     [[0, 0, 400, 512], [0, 0, 512, 512]])
 
@@ -460,12 +460,11 @@ def test_rich_gives_the_previous_default_boxes_on_a_photo():
 
 
 def test_fingerprint_follows_name_and_parameters():
-    fast, rich = get_algorithm("fast"), get_algorithm("rich")
-    assert fast.fingerprint == get_algorithm("fast").fingerprint
-    assert len({fast.fingerprint, rich.fingerprint, get_algorithm("reference").fingerprint,
-                get_algorithm("release").fingerprint}) == 4
-    changed = ProposalAlgorithm("fast", dict(fast.params, max_side=320))
-    assert changed.fingerprint != fast.fingerprint
+    package, rich = get_algorithm("package"), get_algorithm("rich")
+    assert package.fingerprint == get_algorithm("package").fingerprint
+    assert len({get_algorithm(name).fingerprint for name in ALGORITHM_NAMES}) == 4
+    changed = ProposalAlgorithm("package", dict(package.params, max_side=320))
+    assert changed.fingerprint != package.fingerprint
 
 
 # --- release: SoCo's release's own selective search -----------------------------------------------
@@ -502,3 +501,9 @@ def test_release_texture_bins_are_skimages_lbp_codes_binned_as_numpy_bins_them()
             # np.histogram(codes, 10, (0, 255)): edges 0, 25.5, ..., 255, the last bin closed
             expected = np.minimum(np.searchsorted(np.linspace(0.0, 255.0, 11), codes, side="right") - 1, 9)
             np.testing.assert_array_equal(bins[channel], expected)
+
+
+@pytest.mark.parametrize(("old", "new"), [("fast", "package"), ("reference", "repaired")])
+def test_a_renamed_algorithm_points_to_its_new_name(old, new):
+    with pytest.raises(ConfigError, match=f"{old!r} is now named {new!r}"):
+        get_algorithm(old)

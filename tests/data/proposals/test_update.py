@@ -76,14 +76,14 @@ KILL_SCRIPT = """
 import sys
 from soco.config.schema import ProposalsConfig
 from soco.data.proposals.pipeline import run_proposals
-run_proposals(sys.argv[1], sys.argv[2], ProposalsConfig(workers=1, algorithm="reference"), progress=False)
+run_proposals(sys.argv[1], sys.argv[2], ProposalsConfig(workers=1, algorithm="repaired"), progress=False)
 """
 
 
 def test_killed_update_resumes_to_the_uninterrupted_result(tmp_path):
     images = make_image_folder(tmp_path / "images", 10, size=(200, 150))
     store = tmp_path / "store"
-    run_proposals(images, store, config(algorithm="reference"), progress=False)
+    run_proposals(images, store, config(algorithm="repaired"), progress=False)
     old_boxes = ProposalStore(store).boxes("group0/scene_000.jpg").copy()
     changed = sorted(images.rglob("scene_00[0-5].*"))
     for number, path in enumerate(changed):
@@ -103,10 +103,10 @@ def test_killed_update_resumes_to_the_uninterrupted_result(tmp_path):
     # Until the update finishes, the old store stays whole and usable.
     np.testing.assert_array_equal(ProposalStore(store).boxes("group0/scene_000.jpg"), old_boxes)
 
-    resumed = run_proposals(images, store, config(algorithm="reference"), progress=False)
+    resumed = run_proposals(images, store, config(algorithm="repaired"), progress=False)
     assert resumed.computed_now == 6 - len(done_before)  # nothing computed twice
     assert resumed.update == {"changed": 6, "added": 0, "removed": 0, "retried": 0}
-    run_proposals(images, tmp_path / "fresh", config(algorithm="reference"), progress=False)
+    run_proposals(images, tmp_path / "fresh", config(algorithm="repaired"), progress=False)
     assert_same_store(store, tmp_path / "fresh")
 
 

@@ -4,8 +4,8 @@
 ``skimage.segmentation.felzenszwalb(img_as_float(rgb), scale, sigma, min_size)`` returns: the same
 regions, numbered the same way (in the order a raster scan first meets them), 5-10 times faster.
 The ``selectivesearch`` package that SoCo's release copied starts from that segmentation, and its
-boxes move with any change of it (benchmarks/results/proposals.md), so the fast proposals reproduce it
-instead of approximating it (the `reference` proposals use it too). Steps, each as scikit-image does them:
+boxes move with any change of it (benchmarks/results/proposals.md), so the `release` and `package` proposals reproduce it
+instead of approximating it (the `repaired` proposals use it too). Steps, each as scikit-image does them:
 
 * the image scaled to 0..1 in float64 and blurred per channel by a Gaussian of ``sigma`` (radius
   ``int(4 sigma + 0.5)``, borders mirrored as in ``scipy.ndimage``'s mode 'reflect');

@@ -33,7 +33,7 @@ import soco
 from soco.config.schema import ProposalsConfig
 from soco.data.images import decode_rgb, file_fingerprint
 from soco.data.proposals.filter import FilterRules, filter_proposals
-from soco.data.proposals.selective_search import get_algorithm
+from soco.data.proposals.selective_search import ALGORITHM_NAMES, RENAMED_ALGORITHMS, get_algorithm
 from soco.data.proposals.store import (
     FAILED_LEVEL,
     STORE_FILES,
@@ -166,6 +166,22 @@ def run_identity(images_root: Path, paths: list[str], config: ProposalsConfig, s
     }
 
 
+def refuse_other_algorithm(store_dir: Path, config: ProposalsConfig) -> None:
+    """ProposalStoreError in one line when a store was made by another algorithm, or other parameters, than the
+    configuration names (a store of an earlier default, say), with the two ways on."""
+    meta = ProposalStore(store_dir).meta
+    wanted = get_algorithm(config.algorithm)
+    made = (meta.get("algorithm"), meta.get("algorithm_params"))
+    if made == (wanted.name, wanted.params):
+        return
+    ways = f"recompute it (`soco proposals IMAGES -o NEW_STORE` with proposals.algorithm={wanted.name}) and pass the new store"
+    name = RENAMED_ALGORITHMS.get(made[0], made[0])
+    if name in ALGORITHM_NAMES and get_algorithm(name).params == made[1]:
+        ways += f", or train on this one with proposals.algorithm={name}"
+    raise ProposalStoreError(f"{store_dir} was made by the proposal algorithm {made[0]!r} with {made[1]}, this "
+                             f"configuration uses {wanted.name!r} with {wanted.params}: {ways}")
+
+
 def _check_same_run(saved: dict, current: dict, where: Path, allow_new_listing: bool = False) -> None:
     """Refuse to continue work that belongs to another folder, algorithm or sharding.
 
@@ -185,7 +201,8 @@ def _check_same_run(saved: dict, current: dict, where: Path, allow_new_listing: 
             )
     for key, flag in (("algorithm", "--algorithm"), ("algorithm_params", None), ("filter", None)):
         if saved[key] != current[key]:
-            hint = f" (pass {flag} {saved[key]} to continue it)" if flag else ""
+            # a store of an earlier soco may name an algorithm that has been renamed since
+            hint = f" (pass {flag} {RENAMED_ALGORITHMS.get(saved[key], saved[key])} to continue it)" if flag else ""
             raise ProposalStoreError(
                 f"{where} was started with {key}={saved[key]}, this run has {current[key]}{hint}"
             )

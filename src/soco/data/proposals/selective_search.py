@@ -2,30 +2,27 @@
 
 Four algorithms:
 
-* ``fast`` (the default): the selective search of the ``selectivesearch`` package 0.4 as the package
-  releases it, at scale=500, sigma=0.9, min_size=10 (soco's choice, not SoCo's release's: see
-  ``release``), reproduced box for box: scikit-image's Felzenszwalb segmentation, label for label
-  (``felzenszwalb.py``), and the package's greedy grouping with its own semantics, quirks included (see
-  ``package_selective_search_boxes``), in compiled loops; photos over 1024 px are shrunk first. Up to
-  that size its raw boxes are the package's (which end one pixel short).
-* ``release``: SoCo's release's own selective search, box for box: the package with the one line the
-  release changed (the LBP texture histogram binned over (0, 255)), at the release's scale=300,
-  sigma=0.9, min_size=100, its rects as boxes in its order, duplicates kept
+* ``release`` (the default): SoCo's release's own selective search, box for box: the ``selectivesearch``
+  package with the one line the release changed (the LBP texture histogram binned over (0, 255)), at the
+  release's scale=300, sigma=0.9, min_size=100, its rects as boxes in its order, duplicates kept
   (``release_selective_search_boxes``; tested against the release's function rebuilt from the installed
-  package, ``tests/reference/release_selective_search.py``).
-* ``rich``: the default before ``fast``: the same grouping as ``reference`` on a 160 px copy, pooled over
+  package, ``tests/reference/release_selective_search.py``); photos over 1024 px are shrunk first.
+* ``package``: the default before ``release`` (then named ``fast``): the ``selectivesearch`` package 0.4 as
+  the package ships it, at scale=500, sigma=0.9, min_size=10 (soco's earlier choice, not the release's),
+  box for box with an exclusive max edge and duplicates dropped (``package_selective_search_boxes``).
+* ``rich``: the default before ``package``: the same grouping as ``repaired`` on a 160 px copy, pooled over
   four similarity weightings (the "diversification" of Uijlings et al.). About 3.4 times as many kept
   boxes as the package.
-* ``reference``: despite its name not the release: the algorithm of the paper at the image's original
-  resolution, with the release's parameters (scale=300, sigma=0.9, min_size=100) and its histograms
-  repaired: HSV colour histograms (25 bins per channel), LBP texture histograms (10 bins per channel),
-  similarity = colour + texture + size + fill, greedy merging of the most similar touching pair; every
-  region yields a box.
+* ``repaired`` (before named ``reference``, though it is not the release): the algorithm of the paper at the
+  image's original resolution, with the release's parameters (scale=300, sigma=0.9, min_size=100) and
+  its quirks repaired: HSV colour histograms (25 bins per channel), LBP texture histograms (10 bins per
+  channel), similarity = colour + texture + size + fill, greedy merging of the most similar touching
+  pair; every region yields a box.
 
 Boxes are float32 ``(N, 4)`` arrays of ``x1 y1 x2 y2`` in original-image pixels with an exclusive
 max edge (a region covering columns 3..10 gives ``x1 = 3, x2 = 11``), clipped to the image.
 
-Differences of ``reference`` and ``rich`` from the classic pure-Python implementation, all deliberate:
+Differences of ``repaired`` and ``rich`` from the classic pure-Python implementation, all deliberate:
 
 * Neighbours are regions that touch (4-connectivity on the label map), as in the paper; the classic
   code used bounding-box overlap, which also merges regions that never touch.
@@ -75,8 +72,8 @@ def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def _reference_pixel_bins(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Colour and texture bin of every pixel and channel, as the release computes them (skimage)."""
+def _repaired_pixel_bins(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Colour and texture bin of every pixel and channel, repaired: HSV over [0, 1], LBP codes over [0, 256) (skimage)."""
     from skimage.color import rgb2hsv
     from skimage.feature import local_binary_pattern
 
@@ -229,16 +226,16 @@ def _hierarchical_grouping(
     return all_boxes[:next_id]
 
 
-def selective_search_boxes(
+def repaired_selective_search_boxes(
     rgb: np.ndarray, scale: float = 300.0, sigma: float = 0.9, min_size: int = 100
 ) -> np.ndarray:
-    """Run the release's selective search (skimage's Felzenszwalb, full resolution) on an RGB image."""
+    """The paper's selective search with repaired histograms and touching neighbours (skimage's Felzenszwalb, full resolution)."""
     rgb = _as_rgb_uint8(rgb)
     height, width = rgb.shape[:2]
     if height < 2 or width < 2:
         return _whole_image(width, height)
     labels = felzenszwalb(rgb, scale, sigma, min_size)  # scikit-image's label map, compiled
-    features = _region_features(labels, *_reference_pixel_bins(rgb))
+    features = _region_features(labels, *_repaired_pixel_bins(rgb))
     boxes = _hierarchical_grouping(*features, image_size=float(height * width))
     return boxes.astype(np.float32)
 
@@ -712,7 +709,7 @@ def package_selective_search_boxes(
 ) -> np.ndarray:
     """The ``selectivesearch`` package 0.4's selective search as released, box for box, in compiled loops.
 
-    soco's default (``fast``), at the parameters it uses. The package segments
+    soco's default before ``release`` (then named ``fast``), at the parameters it used. The package segments
     with scikit-image's Felzenszwalb (``scale``, ``sigma``, ``min_size``), then merges greedily with its own
     semantics, quirks included, because they decide which regions form: similarity is the intersection of
     value histograms (25 bins of max(R, G, B)) and of LBP code-0/code-1 counts, plus size and fill;
@@ -764,20 +761,22 @@ class ProposalAlgorithm:
         return hashlib.blake2b(settings.encode(), digest_size=6).hexdigest()
 
 
-# "fast" first: the default. "rich" is the default before the package-matching "fast" existed. "release" is SoCo's
-# release's own selective search (the package with its one changed line, at the release's parameters).
-ALGORITHM_NAMES = ("fast", "rich", "reference", "release")
-DEFAULT_ALGORITHM = "fast"
+# "release" first: the default. "package" was the default before it (then named "fast"), "rich" the one before that.
+ALGORITHM_NAMES = ("release", "package", "rich", "repaired")
+DEFAULT_ALGORITHM = "release"
+# Names of earlier soco versions; a store or configuration that uses one is pointed to the new name.
+RENAMED_ALGORITHMS = {"fast": "package", "reference": "repaired"}
 
 _FUNCTIONS = {
-    "fast": package_selective_search_boxes,
-    "rich": rich_selective_search_boxes,
-    "reference": selective_search_boxes,
     "release": release_selective_search_boxes,
+    "package": package_selective_search_boxes,
+    "rich": rich_selective_search_boxes,
+    "repaired": repaired_selective_search_boxes,
 }
 
 _PARAMS: dict[str, dict[str, Any]] = {
-    "fast": {"max_side": 1024, "scale": 500.0, "sigma": 0.9, "min_size": 10},
+    "release": {"max_side": 1024, "scale": 300.0, "sigma": 0.9, "min_size": 100},
+    "package": {"max_side": 1024, "scale": 500.0, "sigma": 0.9, "min_size": 10},
     "rich": {
         "max_side": 160,
         "ks": [100.0],
@@ -785,13 +784,15 @@ _PARAMS: dict[str, dict[str, Any]] = {
         "min_size": 30,
         "similarities": [list(weights) for weights in RICH_SIMILARITIES],
     },
-    "reference": {"scale": 300.0, "sigma": 0.9, "min_size": 100},
-    "release": {"max_side": 1024, "scale": 300.0, "sigma": 0.9, "min_size": 100},
+    "repaired": {"scale": 300.0, "sigma": 0.9, "min_size": 100},
 }
 
 
 def _unknown_message(name: str) -> str:
     """Error text for an unknown algorithm name, with the valid names and the closest one."""
+    if name in RENAMED_ALGORITHMS:
+        return (f"proposal algorithm {name!r} is now named {RENAMED_ALGORITHMS[name]!r} (the default is now "
+                f"{DEFAULT_ALGORITHM!r}, SoCo's release's selective search); valid: {', '.join(ALGORITHM_NAMES)}")
     message = f"unknown proposal algorithm {name!r}; valid: {', '.join(ALGORITHM_NAMES)}"
     close = difflib.get_close_matches(str(name), ALGORITHM_NAMES, n=1, cutoff=0.0)
     if close:
