@@ -154,6 +154,18 @@ def test_box_outside_the_image_is_dropped_and_counted(tmp_path):
     assert "1 boxes dropped (no area inside their image)" in result.lines()[-1]
 
 
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf", "NaN"])
+def test_a_box_with_a_non_finite_coordinate_is_dropped_and_counted(tmp_path, bad):
+    voc = make_voc(tmp_path / "voc")
+    (voc / "Annotations" / "000003.xml").write_text(_xml("000003.jpg", [("dog", bad, 5, 20, 20, 0),
+                                                                        ("dog", 5, 5, 25, bad, 0)]))
+    result = convert_voc(voc, tmp_path / "out")
+    assert (result.dropped, result.boxes["all"]) == (2, 4)
+    text = (tmp_path / "out" / "all.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the COCO file"))
+
+
 def test_corrupt_xml_names_the_file(tmp_path):
     voc = make_voc(tmp_path / "voc")
     (voc / "Annotations" / "000002.xml").write_text("<annotation><object>")

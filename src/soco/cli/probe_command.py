@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from soco.config.validation import count_argument
+
 DEFAULT_PROBE_OUT = Path("runs") / "probe"
 RESULTS_NAME = "probe.json"
 STAGE_CHOICES = ("c2", "c3", "c4", "c5")  # soco.transfer.probe.STAGES, without importing torch here
@@ -26,15 +28,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help=f"folder for {RESULTS_NAME} (default: {DEFAULT_PROBE_OUT})")
     parser.add_argument("--depth", type=int, default=None, help="ResNet depth (default: read from the file, else 50)")
     parser.add_argument("--stage", default="c5", choices=STAGE_CHOICES, help="ResNet stage pooled (default c5)")
-    parser.add_argument("--k", type=int, default=20, help="neighbours of the k-NN vote (default 20)")
-    parser.add_argument("--steps", type=int, default=300, help="linear-probe training steps (default 300)")
-    parser.add_argument("--max-images", type=int, default=200,
+    parser.add_argument("--k", type=count_argument(1), default=20, help="neighbours of the k-NN vote (default 20)")
+    parser.add_argument("--steps", type=count_argument(1), default=300, help="linear-probe training steps (default 300)")
+    parser.add_argument("--max-images", type=count_argument(1), default=200,
                         help="images with boxes probed, per file with --test-labels (default 200)")
     parser.add_argument("--test-fraction", type=float, default=0.5,
                         help="share of images held out, without --test-labels (default 0.5)")
     parser.add_argument("--no-background", action="store_true",
                         help="only the labelled classes (default: add one background box per object)")
-    parser.add_argument("--seed", type=int, default=0, help="image order, split and background boxes (default 0)")
+    parser.add_argument("--seed", type=count_argument(0), default=0,
+                        help="image order, split and background boxes (default 0)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -25,6 +25,7 @@ ignore regions (a detection on one is neither a true nor a false positive, as in
 from __future__ import annotations
 
 import json
+import math
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,6 +170,9 @@ def voc_to_coco(image: VocImage, image_id: int, file_name: str, width: int, heig
     annotations, clipped, dropped = [], 0, 0
     for obj in image.objects:
         xmin, ymin, xmax, ymax = obj.box
+        if not all(math.isfinite(value) for value in obj.box):  # nan or inf: no box, dropped like one outside
+            dropped += 1
+            continue
         # 1-based inclusive pixel indices -> 0-based pixel edges (see the module docstring).
         x1, y1, x2, y2 = xmin - 1.0, ymin - 1.0, xmax, ymax
         cx1, cy1 = min(max(x1, 0.0), width), min(max(y1, 0.0), height)
