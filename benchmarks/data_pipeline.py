@@ -24,8 +24,8 @@ from PIL import Image
 from soco.config.loading import load_config
 from soco.data import views
 from soco.data.dataset import ImageDataset
-from soco.data.images import list_images, load_rgb
-from soco.data.photos import photos_dir
+from soco.data.image_files import list_images, load_rgb
+from soco.data.default_photos import photos_dir
 from soco.registry import build_method
 
 JPEG_FOLDER = Path("outputs/imagenet_like")

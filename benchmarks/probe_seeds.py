@@ -14,7 +14,7 @@ import json
 import statistics
 from pathlib import Path
 
-from soco.transfer.coco_data import CocoDetection
+from soco.labelled.coco import CocoDetection
 from soco.transfer.probe import pretrained_trunk, probe_backbones
 from soco.transfer.weights import read_weights, resnet_depth
 

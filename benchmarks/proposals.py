@@ -57,7 +57,7 @@ PACKAGE = "package"
 
 def default_image_paths() -> list[Path]:
     """The scikit-image photos of the project's default photo set (assembled if missing)."""
-    from soco.data.photos import assemble_photos
+    from soco.data.default_photos import assemble_photos
 
     return list_images(Path(assemble_photos(progress=False)) / "skimage")
 

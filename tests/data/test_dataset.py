@@ -11,8 +11,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from soco.data.dataset import BatchCollate, ImageDataset, SampleSource, SkippedSample, sample_seed
-from soco.data.pictures import draw_views
-from soco.data.images import file_fingerprint
+from soco.data.batch_drawing import draw_views
+from soco.data.image_files import file_fingerprint
 from soco.data.proposals.store import FAILED_LEVEL, ImageRecord, ProposalStore, write_store
 from soco.errors import DataError, ProposalStoreError
 from soco.methods.soco_transform import SoCoTransform

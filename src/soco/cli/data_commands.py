@@ -18,7 +18,7 @@ def add_voc_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_voc(args: argparse.Namespace) -> int:
     """Run `soco data voc`."""
-    from soco.data.voc import IMAGES_DIR, convert_voc
+    from soco.labelled.voc import IMAGES_DIR, convert_voc
 
     classes = [name.strip() for name in args.classes.split(",") if name.strip()] if args.classes else None
     result = convert_voc(args.folder, args.output, classes=classes)
@@ -49,7 +49,7 @@ def add_composed_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_composed(args: argparse.Namespace) -> int:
     """Run `soco data composed`."""
-    from soco.data.composed import prepare_composed
+    from soco.labelled.composed import prepare_composed
 
     dest = prepare_composed(args.output, train_images=args.train_images, val_images=args.val_images,
                             size=args.size, seed=args.seed, stamps=args.stamps, backgrounds=args.backgrounds,
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data_set == "composed":
         return run_composed(args)
     if args.data_set == "photos":
-        from soco.data.photos import assemble_photos, photos_dir
+        from soco.data.default_photos import assemble_photos, photos_dir
 
         dest = Path(args.dest) if args.dest else photos_dir()
         folder = assemble_photos(dest, progress=not args.print_path)

@@ -12,8 +12,8 @@ from soco.cli.probe_command import STAGE_CHOICES
 from soco.config.loading import load_config, with_flags
 from soco.config.schema import Config
 from soco.config.validation import count_argument, positive_number_argument
-from soco.data.images import list_images
-from soco.data.photos import assemble_photos, default_cache_dir
+from soco.data.image_files import list_images
+from soco.data.default_photos import assemble_photos, default_cache_dir
 from soco.data.proposals.pipeline import refuse_other_algorithm, run_proposals
 from soco.data.proposals.store import is_store, listing_digest
 from soco.errors import ConfigError, DataError
@@ -208,7 +208,7 @@ def build_probe_hook(args: argparse.Namespace, config: Config, paths: tuple[Path
 
     from soco.engine.distributed import resolve_device
     from soco.registry import build_method
-    from soco.transfer.coco_data import CocoDetection
+    from soco.labelled.coco import CocoDetection
     from soco.transfer.probe import STAGES, probe_backbone, resnet_trunk
 
     labels, images = paths

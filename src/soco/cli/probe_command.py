@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     from soco.errors import ConfigError, DataError, SocoError
     from soco.files import atomic_write_text
-    from soco.transfer.coco_data import CocoDetection
+    from soco.labelled.coco import CocoDetection
     from soco.transfer.probe import format_table, pretrained_trunk, probe_backbones
     from soco.transfer.weights import check_depth, read_weights, resnet_depth
 

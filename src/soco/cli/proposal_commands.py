@@ -136,7 +136,7 @@ def inspect(args: argparse.Namespace) -> int:
 
 def show(args: argparse.Namespace) -> int:
     """Draw one image's proposals to a PNG."""
-    from soco.data.images import read_image
+    from soco.data.image_files import read_image
     from soco.data.proposals.drawing import draw_proposals
 
     store = ProposalStore(args.store)

@@ -107,7 +107,7 @@ def add_deepforest_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_deepforest(args: argparse.Namespace) -> int:
     """Run `soco data deepforest`."""
-    from soco.data.deepforest import (
+    from soco.labelled.deepforest import (
         SPLIT_FILE,
         prepare_deepforest,
         training_pixels_folder,

@@ -1,1 +1,1 @@
-"""Data: image folders, the default photo set, object proposals and training views."""
+"""Pretraining inputs: image folders, the default photo set, object proposals, training views and their batches."""

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from soco.data.images import list_images, load_rgb
+from soco.data.image_files import list_images, load_rgb
 from soco.data.proposals.store import ProposalStore
 from soco.errors import DataError, ImageReadError
 

@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from soco.data.pictures import save_figure
+from soco.data.batch_drawing import save_figure
 from soco.files import atomic_write_text
 
 

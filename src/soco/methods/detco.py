@@ -28,7 +28,7 @@ from soco.config.validation import (
     each,
     one_of,
 )
-from soco.data.pictures import draw_views
+from soco.data.batch_drawing import draw_views
 from soco.errors import ConfigError
 from soco.methods.base import backbone_only_layout
 from soco.methods.detco_transform import GRID, DetCoTransform, DetCoViewsConfig

@@ -29,7 +29,7 @@ from soco.config.validation import (
     each,
     one_of,
 )
-from soco.data.pictures import draw_views
+from soco.data.batch_drawing import draw_views
 from soco.errors import ConfigError
 from soco.methods.insloc_transform import InsLocTransform, InsLocViewsConfig
 from soco.methods.losses import info_nce

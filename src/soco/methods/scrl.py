@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from soco.config.validation import PROBABILITY, at_least, config_rules, one_of
-from soco.data.pictures import draw_views
+from soco.data.batch_drawing import draw_views
 from soco.errors import ConfigError
 from soco.methods.base import backbone_only_layout
 from soco.methods.losses import box_pair_loss

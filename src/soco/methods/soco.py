@@ -23,7 +23,7 @@ from soco.config.validation import (
     each,
     one_of,
 )
-from soco.data.pictures import draw_views
+from soco.data.batch_drawing import draw_views
 from soco.errors import ConfigError
 from soco.methods.losses import symmetric_pair_loss
 from soco.methods.momentum import MomentumMethod

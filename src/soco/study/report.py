@@ -209,7 +209,7 @@ def plot_study(runs: list[RunResult], path: Path, main_steps: int, title: str = 
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from soco.data.pictures import save_figure
+    from soco.data.batch_drawing import save_figure
 
     if not runs:
         return None

@@ -48,8 +48,8 @@ class StudyData:
 
 def default_data(budget: Budget, progress: bool = True) -> StudyData:
     """DeepForest cut into the budget's tiles (train / val split by whole regions), plus the default photos."""
-    from soco.data.deepforest import deepforest_dir, prepare_deepforest
-    from soco.data.photos import assemble_photos
+    from soco.labelled.deepforest import deepforest_dir, prepare_deepforest
+    from soco.data.default_photos import assemble_photos
 
     base = deepforest_dir()
     dest = base if budget.tile_size == 400 else base.with_name(f"{base.name}-tiles{budget.tile_size}")
@@ -62,7 +62,7 @@ def describe_data(data: StudyData) -> str:
     """The data in words for the report: the labelled set and what else is pretrained on."""
     if not data.unlabeled:
         return data.name
-    from soco.data.photos import photos_dir
+    from soco.data.default_photos import photos_dir
 
     default_photos = photos_dir().resolve()
     extra = ["the default photos" if Path(d).expanduser().resolve() == default_photos else str(d)
@@ -180,7 +180,7 @@ def _probe(weights: dict[str, Path], budget: Budget, data: StudyData, study_dir:
     The training set's boxes, not the validation set's: six times the crops (the probe holds half of the images
     out itself), and pretraining saw those pixels but never their labels.
     """
-    from soco.transfer.coco_data import CocoDetection
+    from soco.labelled.coco import CocoDetection
     from soco.transfer.probe import pretrained_trunk, probe_backbones
     from soco.transfer.weights import read_weights
 

@@ -18,13 +18,13 @@ from torch import nn
 import soco
 from soco.config.loading import apply_overrides as apply_config_overrides
 from soco.config.loading import dataclass_keys, parse_override
-from soco.data.pictures import save_figure
+from soco.data.batch_drawing import save_figure
 from soco.engine.checkpoint import load_checkpoint, save_checkpoint
 from soco.engine.rng import restore_rng_state, rng_state
 from soco.errors import ConfigError, SocoError
 from soco.files import atomic_write_text
 from soco.transfer.architectures import ARCHITECTURES, TWO_STAGE
-from soco.transfer.coco_data import CocoDetection, collate, has_masks, plain_target
+from soco.labelled.coco import CocoDetection, collate, has_masks, plain_target
 from soco.transfer.detector import (
     build_detector,
     convert_sync_bn,

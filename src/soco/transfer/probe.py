@@ -237,7 +237,7 @@ def probe_backbones(
     """Probe several backbones on the same crops of `dataset`; {name: ProbeResult}.
 
     `dataset[i]` is (image (3, H, W) float in [0, 1], {"boxes": (N, 4) XYXY pixels, "labels": (N,)}), as
-    `soco.transfer.coco_data.CocoDetection` gives it. Images without boxes are skipped; `max_images`
+    `soco.labelled.coco.CocoDetection` gives it. Images without boxes are skipped; `max_images`
     caps the images with boxes, taken in a seeded order. With `background`, each image adds as many
     boxes drawn away from its objects, of class "background" (so that a file of one category still
     measures something: object against background).

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from soco.data.pictures import save_figure
+from soco.data.batch_drawing import save_figure
 
 
 def draw_proposals(rgb: np.ndarray, boxes: np.ndarray, output: str | Path, title: str = "") -> Path:

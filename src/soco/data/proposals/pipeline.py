@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 import soco
 from soco.config.schema import ProposalsConfig
-from soco.data.images import decode_rgb, file_fingerprint
+from soco.data.image_files import decode_rgb, file_fingerprint
 from soco.data.proposals.filter import FilterRules, filter_proposals
 from soco.data.proposals.selective_search import ALGORITHM_NAMES, RENAMED_ALGORITHMS, get_algorithm
 from soco.data.proposals.store import (

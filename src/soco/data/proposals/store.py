@@ -85,7 +85,7 @@ def listing_digest(paths: list[str]) -> str:
 
 def image_listing(images_root: str | Path) -> tuple[list[str], dict[str, str]]:
     """Sorted store paths of a folder (images, and unreadable folders as "sub/"), and {"sub/": reason}."""
-    from soco.data.images import list_images
+    from soco.data.image_files import list_images
 
     unreadable: dict[str, str] = {}
     paths = list_images(images_root, unreadable=unreadable)
@@ -225,7 +225,7 @@ def is_store(folder: str | Path) -> bool:
 
 def _not_a_store_error(folder: Path) -> ProposalStoreError:
     """Why `folder` (an existing path without meta.json) is not a store, with what to do instead."""
-    from soco.data.images import IMAGE_EXTENSIONS
+    from soco.data.image_files import IMAGE_EXTENSIONS
 
     if not folder.is_dir():
         return ProposalStoreError(f"{folder} is a file, not a proposal store (a store is a folder)")
@@ -484,7 +484,7 @@ class ProposalStore:
         of `fingerprint_sample` of them, or for all of them when it is None. Failed images are not
         checked: training leaves them out.
         """
-        from soco.data.images import file_fingerprint
+        from soco.data.image_files import file_fingerprint
 
         images_root = Path(images_root)
         paths, _ = image_listing(images_root)

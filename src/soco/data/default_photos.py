@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from soco.data.images import list_images
+from soco.data.image_files import list_images
 from soco.errors import DataError
 from soco.files import atomic_write, atomic_write_text
 

@@ -1,4 +1,4 @@
-"""Tests of soco.data.composed: exact boxes and masks of pasted stamps, disjoint splits, the set and its command."""
+"""Tests of soco.labelled.composed: exact boxes and masks of pasted stamps, disjoint splits, the set and its command."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from soco.cli.main import main
-from soco.data import composed
-from soco.data.composed import (
+from soco.labelled import composed
+from soco.labelled.composed import (
     MIN_VISIBLE,
     build_composed,
     compose_scene,
@@ -22,7 +22,7 @@ from soco.data.composed import (
     split_photos,
 )
 from soco.errors import DataError
-from soco.transfer.coco_data import CocoDetection
+from soco.labelled.coco import CocoDetection
 
 COLOURS = {"red": (230, 20, 20), "blue": (20, 20, 230)}
 

@@ -15,7 +15,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from soco.data.images import image_size, load_rgb
+from soco.data.image_files import image_size, load_rgb
 from soco.errors import DataError, ImageReadError
 
 __all__ = [

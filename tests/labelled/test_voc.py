@@ -1,4 +1,4 @@
-"""Tests of soco.data.voc and `soco data voc`: coordinates, difficult objects, splits, errors, AP round trip."""
+"""Tests of soco.labelled.voc and `soco data voc`: coordinates, difficult objects, splits, errors, AP round trip."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from soco.cli.main import main
-from soco.data.voc import convert_voc, parse_voc_xml
+from soco.labelled.voc import convert_voc, parse_voc_xml
 from soco.errors import DataError
-from soco.transfer.coco_data import CocoDetection
+from soco.labelled.coco import CocoDetection
 from soco.transfer.evaluate import coco_evaluate
 
 WIDTH, HEIGHT = 64, 48

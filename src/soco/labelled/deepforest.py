@@ -44,8 +44,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from soco.data.images import load_rgb
-from soco.data.photos import default_cache_dir
+from soco.data.image_files import load_rgb
+from soco.data.default_photos import default_cache_dir
 from soco.errors import DataError, ImageReadError
 from soco.files import atomic_write_text, file_sha256, finished_build, folder_build, refuse_foreign_folder
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from soco.data.images import list_images
-from soco.data.photos import default_cache_dir
+from soco.data.image_files import list_images
+from soco.data.default_photos import default_cache_dir
 from soco.errors import ConfigError, DataError
 from soco.files import atomic_write_text, file_sha256, finished_build, folder_build, refuse_foreign_folder
 
@@ -397,7 +397,7 @@ def prepare_composed(dest: str | Path | None = None, train_images: int = 300, va
     """Build the composed set in dest (default <cache>/composed) unless an identical build is there; returns dest.
 
     `backgrounds`: a folder of photos (default: the default photo set, assembled if needed)."""
-    from soco.data.photos import assemble_photos, photos_dir
+    from soco.data.default_photos import assemble_photos, photos_dir
 
     splits = {"train": train_images, "val": val_images}
     check_scene_options(splits, size, OBJECTS_PER_SCENE)

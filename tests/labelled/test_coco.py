@@ -1,4 +1,4 @@
-"""Tests of soco.transfer.coco_data: targets as tv_tensors, gray images, crowd boxes, flips, masks, errors."""
+"""Tests of soco.labelled.coco: targets as tv_tensors, gray images, crowd boxes, flips, masks, errors."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from soco.errors import DataError
-from soco.transfer.coco_data import CocoDetection, collate, has_masks, load_coco_json, plain_target
+from soco.labelled.coco import CocoDetection, collate, has_masks, load_coco_json, plain_target
 
 
 def _write(folder: Path, images: list[dict], annotations: list[dict], categories=None) -> Path:
@@ -170,7 +170,7 @@ def test_validation_categories_follow_the_training_map(small_set, tmp_path):
 
 def test_box_report_counts_each_reason(small_set, caplog):
     path, folder = small_set
-    with caplog.at_level("WARNING", logger="soco.transfer.coco_data"):
+    with caplog.at_level("WARNING", logger="soco.labelled.coco"):
         dataset = CocoDetection(path, folder)
     report = dataset.box_report
     # ann 1 and 4 as written, ann 2 clipped at x = 60, ann 3 crowd, ann 5 has no width.
@@ -206,7 +206,7 @@ def test_nothing_changed_logs_nothing(tmp_path, caplog):
     Image.fromarray(np.zeros((40, 60, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     path = _write(tmp_path, [{"id": 1, "file_name": "a.png", "width": 60, "height": 40}],
                   [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [0, 0, 60, 40]}])
-    with caplog.at_level("WARNING", logger="soco.transfer.coco_data"):
+    with caplog.at_level("WARNING", logger="soco.labelled.coco"):
         dataset = CocoDetection(path, tmp_path, train=True)
     assert caplog.messages == [] and dataset.box_report.as_dict()["kept"] == 1
 

@@ -1,4 +1,4 @@
-"""Tests of soco.data.images: listing image folders and decoding files to RGB uint8."""
+"""Tests of soco.data.image_files: listing image folders and decoding files to RGB uint8."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from soco.data.images import (
+from soco.data.image_files import (
     IMAGE_EXTENSIONS,
     decode_rgb,
     file_fingerprint,

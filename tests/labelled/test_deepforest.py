@@ -1,4 +1,4 @@
-"""Tests of soco.data.deepforest: tile geometry, the leak-free split, COCO output, the offline wheel path."""
+"""Tests of soco.labelled.deepforest: tile geometry, the leak-free split, COCO output, the offline wheel path."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from soco.data import deepforest
-from soco.data.deepforest import (
+from soco.labelled import deepforest
+from soco.labelled.deepforest import (
     SourceImage,
     build_tiled_dataset,
     cached_wheel_path,

@@ -30,7 +30,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from soco.data.images import image_size
+from soco.data.image_files import image_size
 from soco.errors import DataError, ImageReadError
 from soco.files import atomic_write_text
 

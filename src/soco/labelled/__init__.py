@@ -1,0 +1,1 @@
+"""Labelled downstream sets: COCO reading, DeepForest tiles, composed scenes and Pascal VOC conversion."""
