@@ -26,7 +26,7 @@ _discovered = False
 
 
 def register_method(cls: type) -> type:
-    """Class decorator: make a Method subclass available under its `name` (a name is taken once)."""
+    """Class decorator: make a Method subclass available under its `name` (a name, and an arm's name, is taken once)."""
     name = getattr(cls, "name", "")
     if not name:
         raise TypeError(f"{cls.__name__} has no `name`")

@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def list_methods() -> int:
-    """Print every registered method: its first docstring line, the presets that name it, its presets per size and arms."""
+    """Print every registered method: its summary, the presets that name it, its preset per size, its study arms."""
     from soco.config.loading import every_preset, load_preset_values
     from soco.registry import method_class, method_names, study_arms
 
