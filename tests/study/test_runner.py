@@ -19,7 +19,7 @@ from soco.study.runner import (  # noqa: E402
     StudyData,
     _study_lock,
     finetune_dir,
-    pretrain_overrides,
+    pretraining_settings,
     run_study,
 )
 from tests.transfer import make_coco_set  # noqa: E402
@@ -132,9 +132,9 @@ def test_each_arm_pretrains_with_its_method_s_preset_and_overrides(capsys):
                 "scrl": ("scrl_small", shared), "insloc": ("insloc_small", [*shared, *heads, *queue]),
                 "detco": ("detco_small", [*shared, *queue])}
     for arm, (preset, overrides) in expected.items():
-        assert pretrain_overrides(arm, cpu, "cpu") == (preset, overrides), arm
-    assert pretrain_overrides("soco@75", cpu, "cpu")[1][3] == "train.steps=75"
-    r50 = {arm: pretrain_overrides(arm, gpu, "cuda") for arm in expected}
+        assert pretraining_settings(arm, cpu, "cpu") == (preset, overrides), arm
+    assert pretraining_settings("soco@75", cpu, "cpu")[1][3] == "train.steps=75"
+    r50 = {arm: pretraining_settings(arm, gpu, "cuda") for arm in expected}
     assert {arm: preset for arm, (preset, _) in r50.items()} == {
         "byol_image": "byol_image_r50", "soco": "soco_r50_fpn", "scrl": "scrl_r50_200ep",
         "insloc": "insloc_r50_fpn_200ep", "detco": "detco_r50_200ep"}

@@ -140,7 +140,7 @@ def plan_lines(budget, arms: list[str], seeds: list[int], readings: list[str], d
     """What a study call would do for each arm, each pretraining configuration resolved (so checked) first."""
     from soco.config.loading import load_config
     from soco.study.design import SCRATCH, arms as every_arm, parse_length_arm
-    from soco.study.runner import pretrain_overrides, readings_of
+    from soco.study.runner import pretraining_settings, readings_of
 
     declared = every_arm()
     lines = [f"soco study, {budget.name} budget: {len(arms)} arm(s), seeds {' '.join(map(str, seeds))}"]
@@ -151,7 +151,7 @@ def plan_lines(budget, arms: list[str], seeds: list[int], readings: list[str], d
         if base == SCRATCH:
             lines.append(f"{name}: {arm.note}; {finetuned}")
             continue
-        preset, overrides = pretrain_overrides(name, budget, device)
+        preset, overrides = pretraining_settings(name, budget, device)
         config = load_config(preset, overrides)
         lines.append(f"{name}: {arm.note}; method {config.method.name}, preset {preset} "
                      f"({' '.join(overrides)}), {config.train.steps} steps; exports {arm.exports}; {finetuned}")

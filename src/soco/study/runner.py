@@ -25,8 +25,8 @@ from soco.errors import DataError
 from soco.files import atomic_write_text
 from soco.study.design import READINGS, SCRATCH, Budget, arms, parse_length_arm
 
-__all__ = ["StudyData", "default_data", "pretraining_folder", "run_study", "finetune_dir", "pretrain_overrides",
-           "PROBE_NAME", "TIMINGS_NAME", "STUDY_MARKER"]
+__all__ = ["StudyData", "default_data", "pretraining_folder", "run_study", "finetune_dir",
+           "pretraining_settings", "PROBE_NAME", "TIMINGS_NAME", "STUDY_MARKER"]
 
 PROBE_NAME = "probe.json"
 TIMINGS_NAME = "timings.json"
@@ -126,7 +126,7 @@ class _Timings:
             self.add(piece, time.perf_counter() - started)
 
 
-def pretrain_overrides(arm_name: str, budget: Budget, device: str) -> tuple[str, list[str]]:
+def pretraining_settings(arm_name: str, budget: Budget, device: str) -> tuple[str, list[str]]:
     """(preset, overrides) an arm is pretrained with under a budget: the budget's, the head widths, the arm's own."""
     base, steps = parse_length_arm(arm_name)
     arm = arms()[base]
@@ -139,12 +139,12 @@ def pretrain_overrides(arm_name: str, budget: Budget, device: str) -> tuple[str,
 def _pretrain_config(arm_name: str, budget: Budget, device: str):
     from soco.config.loading import load_config
 
-    return load_config(*pretrain_overrides(arm_name, budget, device))
+    return load_config(*pretraining_settings(arm_name, budget, device))
 
 
 def _pretrain_and_export(arm_name: str, budget: Budget, images: Path, store: Path | None, study_dir: Path,
                          device: str, progress: bool, log: Callable[[str], None]) -> Path:
-    """Pretrain one arm (or continue / reuse its run) and export its encoder as a torchvision file."""
+    """Pretrain one arm (or continue / reuse its run) and export its encoder in the format the arm declares."""
     from soco.engine.trainer import pretrain
     from soco.export import export_checkpoint
 
