@@ -111,3 +111,24 @@ def test_saved_config_round_trips(tmp_path):
     saved = yaml.safe_load(path.read_text())
     assert saved == config_to_dict(config)
     assert load_config(str(path)) == config
+
+
+def test_a_method_s_own_preset_folder_is_searched_after_the_package(tmp_path, monkeypatch):
+    from soco import registry
+    from soco.config.loading import every_preset
+    from soco.declarations import MethodPresets
+
+    registry.method_names()  # the built-ins first: the registry put back after the test holds them
+    monkeypatch.setattr(registry, "_REGISTERED", dict(registry._REGISTERED))
+    (tmp_path / "mine_small.yaml").write_text("base: soco_tiny\ntrain: {steps: 3}\n")
+    (tmp_path / "soco_tiny.yaml").write_text("train: {steps: 99}\n")  # the package's name: the package's preset
+
+    class Mine:
+        name = "mine"
+        presets = MethodPresets(tiny="mine_small", small="mine_small", r50="mine_small", folder=tmp_path)
+
+    registry.register_method(Mine)
+    assert load_config("mine_small").train.steps == 3 and load_config("soco_tiny").train.steps == 4
+    assert every_preset() == [*list_presets(), "mine_small"]
+    with pytest.raises(ConfigError, match=r"unknown preset 'mine_smal'; did you mean 'mine_small'"):
+        load_config("mine_smal")

@@ -19,6 +19,7 @@ from soco.study.runner import (  # noqa: E402
     StudyData,
     _study_lock,
     finetune_dir,
+    pretraining_settings,
     run_study,
 )
 from tests.transfer import make_coco_set  # noqa: E402
@@ -120,6 +121,31 @@ def test_arm_names_and_command_errors(tmp_path, capsys):
     assert main(["study", "--train", str(tmp_path / "a.json"), "--out", str(tmp_path / "s")]) == 2
     assert "--train and --val go together" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_each_arm_pretrains_with_its_method_s_preset_and_overrides(capsys):
+    cpu, gpu = BUDGETS["cpu"], BUDGETS["gpu"]
+    shared = [*cpu.pretrain_overrides, "train.steps=300", "train.device=cpu"]
+    heads = list(cpu.head_overrides)
+    queue = ["method.queue_size=256"]  # the cpu budget's MoCo queues, shorter than an epoch of its data
+    expected = {"byol_image": ("byol_image_small", shared), "soco": ("soco_small", [*shared, *heads]),
+                "scrl": ("scrl_small", shared), "insloc": ("insloc_small", [*shared, *heads, *queue]),
+                "detco": ("detco_small", [*shared, *queue])}
+    for arm, (preset, overrides) in expected.items():
+        assert pretraining_settings(arm, cpu, "cpu") == (preset, overrides), arm
+    assert pretraining_settings("soco@75", cpu, "cpu")[1][3] == "train.steps=75"
+    r50 = {arm: pretraining_settings(arm, gpu, "cuda") for arm in expected}
+    assert {arm: preset for arm, (preset, _) in r50.items()} == {
+        "byol_image": "byol_image_r50", "soco": "soco_r50_fpn", "scrl": "scrl_r50_200ep",
+        "insloc": "insloc_r50_fpn_200ep", "detco": "detco_r50_200ep"}
+    assert all(overrides == [*gpu.pretrain_overrides, "train.steps=3000", "train.device=cuda"]
+               for _, overrides in r50.values())
+    assert main(["study", "--arms", "insloc", "scratch", "--plan", "--device", "cpu"]) == 0
+    plan = capsys.readouterr().out.splitlines()
+    assert plan[0] == "soco study, cpu budget: 2 arm(s), seeds 0 1 2"
+    assert plan[1].startswith("insloc: InsLoc: backbone, FPN and box head; method insloc, preset insloc_small (")
+    assert plan[1].endswith("method.queue_size=256), 300 steps; exports torchvision; fine-tuned full, frozen")
+    assert plan[2] == "scratch: random init of the whole detector; fine-tuned full, frozen"
 
 
 def test_sigterm_ends_a_study_through_its_finally_blocks():

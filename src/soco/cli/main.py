@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="images/s and memory of training steps and data loading (JSON)")
     bench_command.add_arguments(bench)
 
-    commands.add_parser("methods", help="the pretraining methods, with their presets")
+    commands.add_parser("methods", help="the pretraining methods, with their presets and study arms")
 
     from soco.cli import export_command
 
@@ -132,21 +132,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def list_methods() -> int:
-    """Print every registered method with its first docstring line and the presets that name it."""
-    from soco.config.loading import list_presets, load_preset_values
-    from soco.registry import method_class, method_names
+    """Print every registered method: its summary, the presets that name it, its preset per size, its study arms."""
+    from soco.config.loading import every_preset, load_preset_values
+    from soco.registry import method_class, method_names, study_arms
 
     presets: dict[str, list[str]] = {}
-    for preset in list_presets():
+    for preset in every_preset():
         named = (load_preset_values(preset).get("method") or {}).get("name")
         if named:
             presets.setdefault(named, []).append(preset)
+    arms = study_arms()
     for name in method_names():
         cls = method_class(name)
         summary = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip().splitlines()[0]
         print(f"{name}: {summary}")
-        print(f"  presets: {', '.join(presets.get(name, []))} (small: {cls.default_preset})")
+        sizes = ", ".join(f"{size}: {preset}" for size, preset in cls.presets.by_size().items()) if cls.presets \
+            else f"small: {cls.default_preset}"
+        print(f"  presets: {', '.join(presets.get(name, []))} ({sizes})")
+        for arm in (arm for arm in arms if arm.name in {own.name for own in cls.study_arms}):
+            print(f"  study arm {arm.name}: {describe_arm(arm, cls.presets)}")
     return 0
+
+
+def describe_arm(arm, method_presets=None) -> str:
+    """A study arm in one line: what it pretrains, its presets (unless the method's), what it exports, its overrides."""
+    parts = [arm.note]
+    if arm.presets != method_presets:
+        parts.append("presets " + ", ".join(f"{size}: {preset}" for size, preset in arm.presets.by_size().items()))
+    parts.append(f"exports {arm.exports}")
+    if arm.pretrains_fpn_and_head:
+        parts.append("the budget's head widths apply")
+    parts += [f"{budget} budget: {' '.join(overrides)}" for budget, overrides in arm.budget_overrides.items()]
+    return "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,14 +13,31 @@ DEFAULT_STUDY_OUT = Path("runs") / "study"
 REPORT_STEM = "study"  # study_<budget>.md / .json / .png
 
 
+class _ArmNames:
+    """The arms' names for `--help`, read from the registry only when the help is printed.
+
+    The registry imports every method (and torch); building the parser of any soco command must not.
+    """
+
+    def __str__(self) -> str:
+        from soco.study.design import arm_names
+
+        return " ".join(arm_names())
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `soco study`."""
     parser.add_argument("--budget", default="cpu", choices=["cpu", "gpu"],
                         help="cpu: R18, 96 px views, 200 px tiles (about 3 h on 2 cores); gpu: the paper's R50-FPN "
                              "(docs/study.md)")
-    parser.add_argument("--arms", nargs="+", default=None, metavar="ARM",
-                        help="arms to run (default: all: scratch byol_image soco scrl insloc detco, and SoCo at the "
-                             "budget's other lengths, e.g. soco@75); ARM@STEPS pretrains ARM to STEPS")
+    arms = parser.add_argument("--arms", nargs="+", default=None, metavar="ARM",
+                               help="arms to run (default: all: %(arm_names)s, and SoCo at the budget's other "
+                                    "lengths, e.g. soco@75); ARM@STEPS pretrains ARM to STEPS; `soco methods` "
+                                    "says which method each arm is")
+    arms.arm_names = _ArmNames()  # argparse fills %(arm_names)s from the action's attributes when formatting
+    parser.add_argument("--plan", action="store_true",
+                        help="only print what each arm pretrains (preset and overrides, checked), exports and how it "
+                             "is fine-tuned; runs nothing")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="fine-tuning seeds (default 0 1 2)")
     parser.add_argument("--readings", nargs="+", default=["full", "frozen"], choices=["full", "frozen"],
                         help="full: every weight fine-tunes; frozen: backbone and FPN frozen (default both)")
@@ -119,6 +136,35 @@ def write_report(study_dir: Path, report_dir: Path, budget, data_name: str, comm
     return markdown
 
 
+def plan_lines(budget, arms: list[str], seeds: list[int], readings: list[str], device: str) -> list[str]:
+    """What a study call would do for each arm, each pretraining configuration resolved (so checked) first."""
+    from soco.config.loading import load_config
+    from soco.study.design import SCRATCH, arms as every_arm, parse_length_arm
+    from soco.study.runner import pretraining_settings, readings_of
+
+    declared = every_arm()
+    lines = [f"soco study, {budget.name} budget: {len(arms)} arm(s), seeds {' '.join(map(str, seeds))}"]
+    for name in arms:
+        base = parse_length_arm(name)[0]
+        arm = declared[base]
+        finetuned = f"fine-tuned {', '.join(readings_of(name, budget, readings)) or 'with no reading'}"
+        if base == SCRATCH:
+            lines.append(f"{name}: {arm.note}; {finetuned}")
+            continue
+        preset, overrides = pretraining_settings(name, budget, device)
+        config = load_config(preset, overrides)
+        lines.append(f"{name}: {arm.note}; method {config.method.name}, preset {preset} "
+                     f"({' '.join(overrides)}), {config.train.steps} steps; exports {arm.exports}; {finetuned}")
+    return lines
+
+
+def print_plan(budget, arms: list[str], seeds: list[int], readings: list[str], device: str) -> int:
+    """Print the plan of `soco study --plan`."""
+    for line in plan_lines(budget, arms, seeds, readings, device):
+        print(line)
+    return 0
+
+
 def _stop_cleanly_on_signals() -> None:
     """SIGTERM, and SIGINT even when a background shell ignored it, end the study through its `finally` blocks
     (each piece's time is recorded, loader workers are stopped); the next call resumes."""
@@ -142,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
     budget = BUDGETS[args.budget]
     arms = select_arms(args.arms, budget)
     seeds = args.seeds if args.seeds is not None else list(budget.seeds)
+    if args.plan:
+        return print_plan(budget, arms, seeds, args.readings, args.device)
     study_dir = Path(args.out).expanduser()
     report_dir = Path(args.report).expanduser() if args.report else study_dir
     command = "soco study " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else "soco study"

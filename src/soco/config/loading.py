@@ -56,6 +56,34 @@ def list_presets() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def _method_preset_files() -> dict[str, Path]:
+    """Preset name -> file, from the folders registered methods declare (`MethodPresets.folder`)."""
+    from soco.registry import preset_folders  # the registry, not a method: a method outside the package
+
+    files: dict[str, Path] = {}
+    for folder in preset_folders():
+        for path in sorted(folder.glob("*.yaml")):
+            files.setdefault(path.stem, path)
+    return files
+
+
+def every_preset() -> list[str]:
+    """Every preset name a configuration can start from: the package's, then those of methods' own folders.
+
+    A name the package has is the package's preset, whichever method folder holds a file of that name too.
+    """
+    shipped = list_presets()
+    return [*shipped, *(name for name in _method_preset_files() if name not in shipped)]
+
+
+def _preset_text(name: str) -> str | None:
+    """The YAML text of a preset by name: the package's own first, then a registered method's folder."""
+    if name in list_presets():
+        return (resources.files(PRESET_PACKAGE) / f"{name}.yaml").read_text()
+    path = _method_preset_files().get(name)
+    return path.read_text() if path is not None else None
+
+
 def _suggest(word: str, candidates: list[str]) -> str:
     """A ' (did you mean X?)' hint for the closest candidate, or an empty string."""
     close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.5)
@@ -298,14 +326,14 @@ def load_preset_values(name_or_path: str, _chain: tuple[str, ...] = ()) -> dict:
             raise ConfigError(f"config file {candidate} does not exist")
         values = _read_yaml(candidate, str(candidate))
     else:
-        presets = list_presets()
-        if name_or_path not in presets:
+        text = _preset_text(name_or_path)
+        if text is None:
+            presets = every_preset()
             raise ConfigError(
                 f"unknown preset '{name_or_path}'{_suggest(name_or_path, presets)} "
                 f"(presets: {', '.join(presets)}; or give a .yaml file)"
             )
-        resource = resources.files(PRESET_PACKAGE) / f"{name_or_path}.yaml"
-        values = parse_yaml(resource.read_text()) or {}
+        values = parse_yaml(text) or {}
     base = values.pop("base", None)
     if base is not None:
         if not isinstance(base, str) or not base:

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from soco.declarations import MethodPresets, PresetOfSize, StudyArm
 from soco.methods.parameter_groups import lars_param_groups
 
 ENCODER_PARTS = ("backbone", "fpn", "box_head", "res5")
@@ -38,8 +39,10 @@ class Method(nn.Module, metaclass=ABCMeta):
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = type(None)
-    default_preset: ClassVar[str] = ""  # the small preset `soco pretrain --method NAME` starts from
-    tiny_preset: ClassVar[str] = ""  # the smallest preset, which the contract test runs
+    presets: ClassVar[MethodPresets | None] = None  # the preset per model size, and where they are
+    study_arms: ClassVar[tuple[StudyArm, ...]] = ()  # the arms the method adds to `soco study`
+    default_preset: ClassVar[str] = PresetOfSize("small")  # what `soco pretrain --method NAME` starts from
+    tiny_preset: ClassVar[str] = PresetOfSize("tiny")  # the smallest preset, which the contract test runs
 
     def __init__(self, config: Any):
         super().__init__()

@@ -29,6 +29,7 @@ from soco.config.validation import (
     one_of,
 )
 from soco.data.batch_drawing import draw_views
+from soco.declarations import MethodPresets, StudyArm
 from soco.errors import ConfigError
 from soco.methods.base import backbone_only_layout
 from soco.methods.detco_transform import GRID, DetCoTransform, DetCoViewsConfig
@@ -137,8 +138,10 @@ class DetCo(MomentumMethod):
 
     name = "detco"
     config_class = DetCoConfig
-    default_preset = "detco_small"
-    tiny_preset = "detco_tiny"
+    presets = MethodPresets(tiny="detco_tiny", small="detco_small", r50="detco_r50_200ep")
+    # cpu budget: queues shorter than an epoch of its ~300 pretraining images, as InsLoc's
+    study_arms = (StudyArm("detco", "DetCo: backbone only", order=50,
+                           budget_overrides={"cpu": ("method.queue_size=256",)}),)
 
     def __init__(self, config: DetCoConfig):
         if len(config.stage_weights) != len(STAGES):

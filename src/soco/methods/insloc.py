@@ -30,6 +30,7 @@ from soco.config.validation import (
     one_of,
 )
 from soco.data.batch_drawing import draw_views
+from soco.declarations import MethodPresets, StudyArm
 from soco.errors import ConfigError
 from soco.methods.insloc_transform import InsLocTransform, InsLocViewsConfig
 from soco.methods.losses import info_nce
@@ -124,8 +125,11 @@ class InsLoc(MomentumMethod):
 
     name = "insloc"
     config_class = InsLocConfig
-    default_preset = "insloc_small"
-    tiny_preset = "insloc_tiny"
+    presets = MethodPresets(tiny="insloc_tiny", small="insloc_small", r50="insloc_r50_fpn_200ep")
+    # cpu budget: a queue shorter than an epoch of its ~300 pretraining images (the presets' 4,096 would hold each
+    # image about 14 times, stale copies of a query's own image among its negatives)
+    study_arms = (StudyArm("insloc", "InsLoc: backbone, FPN and box head", pretrains_fpn_and_head=True, order=40,
+                           budget_overrides={"cpu": ("method.queue_size=256",)}),)
 
     def __init__(self, config: InsLocConfig):
         check_config(config)

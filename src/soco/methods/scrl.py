@@ -23,6 +23,7 @@ from torch import nn
 
 from soco.config.validation import PROBABILITY, at_least, config_rules, one_of
 from soco.data.batch_drawing import draw_views
+from soco.declarations import MethodPresets, StudyArm
 from soco.errors import ConfigError
 from soco.methods.base import backbone_only_layout
 from soco.methods.losses import box_pair_loss
@@ -88,8 +89,8 @@ class SCRL(MomentumMethod):
 
     name = "scrl"
     config_class = SCRLConfig
-    default_preset = "scrl_small"
-    tiny_preset = "scrl_tiny"
+    presets = MethodPresets(tiny="scrl_tiny", small="scrl_small", r50="scrl_r50_200ep")
+    study_arms = (StudyArm("scrl", "SCRL: backbone only", order=30),)
 
     def __init__(self, config: SCRLConfig):
         check_views_config(config.views)

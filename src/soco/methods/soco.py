@@ -24,6 +24,7 @@ from soco.config.validation import (
     one_of,
 )
 from soco.data.batch_drawing import draw_views
+from soco.declarations import MethodPresets, StudyArm
 from soco.errors import ConfigError
 from soco.methods.losses import symmetric_pair_loss
 from soco.methods.momentum import MomentumMethod
@@ -186,8 +187,13 @@ class SoCo(MomentumMethod):
 
     name = "soco"
     config_class = SoCoConfig
-    default_preset = "soco_small"
-    tiny_preset = "soco_tiny"
+    presets = MethodPresets(tiny="soco_tiny", small="soco_small", r50="soco_r50_fpn")
+    study_arms = (
+        # the paper's image-level baseline (Table 4, row 1): SoCo's configuration on two whole views
+        StudyArm("byol_image", "image-level BYOL: backbone only (global pooling of two whole views)", order=10,
+                 presets=MethodPresets(tiny="byol_image_tiny", small="byol_image_small", r50="byol_image_r50")),
+        StudyArm("soco", "SoCo: backbone, FPN and box head", pretrains_fpn_and_head=True, order=20),
+    )
 
     def __init__(self, config: SoCoConfig):
         check_views_config(config.views)

@@ -1,43 +1,41 @@
-"""The study's arms, readings and budgets: what each arm pretrains with and how every arm is fine-tuned."""
+"""The study's arms, readings and budgets: what each arm pretrains with and how every arm is fine-tuned.
+
+The arms are the methods' own (each Method class declares its `study_arms`, read through the registry), and
+the study adds its scratch arm, which pretrains nothing; a method added to the registry is an arm here at once.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from soco.declarations import StudyArm
 from soco.errors import ConfigError
 
-__all__ = ["Arm", "Budget", "ARMS", "BUDGETS", "READINGS", "SCRATCH", "BASELINE", "length_arm_name",
-           "parse_length_arm", "select_arms"]
+__all__ = ["Budget", "BUDGETS", "READINGS", "SCRATCH", "SCRATCH_ARM", "BASELINE", "LENGTHS_ARM", "arms",
+           "arm_names", "length_arm_name", "parse_length_arm", "select_arms"]
 
 SCRATCH = "scratch"
-BASELINE = "byol_image"  # the paper's image-level baseline (Table 4, row 1)
+SCRATCH_ARM = StudyArm(SCRATCH, "random init of the whole detector", order=0)
+BASELINE = "byol_image"  # the paper's image-level baseline (Table 4, row 1), SoCo's arm of whole images
+LENGTHS_ARM = "soco"  # the arm pretrained to the budget's extra lengths too (the gain-vs-length curve)
 # full: the paper's protocol (every weight trains). frozen: the backbone and FPN keep their pretrained weights and
 # BN statistics; the RPN and heads train, so the reading isolates what the representation holds.
 READINGS = ("full", "frozen")
 
 
-@dataclass(frozen=True)
-class Arm:
-    """One way to start the detector: a pretraining preset per model size (None: random init)."""
+def arms() -> dict[str, StudyArm]:
+    """Every arm by name, in the study's order: scratch, then the registered methods' arms by their `order`."""
+    from soco.registry import study_arms
 
-    name: str
-    presets: dict[str, str] | None  # model size ('tiny' for tests, 'small', 'r50') -> preset
-    note: str
-    # Overrides that give the arm the study's detector widths (only methods that pretrain an FPN and box head).
-    has_fpn_and_head: bool = False
+    declared = study_arms()
+    if any(arm.name == SCRATCH for arm in declared):
+        raise TypeError(f"study arm {SCRATCH!r} is the study's own; a method cannot declare it")
+    return {arm.name: arm for arm in (SCRATCH_ARM, *declared)}
 
 
-ARMS: dict[str, Arm] = {arm.name: arm for arm in (
-    Arm(SCRATCH, None, "random init of the whole detector"),
-    Arm(BASELINE, {"tiny": "byol_image_tiny", "small": "byol_image_small", "r50": "byol_image_r50"},
-        "image-level BYOL: backbone only (global pooling of two whole views)"),
-    Arm("soco", {"tiny": "soco_tiny", "small": "soco_small", "r50": "soco_r50_fpn"},
-        "SoCo: backbone, FPN and box head", has_fpn_and_head=True),
-    Arm("scrl", {"tiny": "scrl_tiny", "small": "scrl_small", "r50": "scrl_r50_200ep"}, "SCRL: backbone only"),
-    Arm("insloc", {"tiny": "insloc_tiny", "small": "insloc_small", "r50": "insloc_r50_fpn_200ep"},
-        "InsLoc: backbone, FPN and box head", has_fpn_and_head=True),
-    Arm("detco", {"tiny": "detco_tiny", "small": "detco_small", "r50": "detco_r50_200ep"}, "DetCo: backbone only"),
-)}
+def arm_names() -> list[str]:
+    """The names of every arm, in the study's order (scratch first)."""
+    return list(arms())
 
 
 @dataclass(frozen=True)
@@ -55,8 +53,6 @@ class Budget:
     transfer: dict  # TransferConfig keywords (widths included, so a backbone-only arm gets the same detector)
     tile_size: int  # the default data: DeepForest cut into tiles of this size (native resolution)
     seeds: tuple[int, ...] = (0, 1, 2)
-    # arm -> overrides of that arm alone, for what must scale with the data rather than the model (queue lengths)
-    arm_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -74,9 +70,6 @@ BUDGETS: dict[str, Budget] = {budget.name: budget for budget in (
                       box_head_convs=[64, 64, 64, 64], box_head_fcs=[256], rpn_post_nms_train=150,
                       roi_batch_per_image=32, rpn_post_nms_test=150, eval_every=2),
         tile_size=200,
-        # MoCo-style queues shorter than an epoch of the ~300 pretraining images (the presets' 4,096 would hold
-        # each image about 14 times, stale copies of a query's own image among its negatives)
-        arm_overrides={"insloc": ("method.queue_size=256",), "detco": ("method.queue_size=256",)},
         notes=("pretraining: R18, 96-pixel views, batch 16, on the training tiles and the default photos",
                "fine-tuning: Faster R-CNN R18-FPN (FPN 64, head 4x64 conv + 256 fc; widths chosen by measured "
                "speed, docs/study.md) on 200 px tiles at native resolution, 150/32 RoIs per image, fp32"),
@@ -111,12 +104,13 @@ def parse_length_arm(name: str) -> tuple[str, int | None]:
 
 def select_arms(names: list[str] | None, budget: Budget) -> list[str]:
     """The arm names to run (all, with SoCo's extra lengths, by default); ConfigError naming an unknown one."""
-    every = [*ARMS, *(length_arm_name("soco", steps) for steps in budget.extra_lengths)]
+    known = arm_names()
+    every = [*known, *(length_arm_name(LENGTHS_ARM, steps) for steps in budget.extra_lengths)]
     if not names:
         return every
     for name in names:
         base, steps = parse_length_arm(name)
-        if base not in ARMS or (steps is not None and (base == SCRATCH or steps < 1)):
+        if base not in known or (steps is not None and (base == SCRATCH or steps < 1)):
             raise ConfigError(f"--arms: unknown arm {name!r} (valid: {', '.join(every)}; any arm@STEPS)")
     # an arm asked for at the budget's own length is the plain arm (one run, not two)
     plain = [base if steps == budget.pretrain_steps else name

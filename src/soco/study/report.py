@@ -118,10 +118,10 @@ def collect_runs(study_dir: Path) -> list[RunResult]:
 
 
 def _arm_order(arm: str) -> tuple:
-    from soco.study.design import ARMS
+    from soco.study.design import arm_names
 
     base, steps = parse_length_arm(arm)
-    names = list(ARMS)
+    names = arm_names()
     return (names.index(base) if base in names else len(names), steps or 0, arm)
 
 

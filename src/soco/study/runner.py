@@ -23,10 +23,10 @@ from typing import Callable
 
 from soco.errors import DataError
 from soco.files import atomic_write_text
-from soco.study.design import ARMS, READINGS, SCRATCH, Budget, parse_length_arm
+from soco.study.design import READINGS, SCRATCH, Budget, arms, parse_length_arm
 
-__all__ = ["StudyData", "default_data", "pretraining_folder", "run_study", "finetune_dir", "PROBE_NAME",
-           "TIMINGS_NAME", "STUDY_MARKER"]
+__all__ = ["StudyData", "default_data", "pretraining_folder", "run_study", "finetune_dir",
+           "pretraining_settings", "PROBE_NAME", "TIMINGS_NAME", "STUDY_MARKER"]
 
 PROBE_NAME = "probe.json"
 TIMINGS_NAME = "timings.json"
@@ -126,23 +126,27 @@ class _Timings:
             self.add(piece, time.perf_counter() - started)
 
 
+def pretraining_settings(arm_name: str, budget: Budget, device: str) -> tuple[str, list[str]]:
+    """(preset, overrides) an arm is pretrained with under a budget: the budget's, the head widths, the arm's own."""
+    base, steps = parse_length_arm(arm_name)
+    arm = arms()[base]
+    overrides = [*budget.pretrain_overrides, f"train.steps={steps or budget.pretrain_steps}",
+                 f"train.device={device}", *(budget.head_overrides if arm.pretrains_fpn_and_head else ()),
+                 *arm.overrides_for(budget.name)]
+    return arm.presets.for_size(budget.model_size), overrides
+
+
 def _pretrain_config(arm_name: str, budget: Budget, device: str):
     from soco.config.loading import load_config
 
-    base, steps = parse_length_arm(arm_name)
-    arm = ARMS[base]
-    overrides = [*budget.pretrain_overrides, f"train.steps={steps or budget.pretrain_steps}",
-                 f"train.device={device}", *(budget.head_overrides if arm.has_fpn_and_head else ()),
-                 *budget.arm_overrides.get(base, ())]
-    return load_config(arm.presets[budget.model_size], overrides)
+    return load_config(*pretraining_settings(arm_name, budget, device))
 
 
 def _pretrain_and_export(arm_name: str, budget: Budget, images: Path, store: Path | None, study_dir: Path,
                          device: str, progress: bool, log: Callable[[str], None]) -> Path:
-    """Pretrain one arm (or continue / reuse its run) and export its encoder as a torchvision file."""
+    """Pretrain one arm (or continue / reuse its run) and export its encoder in the format the arm declares."""
     from soco.engine.trainer import pretrain
     from soco.export import export_checkpoint
-    from soco.export.formats import UnsupportedLayoutError
 
     run_dir = study_dir / "pretrain" / arm_name
     exported = run_dir / "exported"
@@ -150,10 +154,8 @@ def _pretrain_and_export(arm_name: str, budget: Budget, images: Path, store: Pat
     summary = pretrain(config, run_dir, images, store, resume=True, progress=progress)
     log(f"[{arm_name}] pretrained {summary.steps} steps, final loss {summary.final_loss:.3f}, "
         f"{summary.images_per_second:.1f} images/s")
-    try:  # backbone, FPN and box head
-        return export_checkpoint(run_dir, "torchvision", exported / "torchvision.pt").output
-    except UnsupportedLayoutError:  # an encoder without FPN: its backbone alone
-        return export_checkpoint(run_dir, "backbone", exported / "backbone.pt").output
+    export_format = arms()[parse_length_arm(arm_name)[0]].exports
+    return export_checkpoint(run_dir, export_format, exported / f"{export_format}.pt").output
 
 
 def _finetune(arm_name: str, reading: str, seed: int, weights: Path | None, budget: Budget, data: StudyData,
@@ -285,8 +287,10 @@ def _run_locked(budget: Budget, arms: list[str], seeds: list[int], readings: lis
     store = study_dir / "proposals"
     with_store = {arm: uses_proposals(arm, budget, device) for arm in pretrained}
     if any(with_store.values()) and not is_store(store):
+        # one store for every arm that samples proposals: computed with the first one's proposal settings
+        first = next(arm for arm, uses in with_store.items() if uses)
         with timings.timed("proposals"):
-            summary = run_proposals(images, store, _pretrain_config("soco", budget, device).proposals,
+            summary = run_proposals(images, store, _pretrain_config(first, budget, device).proposals,
                                     progress=progress)
         log(f"proposals: {summary.images} images, {summary.proposals / max(1, summary.images):.1f} kept per image, "
             f"{summary.seconds:.0f} s, into {store}")
