@@ -14,7 +14,7 @@ from soco.config.loading import load_config
 from soco.engine.trainer import pretrain
 from soco.export import export_checkpoint
 from soco.export.formats import FORMAT_NAMES, UnsupportedLayoutError
-from soco.methods.base import ENCODER_PARTS, Method
+from soco.methods.base import ENCODER_PARTS, EncoderLayout, Method
 from soco.registry import method_class, method_names, register_method
 from tests.killed_run import run_killed_after_step_2
 
@@ -37,10 +37,11 @@ def test_method_declares_the_contract(name):
     assert load_config(cls.default_preset).method.name == name
     method = cls(config.method)
     layout = method.encoder_layout()
-    assert layout["parts"] and set(layout["parts"]) <= set(ENCODER_PARTS) and layout["parts"][0] == "backbone"
+    assert isinstance(layout, EncoderLayout) and EncoderLayout.from_dict(layout.to_dict()) == layout
+    assert layout.parts and set(layout.parts) <= set(ENCODER_PARTS) and layout.parts[0] == "backbone"
     encoder_keys = set(method.encoder().state_dict())
-    for part in layout["parts"]:
-        assert any(key.startswith(layout["prefixes"][part]) for key in encoder_keys), part
+    for part in layout.parts:
+        assert any(key.startswith(layout.prefixes[part]) for key in encoder_keys), part
     transform = method.sample_transform()
     assert callable(transform) and callable(transform.collate)
     assert transform.needs_proposals == cls.uses_proposals(config.method)

@@ -1,12 +1,18 @@
 """Every value of a configuration checked in one place, before anything is built or written.
 
 A configuration dataclass declares the rule of each of its keys with the `@config_rules(key=rule, ...)`
-class decorator (the shared sections in `schema.py`, each method's section in its own file); the rules
-are ranges (`at_least`, `above`, `between`), choices (`one_of`), `[low, high]` pairs (`interval`), lists
-(`each`) and free text (`ANY_TEXT`). Relations between the keys of one section (a minimum below its
-maximum) live in the dataclass's optional `check_values(self)` method, which raises ConfigError. The
-types themselves are checked while loading (`loading.py`). `validate_section` walks a section and its
-nested sections; every problem is a one-line ConfigError that names the key.
+class decorator, beside the dataclass: the shared sections in `schema.py`, each method's section in its own
+file, `TransferConfig` in `transfer/finetune.py`, the study's `Budget` in `study/design.py`. The rules are
+ranges (`at_least`, `above`, `between`), choices (`one_of`), `[low, high]` pairs (`interval`), lists of
+numbers (`each`) or of other values (`list_of`), mappings (`mapping_of`) and free text (`ANY_TEXT`); a
+subclass inherits its bases' rules. Relations between the keys of one section (a minimum below its maximum)
+live in the dataclass's optional `check_values(self)` method, which raises ConfigError. The types themselves
+are checked while loading (`loading.py`). `validate_section` walks a section and its nested sections; every
+problem is a one-line ConfigError that starts with the dotted key. Nothing else checks a value: the methods,
+their transforms and the fine-tuning trust a section that was validated when it was loaded.
+
+A field needs no rule when it is a bool (its type is its whole range) or a nested section (its own fields
+have rules); `fields_without_rules` names the others that lack one.
 
 The command line's own numbers (`--steps`, `--workers`) are checked by the argparse types at the end.
 """
@@ -17,6 +23,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -143,7 +150,44 @@ class Text:
         return None if isinstance(value, str) else f"must be a string, not {_shown(value)}"
 
 
-Rule = Range | OneOf | Interval | Each | Text
+@dataclass(frozen=True)
+class ListOf:
+    """A list (or tuple) whose every item obeys `item`, with at least `min_length` items."""
+
+    item: Any
+    min_length: int = 0
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with the list (the first bad item's problem), or None."""
+        if not isinstance(value, (list, tuple)):
+            return f"must be a list, not {_shown(value)}"
+        if len(value) < self.min_length:
+            return f"must hold at least {self.min_length} value(s), not {_shown(value)}"
+        for item in value:
+            problem = self.item.problem(item)
+            if problem:
+                return f"every value {problem} in {_shown(value)}"
+        return None
+
+
+@dataclass(frozen=True)
+class MappingOf:
+    """A mapping from text keys to values that each obey `value` (None: any value, checked where it is used)."""
+
+    value: Any = None
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with the mapping, or None."""
+        if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+            return f"must be a mapping of names, not {_shown(value)}"
+        for key, item in value.items():
+            problem = self.value.problem(item) if self.value is not None else None
+            if problem:
+                return f"{key} {problem}"
+        return None
+
+
+Rule = Range | OneOf | Interval | Each | Text | ListOf | MappingOf
 
 
 def at_least(low: float) -> Range:
@@ -159,6 +203,16 @@ def above(low: float) -> Range:
 def between(low: float, high: float) -> Range:
     """A number in [low, high]."""
     return Range(low=low, high=high)
+
+
+def list_of(item: Rule, min_length: int = 0) -> ListOf:
+    """A list whose every item obeys `item` (choices, text)."""
+    return ListOf(item, min_length)
+
+
+def mapping_of(value: Rule | None = None) -> MappingOf:
+    """A mapping of names to values obeying `value`."""
+    return MappingOf(value)
 
 
 def one_of(*choices: Any) -> OneOf:
@@ -199,8 +253,24 @@ def config_rules(**rules: Rule) -> Callable[[type], type]:
 
 
 def rules_of(cls: type) -> dict[str, Rule]:
-    """The rules a configuration dataclass declares for its own keys (not those of nested sections)."""
-    return dict(cls.__dict__.get(RULES_ATTRIBUTE, {}))
+    """The rules of a configuration dataclass's own keys, its base classes' included (not nested sections')."""
+    rules: dict[str, Rule] = {}
+    for klass in reversed(cls.__mro__):
+        rules.update(klass.__dict__.get(RULES_ATTRIBUTE, {}))
+    return rules
+
+
+def fields_without_rules(cls: type) -> list[str]:
+    """The fields of a configuration dataclass that declare no rule (bools and nested sections need none)."""
+    hints = typing.get_type_hints(cls)
+    rules = rules_of(cls)
+    missing = []
+    for field in dataclasses.fields(cls):
+        annotation = hints[field.name]
+        if annotation is bool or dataclasses.is_dataclass(annotation) or field.name in rules:
+            continue
+        missing.append(field.name)
+    return missing
 
 
 def validate_section(section: Any, prefix: str) -> None:
