@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from soco.config.validation import POSITIVE, PROBABILITY, at_least, config_rules, one_of
+from soco.config.validation import ANY_TEXT, POSITIVE, PROBABILITY, at_least, config_rules, one_of
 from soco.methods.momentum import MomentumMethod
 from soco.methods.parameter_groups import decay_everything
 from soco.methods.queue import KeyQueue
@@ -30,7 +30,9 @@ class MoCoModelConfig:
     zero_init_residual: bool = False  # the releases keep the last BN of each block at gamma 1
 
 
-@config_rules(momentum=PROBABILITY, temperature=POSITIVE, queue_size=at_least(1), key_bn_splits=at_least(1))
+@config_rules(
+    name=ANY_TEXT, momentum=PROBABILITY, temperature=POSITIVE, queue_size=at_least(1), key_bn_splits=at_least(1),
+)
 @dataclass
 class MoCoConfig:
     """The `method:` keys every MoCo-style method has; a method's section subclasses it with its own."""

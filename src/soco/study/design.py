@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from soco.config.validation import ANY_TEXT, at_least, config_rules, each, keywords_of, list_of, mapping_of, one_of
 from soco.errors import ConfigError
 
 __all__ = ["Arm", "Budget", "ARMS", "BUDGETS", "READINGS", "SCRATCH", "BASELINE", "length_arm_name",
@@ -40,6 +41,13 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in (
 )}
 
 
+@config_rules(
+    name=ANY_TEXT, model_size=one_of("tiny", "small", "r50"), pretrain_steps=at_least(1),
+    extra_lengths=each(at_least(1)), length_readings=list_of(one_of(*READINGS)), pretrain_overrides=list_of(ANY_TEXT),
+    head_overrides=list_of(ANY_TEXT), transfer=keywords_of("soco.transfer.finetune:TransferConfig", "transfer"),
+    tile_size=at_least(1), seeds=each(at_least(0), min_length=1), arm_overrides=mapping_of(list_of(ANY_TEXT)),
+    notes=list_of(ANY_TEXT),
+)
 @dataclass(frozen=True)
 class Budget:
     """Everything every arm shares: pretraining length and size, the detector, the fine-tuning schedule."""
