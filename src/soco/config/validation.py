@@ -25,6 +25,7 @@ import dataclasses
 import difflib
 import importlib
 import math
+import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from soco.errors import ConfigError
 
 RULES_ATTRIBUTE = "__config_rules__"
 RELATIONS_HOOK = "check_values"
+LEADING_KEY = re.compile(r"[A-Za-z_][\w.]*[\w]")  # the dotted key a relation's message starts with
 
 
 def _shown(value: Any) -> str:
@@ -305,8 +307,17 @@ def fields_without_rules(cls: type) -> list[str]:
     return missing
 
 
+def _with_key(error: ConfigError, key: str) -> ConfigError:
+    """The error, marked with the dotted key it is about (so that a loader can say where the value came from)."""
+    error.key = key
+    return error
+
+
 def validate_section(section: Any, prefix: str) -> None:
-    """ConfigError naming the first key of `section` (nested sections included) that breaks its rule or a relation."""
+    """ConfigError naming the first key of `section` (nested sections included) that breaks its rule or a relation.
+
+    The error's `key` attribute is that dotted key: a relation's message starts with the key it blames.
+    """
     rules = rules_of(type(section))
     for field in dataclasses.fields(section):
         key = f"{prefix}.{field.name}" if prefix else field.name
@@ -317,10 +328,16 @@ def validate_section(section: Any, prefix: str) -> None:
         rule = rules.get(field.name)
         problem = rule.problem(value) if rule is not None else None
         if problem:
-            raise ConfigError(f"{key}: {problem}")
+            raise _with_key(ConfigError(f"{key}: {problem}"), key)
     relations = getattr(section, RELATIONS_HOOK, None)
     if relations is not None:
-        relations()
+        try:
+            relations()
+        except ConfigError as error:
+            if getattr(error, "key", None) is None:
+                blamed = LEADING_KEY.match(str(error))
+                error.key = blamed.group(0) if blamed else prefix
+            raise
 
 
 SHARED_SECTIONS = ("data", "proposals", "optim", "train")

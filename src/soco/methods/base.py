@@ -34,7 +34,7 @@ class Method(nn.Module, metaclass=ABCMeta):
     config_class: ClassVar[type] = type(None)
     default_preset: ClassVar[str] = ""  # the small preset `soco pretrain --method NAME` starts from
     tiny_preset: ClassVar[str] = ""  # the smallest preset, which the contract test runs
-    # The sample transform, built from the section's `views`; its `needs_proposals` says whether a run reads proposals.
+    # The sample transform, built from the section's `views`; its `needs_proposals` says whether a run reads them.
     transform_class: ClassVar[type] = type(None)
 
     def __init__(self, config: Any):

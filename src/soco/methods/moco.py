@@ -61,11 +61,11 @@ class MoCoMethod(MomentumMethod):
         return decay_everything(self, weight_decay)
 
     def target_keys(self, *inputs: torch.Tensor) -> torch.Tensor:
-        """The key encoder's (levels, B, D) vectors of a batch; a method whose target takes other inputs overrides it."""
+        """The key encoder's (levels, B, D) vectors of a batch; overridden where the target takes other inputs."""
         return self.target(*inputs)
 
     def shuffled_keys(self, *inputs: torch.Tensor) -> torch.Tensor:
-        """`target_keys(*inputs)` with shuffle-BN (batch on dim 0 of every input): (levels, B, D) in the batch's order."""
+        """`target_keys(*inputs)` with shuffle-BN (batch on dim 0 of each input): (levels, B, D), in batch order."""
 
         def batch_first(*shuffled: torch.Tensor) -> torch.Tensor:
             return self.target_keys(*shuffled).transpose(0, 1)

@@ -30,7 +30,7 @@ class MoCoTransform:
         self.config = config
 
     def colour(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """MoCo v2's colour pipeline (jitter 0.4/0.4/0.4/0.1, grayscale, blur; no solarize) on float [0, 1], normalised."""
+        """MoCo v2's colour (jitter 0.4/0.4/0.4/0.1, grayscale, blur; no solarize) of a [0, 1] image, normalised."""
         if self.config.color_augment:
             params = draw_color_params(generator, self.config.blur_prob, 0.0, strength=MOCO_V2_JITTER)
             pixels = apply_color(pixels, params)
