@@ -42,7 +42,6 @@ class DetCoConfig(MoCoConfig):
     views: DetCoViewsConfig = field(default_factory=DetCoViewsConfig)
     # a ResNet with a global and a local MLP head per stage: nothing beyond the MoCo model keys
     model: MoCoModelConfig = field(default_factory=MoCoModelConfig)
-    queue_size: int = 65536  # keys per queue (8 queues: global and local per stage)
     stage_weights: list[float] = field(default_factory=lambda: [0.1, 0.4, 0.7, 1.0])  # res2..res5
 
 

@@ -54,7 +54,6 @@ class InsLocConfig(MoCoConfig):
     name: str = "insloc"
     views: InsLocViewsConfig = field(default_factory=InsLocViewsConfig)
     model: InsLocModelConfig = field(default_factory=InsLocModelConfig)
-    queue_size: int = 65536  # keys per level
     level_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])  # P2..P5
 
 

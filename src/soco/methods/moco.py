@@ -40,7 +40,7 @@ class MoCoConfig:
     name: str = ""
     momentum: float = 0.999  # constant EMA of the key encoder
     temperature: float = 0.2
-    queue_size: int = 65536  # keys per queue
+    queue_size: int = 65536  # keys per queue (InsLoc: a queue per FPN level; DetCo: a global and a local per stage)
     key_bn_splits: int = 2  # one process: the key encoder's BatchNorm sees this many shuffled sub-batches
 
 
