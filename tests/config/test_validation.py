@@ -277,3 +277,25 @@ def test_rule_messages():
     assert Each(at_least(0.0)).problem([1.0, -2.0]) == "every value must be at least 0, not -2 in [1, -2]"
     assert OneOf(("lars", "sgd")).problem("lasr") == "must be one of 'lars', 'sgd', not 'lasr'; did you mean 'lars'?"
     assert Text().problem("") is None
+
+
+def test_a_refused_value_says_where_it_came_from(tmp_path):
+    from soco.transfer.finetune import TransferConfig, apply_overrides
+
+    def refusal(preset, overrides) -> str:
+        with pytest.raises(ConfigError) as caught:
+            load_config(preset, overrides)
+        return str(caught.value)
+
+    assert refusal("soco_tiny", ["train.batch_size=0"]) == ("train.batch_size: must be at least 1, not 0 "
+                                                            "(set by train.batch_size=0)")
+    assert refusal("soco_tiny", ["method={views: {v1_size: 0}}"]).endswith("(set by method={views: {v1_size: 0}})")
+    assert refusal("insloc_tiny", ["optim.momentum=0"]) == ("optim.nesterov: needs optim.momentum greater than 0 "
+                                                            "(set by insloc_tiny)")
+    path = tmp_path / "mine.yaml"
+    path.write_text("base: soco_tiny\ntrain:\n  batch_size: 0\n")
+    assert refusal(str(path), []) == f"train.batch_size: must be at least 1, not 0 (set by {path})"
+    assert refusal("soco_tiny", ["proposals.min_relative_scale=0.9"]).endswith(
+        "(the default; soco_tiny does not set it)")  # the default maximum 0.8 is now below the minimum
+    with pytest.raises(ConfigError, match=r"^transfer\.epochs: must be at least 1, not 0 \(set by epochs=0\)$"):
+        apply_overrides(TransferConfig(), ["epochs=0"])

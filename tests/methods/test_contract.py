@@ -23,7 +23,7 @@ from soco.errors import ConfigError
 from soco.engine.trainer import pretrain
 from soco.export import export_checkpoint
 from soco.export.formats import FORMAT_NAMES, UnsupportedLayoutError
-from soco.methods.base import ENCODER_PARTS, Method
+from soco.methods.base import ENCODER_PARTS, EncoderLayout, Method
 from soco.registry import method_class, method_names, register_method, study_arms
 from soco.study.design import BUDGETS, arms, select_arms
 from tests.data.proposals.conftest import make_image_folder
@@ -48,10 +48,11 @@ def test_method_declares_the_contract(name):
     assert load_config(cls.default_preset).method.name == name
     method = cls(config.method)
     layout = method.encoder_layout()
-    assert layout["parts"] and set(layout["parts"]) <= set(ENCODER_PARTS) and layout["parts"][0] == "backbone"
+    assert isinstance(layout, EncoderLayout) and EncoderLayout.from_dict(layout.to_dict()) == layout
+    assert layout.parts and set(layout.parts) <= set(ENCODER_PARTS) and layout.parts[0] == "backbone"
     encoder_keys = set(method.encoder().state_dict())
-    for part in layout["parts"]:
-        assert any(key.startswith(layout["prefixes"][part]) for key in encoder_keys), part
+    for part in layout.parts:
+        assert any(key.startswith(layout.prefixes[part]) for key in encoder_keys), part
     transform = method.sample_transform()
     assert callable(transform) and callable(transform.collate)
     assert transform.needs_proposals == cls.uses_proposals(config.method)

@@ -90,7 +90,7 @@ def test_heads_sit_on_every_stage_and_only_the_backbone_is_exported():
     method.training_step(make_batch())["loss"].backward()
     assert all(p.grad is not None for p in method.online.parameters())
     assert all(p.grad is None for p in method.target.parameters())
-    assert method.encoder_layout()["parts"] == ["backbone"]
+    assert method.encoder_layout().parts == ("backbone",)
     config = load_config("detco_r50_200ep")
     assert config.method.stage_weights == [0.1, 0.4, 0.7, 1.0] and config.optim.base_lr == 0.03
     assert config.optim.name == "sgd" and config.optim.weight_decay == 1e-4 and config.train.epochs == 200

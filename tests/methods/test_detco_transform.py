@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from soco.config.validation import validate_section
 from soco.data.views import denormalize
 from soco.errors import ConfigError
 from soco.methods.detco_transform import DetCoTransform, DetCoViewsConfig
@@ -70,4 +71,4 @@ def test_sample_holds_two_global_views_and_two_patch_sets():
 
 def test_a_patch_larger_than_its_cell_is_refused():
     with pytest.raises(ConfigError, match="patch_size"):
-        DetCoTransform(DetCoViewsConfig(local_size=96, patch_size=33))
+        validate_section(DetCoViewsConfig(local_size=96, patch_size=33), "method.views")

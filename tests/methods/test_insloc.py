@@ -104,7 +104,7 @@ def test_released_presets_and_what_export_takes():
     assert config.method.queue_size == 65536 and config.method.temperature == 0.2 and config.method.momentum == 0.999
     assert load_config("insloc_r50_fpn_400ep").train.epochs == 400
     layout = InsLoc(tiny().method).encoder_layout()
-    assert layout["parts"] == ["backbone", "fpn", "box_head"] and layout["prefixes"]["projector"] == "embed."
+    assert layout.parts == ("backbone", "fpn", "box_head") and layout.prefixes["projector"] == "embed."
 
 
 def test_export_takes_backbone_fpn_convs_and_first_fc_and_reports_the_rest(tmp_path):
@@ -115,7 +115,7 @@ def test_export_takes_backbone_fpn_convs_and_first_fc_and_reports_the_rest(tmp_p
     config = tiny()
     method = InsLoc(config.method)
     save_checkpoint({"format_version": CHECKPOINT_FORMAT, "method": "insloc", "step": 0,
-                     "encoder": method.encoder().state_dict(), "encoder_layout": method.encoder_layout(),
+                     "encoder": method.encoder().state_dict(), "encoder_layout": method.encoder_layout().to_dict(),
                      "config": config_to_dict(config)}, tmp_path / "run" / "checkpoints" / "last.pt")
     result = export_checkpoint(tmp_path / "run", "torchvision", tmp_path / "tv.pt")
     weights = torch.load(result.output, weights_only=True)

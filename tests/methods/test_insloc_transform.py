@@ -5,6 +5,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
+from soco.config.validation import validate_section
 from soco.data.views import denormalize
 from soco.errors import ConfigError
 from soco.methods.insloc_transform import (
@@ -99,7 +100,8 @@ def test_box_augmentation_returns_boxes_overlapping_the_truth_by_more_than_half(
 
 
 def test_bad_values_are_refused():
+    # A section is checked once, where it is loaded: validate_section is that check.
     with pytest.raises(ConfigError, match="paste_size"):
-        InsLocTransform(InsLocViewsConfig(canvas_size=64, paste_size=[32, 100]))
+        validate_section(InsLocViewsConfig(canvas_size=64, paste_size=[32, 100]), "method.views")
     with pytest.raises(ConfigError, match="blur_prob"):
-        InsLocTransform(InsLocViewsConfig(blur_prob=2.0))
+        validate_section(InsLocViewsConfig(blur_prob=2.0), "method.views")

@@ -42,7 +42,7 @@ def test_network_is_the_releases():
     assert method.predictor.linear2.bias is None and online.aligned is False and online.output_size == 1
     # torchvision's default initialisation: the last BN of a block is not zeroed
     assert online.backbone.body.layer1[0].bn3.weight.abs().sum() > 0
-    assert method.encoder_layout()["parts"] == ["backbone"] and method.encoder_layout()["kind"] == "c5"
+    assert method.encoder_layout().parts == ("backbone",) and method.encoder_layout().kind == "c5"
 
 
 def test_box_vectors_are_roi_align_1x1_on_c5_unaligned():

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
+from soco.config.validation import validate_section
 from soco.data.views import ViewParams
 from soco.errors import ConfigError
 from soco.methods.scrl_transform import (
@@ -179,7 +180,8 @@ def test_collate_concatenates_a_variable_number_of_boxes_with_their_image_index(
 
 
 def test_bad_values_are_refused():
+    # A section is checked once, where it is loaded: validate_section is that check.
     for bad in (dict(blur="box"), dict(box_sampling="random"), dict(min_box_size=300), dict(crop_scale=[0.5, 1.2]),
                 dict(max_overlap=1.5)):
         with pytest.raises(ConfigError, match="method.views"):
-            SCRLTransform(SCRLViewsConfig(**bad))
+            validate_section(SCRLViewsConfig(**bad), "method.views")

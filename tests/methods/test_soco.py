@@ -172,4 +172,4 @@ def test_image_level_baseline_is_global_average_pooling_of_c5_at_224():
     c5 = method.online.backbone(images)["0"]
     pooled = method.online.representations(images, whole)
     torch.testing.assert_close(pooled, c5.mean(dim=(2, 3)), rtol=1e-5, atol=1e-6)
-    assert method.pairs == [("v1", "v2")] and method.encoder_layout()["parts"] == ["backbone"]
+    assert method.pairs == [("v1", "v2")] and method.encoder_layout().parts == ("backbone",)

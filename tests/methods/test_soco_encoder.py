@@ -8,6 +8,7 @@ import pytest
 import torch
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 
+from soco.config.validation import validate_section
 from soco.errors import ConfigError
 from soco.methods.soco import PAPER_THRESHOLDS, SoCoModelConfig, build_encoder
 from soco.models.backbone import ResNetBody
@@ -142,8 +143,9 @@ def test_online_and_target_are_independent_copies():
     [dict(variant="c5"), dict(fixed_level=6), dict(level_thresholds=[48.0, 40.0, 192.0]), dict(depth=20)],
 )
 def test_invalid_configs_raise(overrides):
-    with pytest.raises(ConfigError):
-        ObjectEncoder(small_config(**overrides))
+    # The section is checked once, where it is loaded, before any encoder is built.
+    with pytest.raises(ConfigError, match="^method.model."):
+        validate_section(small_config(**overrides), "method.model")
 
 
 def test_boxes_must_match_images():

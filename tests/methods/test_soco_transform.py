@@ -16,6 +16,7 @@ from soco.data.views import (
     random_image_boxes,
     random_resized_crop,
 )
+from soco.config.validation import validate_section
 from soco.errors import ConfigError
 from soco.methods.soco_transform import RANDOM_CANDIDATES, SoCoTransform, make_views
 from soco.methods.soco_transform import SoCoViewsConfig as ViewsConfig
@@ -322,7 +323,7 @@ def test_blur_kernel_covers_three_sigma_whatever_the_view_size():
     # the old rule truncates sigma 2 to a 7-pixel kernel on 64-pixel views
     assert blur_kernel_size(2.0, 64, "tenth") == 7
     with pytest.raises(ConfigError, match="blur_kernel"):
-        make_views(bright_rectangle_image(), torch.zeros((0, 4)), ViewsConfig(blur_kernel="wide"), generator(0))
+        validate_section(ViewsConfig(blur_kernel="wide"), "method.views")
 
 
 def test_whole_image_gives_one_box_equal_to_each_full_view():
@@ -432,13 +433,13 @@ def test_crop_parameters_respect_scale_and_ratio():
 
 
 def test_bad_configuration_values_are_refused():
-    image = bright_rectangle_image()
+    # A section is checked once, where it is loaded (not by make_views, per sample): validate_section is that check.
     with pytest.raises(ConfigError, match="box_source"):
-        make_views(image, torch.zeros((0, 4)), ViewsConfig(box_source="boxes"), generator(0))
+        validate_section(ViewsConfig(box_source="boxes"), "method.views")
     with pytest.raises(ConfigError, match="v3_mode"):
-        make_views(image, torch.zeros((0, 4)), ViewsConfig(v3_mode="half"), generator(0))
+        validate_section(ViewsConfig(v3_mode="half"), "method.views")
     with pytest.raises(ConfigError, match="proposals_per_image"):
-        make_views(image, torch.zeros((0, 4)), ViewsConfig(proposals_per_image=0), generator(0))
+        validate_section(ViewsConfig(proposals_per_image=0), "method.views")
 
 
 def test_without_v3_there_are_two_views():

@@ -143,9 +143,10 @@ def test_overrides_are_strict():
         apply_overrides(TransferConfig(), ["weight_decai=1e-4"])
     with pytest.raises(ConfigError, match="epochs: expected an integer"):
         apply_overrides(TransferConfig(), ["epochs=1.5"])
-    with pytest.raises(ConfigError, match="steps must be increasing"):
+    increasing = r"^transfer\.steps: must be increasing shares of training in \(0, 1\], not \[0\.9, 0\.5\]$"
+    with pytest.raises(ConfigError, match=increasing):
         apply_overrides(TransferConfig(), ["steps=[0.9, 0.5]"])
-    with pytest.raises(ConfigError, match="model must be"):
+    with pytest.raises(ConfigError, match="^transfer.model: must be one of 'auto', "):
         apply_overrides(TransferConfig(), ["model=yolo"])
 
 
@@ -323,5 +324,5 @@ def test_width_settings_build_that_detector_and_must_agree_with_the_weights(data
     torch.save(build_detector("faster_rcnn", 2, depth=18).state_dict(), weights)
     with pytest.raises(ConfigError, match=r"fpn_channels=32, but .*fpn256.pt holds fpn_channels=256"):
         finetune(config, *data, tmp_path / "mismatch", weights=weights, progress=False, log=lambda _: None)
-    with pytest.raises(ConfigError, match="freeze must be one of none, backbone"):
+    with pytest.raises(ConfigError, match="^transfer.freeze: must be one of 'none', 'backbone', not 'fpn'"):
         apply_overrides(TINY, ["freeze=fpn"])

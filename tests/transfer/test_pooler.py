@@ -106,7 +106,7 @@ def test_a_soco_encoder_exported_and_loaded_gives_the_detector_the_same_box_feat
             module.weight.data.uniform_(0.5, 1.5)
             module.running_mean.uniform_(-0.1, 0.1)
     save_checkpoint({"format_version": CHECKPOINT_FORMAT, "method": "soco", "step": 0,
-                     "encoder": method.encoder().state_dict(), "encoder_layout": method.encoder_layout(),
+                     "encoder": method.encoder().state_dict(), "encoder_layout": method.encoder_layout().to_dict(),
                      "config": config_to_dict(config)}, tmp_path / "run" / "checkpoints" / "last.pt")
     exported = export_checkpoint(tmp_path / "run", "torchvision", tmp_path / "soco.pt").output
     detector = build_detector("faster_rcnn", num_classes=2, depth=18)
@@ -146,7 +146,7 @@ def test_a_c4_encoder_exported_and_loaded_gives_the_c4_detector_the_same_box_fea
             module.weight.data.uniform_(0.5, 1.5)
             module.running_mean.uniform_(-0.1, 0.1)
     save_checkpoint({"format_version": CHECKPOINT_FORMAT, "method": "soco", "step": 0,
-                     "encoder": method.encoder().state_dict(), "encoder_layout": method.encoder_layout(),
+                     "encoder": method.encoder().state_dict(), "encoder_layout": method.encoder_layout().to_dict(),
                      "config": config_to_dict(config)}, tmp_path / "run" / "checkpoints" / "last.pt")
     exported = export_checkpoint(tmp_path / "run", "backbone", tmp_path / "resnet.pt").output
     detector = build_detector("faster_rcnn_c4", num_classes=2, depth=18)

@@ -43,30 +43,27 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return rest, overrides
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
-    from soco.config.validation import count_argument
-
-    parser = OneLineErrorParser(prog="soco", description=DESCRIPTION)
-    parser.add_argument("--version", action="version", version=f"soco {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+def _add_data_parsers(commands) -> None:
+    """`soco data photos | deepforest | voc | composed`."""
+    from soco.cli import data_commands, transfer_commands
 
     data = commands.add_parser("data", help="assemble built-in data sets")
     data_sets = data.add_subparsers(dest="data_set", metavar="DATASET", required=True)
     photos = data_sets.add_parser("photos", help="the default unlabeled photos, from installed packages")
     photos.add_argument("--dest", default=None, help="folder to assemble into (default: the cache folder)")
     photos.add_argument("--print-path", action="store_true", help="only print the folder (assembling it if needed)")
-    from soco.cli import transfer_commands
-
     deepforest = data_sets.add_parser("deepforest", help="DeepForest's labeled aerial trees as COCO 400x400 tiles")
     transfer_commands.add_deepforest_arguments(deepforest)
-    from soco.cli import data_commands
-
     voc = data_sets.add_parser("voc", help="convert a Pascal VOC folder (XML annotations) to COCO JSON per split")
     data_commands.add_voc_arguments(voc)
     composed = data_sets.add_parser("composed", help="labelled 7-class scenes: photographic cut-outs pasted on the "
                                                      "default photos (COCO boxes and masks)")
     data_commands.add_composed_arguments(composed)
+
+
+def _add_proposal_parsers(commands) -> None:
+    """`soco proposals` and `soco proposals merge`."""
+    from soco.config.validation import count_argument
 
     proposals = commands.add_parser(
         "proposals",
@@ -90,35 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("sources", nargs="+", help="output folders of the shard runs")
     merge.add_argument("-o", "--output", required=True, help="the merged store")
 
-    from soco.cli import pretrain_command
 
-    pretrain = commands.add_parser("pretrain", help="SoCo pretraining (no arguments: a small run on the default photos)")
-    pretrain_command.add_arguments(pretrain)
-
-    from soco.cli import bench_command
-
-    bench = commands.add_parser("bench", help="images/s and memory of training steps and data loading (JSON)")
-    bench_command.add_arguments(bench)
-
-    commands.add_parser("methods", help="the pretraining methods, with their presets and study arms")
-
-    from soco.cli import export_command
-
-    export = commands.add_parser("export", help="pretrained weights for torchvision, Detectron2, MMDetection")
-    export_command.add_arguments(export)
-
-    transfer = commands.add_parser("transfer", help="fine-tune a torchvision detector and measure COCO AP")
-    transfer_commands.add_transfer_arguments(transfer)
-
-    from soco.cli import probe_command
-
-    probe = commands.add_parser("probe", help="k-NN and linear-probe accuracy of pretrained weights on labelled boxes")
-    probe_command.add_arguments(probe)
-    from soco.cli import study_command
-
-    study = commands.add_parser("study", help="what pretraining buys: every method fine-tuned, several seeds (resumable)")
-    study_command.add_arguments(study)
-
+def _add_store_parsers(commands) -> None:
+    """`soco inspect` and `soco show`, which read a proposal store."""
     inspect = commands.add_parser("inspect", help="summary of a proposal store")
     inspect.add_argument("store", metavar="STORE", help="a proposal store folder (made by `soco proposals`)")
     inspect.add_argument("--json", action="store_true", help="every image's boxes as JSON on stdout")
@@ -128,6 +99,38 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--image", default=None, help="relative path (or index) of the image; default: the first")
     show.add_argument("--images", default=None, help="image folder (default: the one the store was made from)")
     show.add_argument("-o", "--output", required=True, help="PNG file to write")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    from soco.cli import (
+        bench_command,
+        export_command,
+        pretrain_command,
+        probe_command,
+        study_command,
+        transfer_commands,
+    )
+
+    parser = OneLineErrorParser(prog="soco", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"soco {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_data_parsers(commands)
+    _add_proposal_parsers(commands)
+    pretrain = commands.add_parser("pretrain", help="SoCo pretraining (no arguments: a small run on the default photos)")
+    pretrain_command.add_arguments(pretrain)
+    bench = commands.add_parser("bench", help="images/s and memory of training steps and data loading (JSON)")
+    bench_command.add_arguments(bench)
+    commands.add_parser("methods", help="the pretraining methods, with their presets and study arms")
+    export = commands.add_parser("export", help="pretrained weights for torchvision, Detectron2, MMDetection")
+    export_command.add_arguments(export)
+    transfer = commands.add_parser("transfer", help="fine-tune a torchvision detector and measure COCO AP")
+    transfer_commands.add_transfer_arguments(transfer)
+    probe = commands.add_parser("probe", help="k-NN and linear-probe accuracy of pretrained weights on labelled boxes")
+    probe_command.add_arguments(probe)
+    study = commands.add_parser("study", help="what pretraining buys: every method fine-tuned, several seeds (resumable)")
+    study_command.add_arguments(study)
+    _add_store_parsers(commands)
     return parser
 
 

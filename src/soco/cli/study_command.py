@@ -181,11 +181,13 @@ def run(args: argparse.Namespace) -> int:
     """Run (or continue) `soco study`, then write its report."""
     import sys
 
+    from soco.config.validation import validate_section
     from soco.errors import ConfigError
     from soco.study.design import BUDGETS, select_arms
     from soco.study.runner import STUDY_MARKER, describe_data, read_json, run_study
 
     budget = BUDGETS[args.budget]
+    validate_section(budget, "budget")  # its fine-tuning keywords too, once, before any file is written
     arms = select_arms(args.arms, budget)
     seeds = args.seeds if args.seeds is not None else list(budget.seeds)
     if args.plan:

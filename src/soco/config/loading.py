@@ -1,12 +1,14 @@
 """Build a typed Config from a preset or YAML file plus `section.key=value` overrides, strictly.
 
-Every value is checked (`validation.py`) as the Config is built, so a command refuses a bad value before
-it builds a network or writes a file; the shared sections are checked before the method registry is
-consulted, so their mistakes are reported without importing any method (and torch).
+Every value is checked (`validation.py`) as the Config is built, once, so a command refuses a bad value
+before it builds a network or writes a file; the shared sections are checked before the method registry
+is consulted, so their mistakes are reported without importing any method (and torch). A refused value's
+line ends with where it came from: the override that set it, the preset or file, or the default.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -343,12 +345,36 @@ def load_preset_values(name_or_path: str, _chain: tuple[str, ...] = ()) -> dict:
 
 
 def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The resolved Config: schema defaults, then the preset or file, then each override in order."""
+    """The resolved Config: schema defaults, then the preset or file, then each override in order.
+
+    A value that breaks its rule is refused in one line that ends with where the value came from.
+    """
     values = load_preset_values(preset) if preset else {}
+    from_preset = copy.deepcopy(values)  # what the preset set, before the overrides
     for text in overrides:
         path, value = parse_override(text)
         _set_path(values, path, value, text)
-    return config_from_dict(values)
+    try:
+        return config_from_dict(values)
+    except ConfigError as error:
+        key = getattr(error, "key", None)
+        if key is None:  # not a value's rule (an unknown key, a wrong type): the message names the override
+            raise
+        raise ConfigError(f"{error} ({value_origin(key, preset, from_preset, overrides)})") from None
+
+
+def value_origin(key: str, preset: str | None, preset_values: dict, overrides: list[str] | tuple[str, ...]) -> str:
+    """Where a key's value came from, in words: the last override that set it, the preset or file, or the default."""
+    for text in reversed(list(overrides)):
+        given = text.split("=", 1)[0].strip()
+        if given == key or key.startswith(given + "."):
+            return f"set by {text}"
+    node: Any = preset_values
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return "the default" if not preset else f"the default; {preset} does not set it"
+        node = node[part]
+    return f"set by {preset}"
 
 
 Flag = tuple[str, str, Any]  # (the option as typed, e.g. "--steps", the key it sets, its value or None)
@@ -397,4 +423,13 @@ def apply_overrides(instance: Any, overrides: list[str] | tuple[str, ...], prefi
         if prefix and path[0] == prefix and len(path) > 1:
             path = path[1:]
         _set_path(values, path, value, text)
-    return build_dataclass(type(instance), values, prefix)
+    try:
+        return build_dataclass(type(instance), values, prefix)
+    except ConfigError as error:
+        key = getattr(error, "key", None)
+        if key is None:
+            raise
+        bare = [text if text.startswith(f"{prefix}.") or not prefix else f"{prefix}.{text}" for text in overrides]
+        origin = next((f"set by {text}" for text, full in zip(reversed(overrides), reversed(bare))
+                       if key == full.split("=", 1)[0].strip()), "the default")
+        raise ConfigError(f"{error} ({origin})") from None

@@ -1,12 +1,19 @@
 """Every value of a configuration checked in one place, before anything is built or written.
 
 A configuration dataclass declares the rule of each of its keys with the `@config_rules(key=rule, ...)`
-class decorator (the shared sections in `schema.py`, each method's section in its own file); the rules
-are ranges (`at_least`, `above`, `between`), choices (`one_of`), `[low, high]` pairs (`interval`), lists
-(`each`) and free text (`ANY_TEXT`). Relations between the keys of one section (a minimum below its
-maximum) live in the dataclass's optional `check_values(self)` method, which raises ConfigError. The
-types themselves are checked while loading (`loading.py`). `validate_section` walks a section and its
-nested sections; every problem is a one-line ConfigError that names the key.
+class decorator, beside the dataclass: the shared sections in `schema.py`, each method's section in its own
+file, `TransferConfig` in `transfer/finetune.py`, the study's `Budget` in `study/design.py`. The rules are
+ranges (`at_least`, `above`, `between`), choices (`one_of`), `[low, high]` pairs (`interval`), lists of
+numbers (`each`) or of other values (`list_of`), mappings (`mapping_of`), the keywords of another
+configuration dataclass (`keywords_of`) and free text (`ANY_TEXT`); a
+subclass inherits its bases' rules. Relations between the keys of one section (a minimum below its maximum)
+live in the dataclass's optional `check_values(self)` method, which raises ConfigError. The types themselves
+are checked while loading (`loading.py`). `validate_section` walks a section and its nested sections; every
+problem is a one-line ConfigError that starts with the dotted key. Nothing else checks a value: the methods,
+their transforms and the fine-tuning trust a section that was validated when it was loaded.
+
+A field needs no rule when it is a bool (its type is its whole range) or a nested section (its own fields
+have rules); `fields_without_rules` names the others that lack one.
 
 The command line's own numbers (`--steps`, `--workers`) are checked by the argparse types at the end.
 """
@@ -16,7 +23,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib
 import math
+import re
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +35,7 @@ from soco.errors import ConfigError
 
 RULES_ATTRIBUTE = "__config_rules__"
 RELATIONS_HOOK = "check_values"
+LEADING_KEY = re.compile(r"[A-Za-z_][\w.]*[\w]")  # the dotted key a relation's message starts with
 
 
 def _shown(value: Any) -> str:
@@ -143,7 +154,69 @@ class Text:
         return None if isinstance(value, str) else f"must be a string, not {_shown(value)}"
 
 
-Rule = Range | OneOf | Interval | Each | Text
+@dataclass(frozen=True)
+class ListOf:
+    """A list (or tuple) whose every item obeys `item`, with at least `min_length` items."""
+
+    item: Any
+    min_length: int = 0
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with the list (the first bad item's problem), or None."""
+        if not isinstance(value, (list, tuple)):
+            return f"must be a list, not {_shown(value)}"
+        if len(value) < self.min_length:
+            return f"must hold at least {self.min_length} value(s), not {_shown(value)}"
+        for item in value:
+            problem = self.item.problem(item)
+            if problem:
+                return f"every value {problem} in {_shown(value)}"
+        return None
+
+
+@dataclass(frozen=True)
+class MappingOf:
+    """A mapping from text keys to values that each obey `value` (None: any value, checked where it is used)."""
+
+    value: Any = None
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with the mapping, or None."""
+        if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+            return f"must be a mapping of names, not {_shown(value)}"
+        for key, item in value.items():
+            problem = self.value.problem(item) if self.value is not None else None
+            if problem:
+                return f"{key} {problem}"
+        return None
+
+
+@dataclass(frozen=True)
+class KeywordsOf:
+    """Keywords of another configuration dataclass (`target`, 'module:Class', imported when a value is checked).
+
+    The mapping must build that dataclass as a section named `prefix` would: known keys, right types, and
+    every key within its own rule.
+    """
+
+    target: str
+    prefix: str
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with the keywords (the target's own one-line error), or None."""
+        from soco.config.loading import build_dataclass  # the loader imports this module
+
+        if not isinstance(value, dict):
+            return f"must be a mapping of {self.prefix} keys, not {_shown(value)}"
+        module, _, name = self.target.partition(":")
+        try:
+            build_dataclass(getattr(importlib.import_module(module), name), value, self.prefix)
+        except ConfigError as error:
+            return f"holds a bad {self.prefix} setting: {error}"
+        return None
+
+
+Rule = Range | OneOf | Interval | Each | Text | ListOf | MappingOf | KeywordsOf
 
 
 def at_least(low: float) -> Range:
@@ -159,6 +232,21 @@ def above(low: float) -> Range:
 def between(low: float, high: float) -> Range:
     """A number in [low, high]."""
     return Range(low=low, high=high)
+
+
+def list_of(item: Rule, min_length: int = 0) -> ListOf:
+    """A list whose every item obeys `item` (choices, text)."""
+    return ListOf(item, min_length)
+
+
+def mapping_of(value: Rule | None = None) -> MappingOf:
+    """A mapping of names to values obeying `value`."""
+    return MappingOf(value)
+
+
+def keywords_of(target: str, prefix: str) -> KeywordsOf:
+    """The keywords of the configuration dataclass `target` ('module:Class'), checked as its section `prefix`."""
+    return KeywordsOf(target, prefix)
 
 
 def one_of(*choices: Any) -> OneOf:
@@ -199,12 +287,37 @@ def config_rules(**rules: Rule) -> Callable[[type], type]:
 
 
 def rules_of(cls: type) -> dict[str, Rule]:
-    """The rules a configuration dataclass declares for its own keys (not those of nested sections)."""
-    return dict(cls.__dict__.get(RULES_ATTRIBUTE, {}))
+    """The rules of a configuration dataclass's own keys, its base classes' included (not nested sections')."""
+    rules: dict[str, Rule] = {}
+    for klass in reversed(cls.__mro__):
+        rules.update(klass.__dict__.get(RULES_ATTRIBUTE, {}))
+    return rules
+
+
+def fields_without_rules(cls: type) -> list[str]:
+    """The fields of a configuration dataclass that declare no rule (bools and nested sections need none)."""
+    hints = typing.get_type_hints(cls)
+    rules = rules_of(cls)
+    missing = []
+    for field in dataclasses.fields(cls):
+        annotation = hints[field.name]
+        if annotation is bool or dataclasses.is_dataclass(annotation) or field.name in rules:
+            continue
+        missing.append(field.name)
+    return missing
+
+
+def _with_key(error: ConfigError, key: str) -> ConfigError:
+    """The error, marked with the dotted key it is about (so that a loader can say where the value came from)."""
+    error.key = key
+    return error
 
 
 def validate_section(section: Any, prefix: str) -> None:
-    """ConfigError naming the first key of `section` (nested sections included) that breaks its rule or a relation."""
+    """ConfigError naming the first key of `section` (nested sections included) that breaks its rule or a relation.
+
+    The error's `key` attribute is that dotted key: a relation's message starts with the key it blames.
+    """
     rules = rules_of(type(section))
     for field in dataclasses.fields(section):
         key = f"{prefix}.{field.name}" if prefix else field.name
@@ -215,10 +328,16 @@ def validate_section(section: Any, prefix: str) -> None:
         rule = rules.get(field.name)
         problem = rule.problem(value) if rule is not None else None
         if problem:
-            raise ConfigError(f"{key}: {problem}")
+            raise _with_key(ConfigError(f"{key}: {problem}"), key)
     relations = getattr(section, RELATIONS_HOOK, None)
     if relations is not None:
-        relations()
+        try:
+            relations()
+        except ConfigError as error:
+            if getattr(error, "key", None) is None:
+                blamed = LEADING_KEY.match(str(error))
+                error.key = blamed.group(0) if blamed else prefix
+            raise
 
 
 SHARED_SECTIONS = ("data", "proposals", "optim", "train")

@@ -25,7 +25,6 @@ __all__ = [
     "BLUR_KERNEL_RULES",
     "MOCO_V2_JITTER",
     "ViewParams",
-    "check_intervals",
     "uniform",
     "bernoulli",
     "random_resized_crop",
@@ -71,19 +70,6 @@ _RANDOM_BOX_ASPECT = (1.0 / 3.0, 3.0)
 
 # RandomResizedCrop's own number of tries before it falls back to a central crop.
 _CROP_SAMPLING_TRIES = 10
-
-
-def check_intervals(config, prefix: str, keys: tuple[str, ...], fractions: tuple[str, ...] = ()) -> None:
-    """ConfigError unless each `keys` field is [low, high] with 0 < low <= high (and high <= 1 for `fractions`)."""
-    from soco.errors import ConfigError
-
-    for key in keys:
-        values = getattr(config, key)
-        if len(values) != 2 or not 0 < values[0] <= values[1]:
-            raise ConfigError(f"{prefix}.{key} must be [low, high] with 0 < low <= high, not {values}")
-    for key in fractions:
-        if getattr(config, key)[1] > 1:
-            raise ConfigError(f"{prefix}.{key} must not exceed 1, not {getattr(config, key)}")
 
 
 @dataclass(frozen=True)

@@ -266,7 +266,7 @@ def checkpoint_state(method: Method, optimizer, runner: StepRunner, config: Conf
         "method": method.name,
         "method_state": method.state_dict(),
         "encoder": method.encoder().state_dict(),
-        "encoder_layout": method.encoder_layout(),
+        "encoder_layout": method.encoder_layout().to_dict(),
         "optimizer": optimizer.state_dict(),
         "step": step,
         "loss": loss,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from soco.encoder_layout import ENCODER_PARTS, LAYOUT_KINDS, EncoderLayout, LayoutError
 from soco.errors import SocoError
 
 CHECKPOINT_NAME = "last.pt"
@@ -17,8 +18,8 @@ NETWORKS = ("online", "target")
 FORMAT_VERSION = 2
 NETWORK_ENTRIES = {"online": "encoder", "target": "encoder_target"}
 TRAINING_STATE_ENTRIES = ("method_state", "optimizer", "rng")
-KINDS = ("fpn", "c4", "c5")
-PARTS = ("backbone", "fpn", "box_head", "res5")
+KINDS = LAYOUT_KINDS
+PARTS = ENCODER_PARTS
 
 # Format 1 (checkpoints written before the redesign): SoCo's ObjectEncoder, recognised by its key prefixes.
 LEGACY_NETWORK_ENTRIES = {"online": "model", "target": "target"}
@@ -283,26 +284,16 @@ def _declared_source(checkpoint_path: Path, checkpoint: dict, network: str) -> S
     if not isinstance(layout, dict):
         raise ExportError(f"{checkpoint_path} is a format-{FORMAT_VERSION} checkpoint without an "
                           "'encoder_layout' dict, so what its encoder holds is unknown: the file is damaged")
-    kind = layout.get("kind")
-    if kind not in KINDS:
-        raise ExportError(f"{checkpoint_path}: encoder_layout kind {kind!r} is not one of {list(KINDS)}")
-    parts = layout.get("parts")
-    if not isinstance(parts, (list, tuple)) or not all(isinstance(part, str) for part in parts):
-        raise ExportError(f"{checkpoint_path}: encoder_layout parts must be a list of part names, got {parts!r}")
-    unknown = [part for part in parts if part not in PARTS]
-    if unknown:
-        raise ExportError(f"{checkpoint_path}: encoder_layout lists unknown part(s) {unknown}; "
-                          f"export knows {list(PARTS)}")
-    prefixes = layout.get("prefixes") or {}
-    if not isinstance(prefixes, dict) or not all(isinstance(p, str) and p for p in prefixes.values()):
-        raise ExportError(f"{checkpoint_path}: encoder_layout prefixes must map part names to key prefixes")
-    depth = layout.get("depth")
+    try:
+        declared = EncoderLayout.from_dict(layout)
+    except LayoutError as error:
+        raise ExportError(f"{checkpoint_path}: encoder_layout {error}") from None
     source = SourceWeights(
-        path=checkpoint_path, network=network, state=_tensors(state), layout=kind,
-        parts=tuple(part for part in PARTS if part in parts),
-        prefixes={k: v for k, v in prefixes.items() if k in PARTS},
-        depth=depth if isinstance(depth, int) and not isinstance(depth, bool) else None,
-        method=method, format_version=FORMAT_VERSION, projector_prefix=prefixes.get("projector", PROJECTOR_PREFIX),
+        path=checkpoint_path, network=network, state=_tensors(state), layout=declared.kind,
+        parts=tuple(part for part in PARTS if part in declared.parts),
+        prefixes={k: v for k, v in declared.prefixes.items() if k in PARTS}, depth=declared.depth,
+        method=method, format_version=FORMAT_VERSION,
+        projector_prefix=declared.prefixes.get("projector", PROJECTOR_PREFIX),
         **_common(checkpoint),
     )
     _check_declared_parts(source, entry)

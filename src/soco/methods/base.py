@@ -16,18 +16,12 @@ import torch
 from torch import nn
 
 from soco.declarations import MethodPresets, PresetOfSize, StudyArm
+from soco.encoder_layout import (  # noqa: F401 - the contract's names, for methods and the contract test
+    ENCODER_PARTS,
+    EncoderLayout,
+    backbone_only_layout,
+)
 from soco.methods.parameter_groups import lars_param_groups
-
-ENCODER_PARTS = ("backbone", "fpn", "box_head", "res5")
-
-
-def backbone_only_layout(depth: int, left_out_prefix: str, pooler: dict | None = None) -> dict:
-    """The encoder layout of a method that pretrains a whole ResNet and nothing a detector takes besides.
-
-    The trunk's keys read backbone.body.*; `left_out_prefix` names the heads that stay behind.
-    """
-    return {"kind": "c5", "parts": ["backbone"], "depth": depth,
-            "prefixes": {"backbone": "backbone.body.", "projector": left_out_prefix}, "pooler": pooler}
 
 
 class Method(nn.Module, metaclass=ABCMeta):
@@ -43,6 +37,8 @@ class Method(nn.Module, metaclass=ABCMeta):
     study_arms: ClassVar[tuple[StudyArm, ...]] = ()  # the arms the method adds to `soco study`
     default_preset: ClassVar[str] = PresetOfSize("small")  # what `soco pretrain --method NAME` starts from
     tiny_preset: ClassVar[str] = PresetOfSize("tiny")  # the smallest preset, which the contract test runs
+    # The sample transform, built from the section's `views`; its `needs_proposals` says whether a run reads them.
+    transform_class: ClassVar[type] = type(None)
 
     def __init__(self, config: Any):
         super().__init__()
@@ -51,12 +47,15 @@ class Method(nn.Module, metaclass=ABCMeta):
     # --- data -------------------------------------------------------------------------------------
     @classmethod
     def uses_proposals(cls, config: Any) -> bool:
-        """Whether a run with this `method:` section reads object proposals (so a store must be computed)."""
-        return False
+        """Whether a run with this `method:` section reads object proposals (so a store must be computed first).
 
-    @abstractmethod
+        The transform declares it (`needs_proposals`, which the data set reads too); a method never does.
+        """
+        return bool(cls.transform_class(config.views).needs_proposals)
+
     def sample_transform(self):
         """The picklable transform the data set applies to each image (see soco.data.dataset.SampleTransform)."""
+        return self.transform_class(self.config.views)
 
     # --- training ---------------------------------------------------------------------------------
     @abstractmethod
@@ -89,8 +88,8 @@ class Method(nn.Module, metaclass=ABCMeta):
         return None
 
     @abstractmethod
-    def encoder_layout(self) -> dict:
-        """What the encoder holds: {"kind", "parts" (of ENCODER_PARTS), "depth", "prefixes", "pooler"}."""
+    def encoder_layout(self) -> EncoderLayout:
+        """What the encoder holds: kind, parts (of ENCODER_PARTS), depth, key prefixes, pooling."""
 
     # --- pictures ---------------------------------------------------------------------------------
     def draw_batch(self, batch: dict, path: Path) -> Path | None:

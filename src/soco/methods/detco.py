@@ -20,57 +20,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from soco.config.validation import (
-    POSITIVE,
-    PROBABILITY,
-    at_least,
-    config_rules,
-    each,
-    one_of,
-)
+from soco.config.validation import at_least, config_rules, each, one_of
 from soco.data.batch_drawing import draw_views
 from soco.declarations import MethodPresets, StudyArm
-from soco.errors import ConfigError
-from soco.methods.base import backbone_only_layout
+from soco.methods.base import EncoderLayout, backbone_only_layout
 from soco.methods.detco_transform import GRID, DetCoTransform, DetCoViewsConfig
 from soco.methods.losses import info_nce
-from soco.methods.momentum import MomentumMethod
-from soco.methods.parameter_groups import decay_everything
-from soco.methods.queue import KeyQueue
-from soco.methods.shuffle_bn import shuffled_forward
-from soco.models.backbone import RESNET_BUILDERS, ResNetStages, build_resnet
+from soco.methods.moco import MoCoConfig, MoCoMethod, MoCoModelConfig
+from soco.models.backbone import ResNetStages, build_resnet
 from soco.registry import register_method
 
 STAGES = ("res2", "res3", "res4", "res5")
 PATCHES = GRID * GRID
 
 
-@config_rules(depth=one_of(*sorted(RESNET_BUILDERS)), embedding_dim=at_least(1))
+@config_rules(name=one_of("detco"), stage_weights=each(at_least(0.0), length=len(STAGES)))
 @dataclass
-class DetCoModelConfig:
-    """DetCo's network: a ResNet with a global and a local MLP head per stage."""
-
-    depth: int = 50
-    embedding_dim: int = 128
-    zero_init_residual: bool = False  # MoCo v2 keeps torchvision's default initialisation
-
-
-@config_rules(
-    momentum=PROBABILITY, temperature=POSITIVE, queue_size=at_least(1),
-    stage_weights=each(at_least(0.0), length=len(STAGES)), key_bn_splits=at_least(1),
-)
-@dataclass
-class DetCoConfig:
-    """The `method:` section of a DetCo run."""
+class DetCoConfig(MoCoConfig):
+    """The `method:` section of a DetCo run (the MoCo keys: MoCoConfig; the model's: MoCoModelConfig)."""
 
     name: str = "detco"
     views: DetCoViewsConfig = field(default_factory=DetCoViewsConfig)
-    model: DetCoModelConfig = field(default_factory=DetCoModelConfig)
-    momentum: float = 0.999
-    temperature: float = 0.2
-    queue_size: int = 65536  # keys per queue (8 queues: global and local per stage)
+    # a ResNet with a global and a local MLP head per stage: nothing beyond the MoCo model keys
+    model: MoCoModelConfig = field(default_factory=MoCoModelConfig)
     stage_weights: list[float] = field(default_factory=lambda: [0.1, 0.4, 0.7, 1.0])  # res2..res5
-    key_bn_splits: int = 2  # one process: the key encoder's BatchNorm sees this many shuffled sub-batches
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -82,7 +55,7 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
 class MultiLevelEncoder(nn.Module):
     """ResNet stages with a global and a local head each: unit vectors of global views and of patch sets."""
 
-    def __init__(self, model: DetCoModelConfig):
+    def __init__(self, model: MoCoModelConfig):
         super().__init__()
         self.backbone = ResNetStages(build_resnet(model.depth, zero_init_residual=model.zero_init_residual))
         channels = self.backbone.out_channels
@@ -133,7 +106,7 @@ def detco_losses(queries: torch.Tensor, keys: torch.Tensor, queue_keys: torch.Te
 
 
 @register_method
-class DetCo(MomentumMethod):
+class DetCo(MoCoMethod):
     """Query encoder, key encoder by constant-momentum EMA, eight queues, three contrasts per stage."""
 
     name = "detco"
@@ -142,43 +115,22 @@ class DetCo(MomentumMethod):
     # cpu budget: queues shorter than an epoch of its ~300 pretraining images, as InsLoc's
     study_arms = (StudyArm("detco", "DetCo: backbone only", order=50,
                            budget_overrides={"cpu": ("method.queue_size=256",)}),)
+    transform_class = DetCoTransform  # two global views and two local patch sets
 
     def __init__(self, config: DetCoConfig):
-        if len(config.stage_weights) != len(STAGES):
-            raise ConfigError(f"method.stage_weights: one weight per stage res2..res5, got {config.stage_weights}")
-        if config.temperature <= 0 or config.queue_size < 1 or config.key_bn_splits < 1:
-            raise ConfigError("method.temperature must be > 0, method.queue_size and method.key_bn_splits >= 1")
-        super().__init__(config, momentum_base=config.momentum, momentum_schedule="constant",
-                         momentum_key="method.momentum")
-        self.online = MultiLevelEncoder(config.model)
-        self.make_target("online", "target")
-        self.queue = KeyQueue(2 * len(STAGES), config.model.embedding_dim, config.queue_size)
-
-    def sample_transform(self) -> DetCoTransform:
-        """Two global views and two local patch sets."""
-        return DetCoTransform(self.config.views)
-
-    def parameter_groups(self, weight_decay: float) -> list[dict]:
-        """MoCo v2's SGD: every trainable parameter decayed."""
-        return decay_everything(self, weight_decay)
+        super().__init__(config, MultiLevelEncoder(config.model), queues=2 * len(STAGES))
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """{"loss", "loss_g2g", "loss_l2l", "loss_l2g"}; then the keys are queued."""
         queries = self.online(batch["global_q"], batch["local_q"])
-
-        def encode_keys(views: torch.Tensor, patch_sets: torch.Tensor) -> torch.Tensor:
-            return self.target(views, patch_sets).transpose(0, 1)  # batch first for the shuffle
-
-        keys = shuffled_forward(encode_keys, (batch["global_k"], batch["local_k"]), self.config.key_bn_splits)
-        keys = keys.transpose(0, 1)
+        keys = self.shuffled_keys(batch["global_k"], batch["local_k"])
         negatives = torch.stack([self.queue.negatives(level) for level in range(2 * len(STAGES))])
         outputs = detco_losses(queries, keys, negatives, list(self.config.stage_weights), self.config.temperature)
         self.queue.enqueue(keys)
         return outputs
 
 
-
-    def encoder_layout(self) -> dict:
+    def encoder_layout(self) -> EncoderLayout:
         """DetCo pretrains the backbone only."""
         return backbone_only_layout(self.config.model.depth, "global_heads.")
 

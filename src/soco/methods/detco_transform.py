@@ -16,37 +16,21 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from soco.config.validation import (
-    FRACTION,
-    POSITIVE,
-    PROBABILITY,
-    at_least,
-    config_rules,
-    interval,
-)
-from soco.data.collate import stack_samples
-from soco.data.views import (
-    MOCO_V2_JITTER,
-    apply_color,
-    as_image,
-    bernoulli,
-    check_intervals,
-    draw_color_params,
-    normalize,
-    random_resized_crop,
-)
+from soco.config.validation import FRACTION, POSITIVE, at_least, config_rules, interval
+from soco.data.views import as_image, bernoulli, random_resized_crop
 from soco.errors import ConfigError
+from soco.methods.moco_transform import MoCoTransform, MoCoViewsConfig
 
 GRID = 3  # 3x3 cells
 
 
 @config_rules(
     global_size=at_least(1), global_scale=interval(FRACTION), local_size=at_least(GRID), local_scale=interval(FRACTION),
-    patch_size=at_least(1), crop_ratio=interval(POSITIVE), flip_prob=PROBABILITY, blur_prob=PROBABILITY,
+    patch_size=at_least(1), crop_ratio=interval(POSITIVE),
 )
 @dataclass
-class DetCoViewsConfig:
-    """DetCo's global views and local patch sets (the paper's sizes)."""
+class DetCoViewsConfig(MoCoViewsConfig):
+    """DetCo's global views and local patch sets (the paper's sizes); flip, blur and colour as MoCoViewsConfig."""
 
     global_size: int = 224
     global_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
@@ -54,45 +38,17 @@ class DetCoViewsConfig:
     local_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])
     patch_size: int = 64  # a random crop of this side from each cell
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
-    flip_prob: float = 0.5
-    blur_prob: float = 0.5
-    color_augment: bool = True
     shuffle_patches: bool = False  # permute the nine patches of a set (the paper does not say)
 
     def check_values(self) -> None:
-        """Relations between this section's keys (each key's own range is in the rules above)."""
-        check_views_config(self)
+        """A patch must fit in its grid cell (each key's own range is in the rules above)."""
+        if self.patch_size > self.local_size // GRID:
+            raise ConfigError(f"method.views.patch_size must be in [1, local_size // 3 = {self.local_size // GRID}], "
+                              f"not {self.patch_size}")
 
 
-def check_views_config(config: DetCoViewsConfig) -> None:
-    """Raise ConfigError for values of DetCo's views section that make no sense."""
-    prefix = "method.views"
-    if config.patch_size < 1 or config.patch_size > config.local_size // GRID:
-        raise ConfigError(f"{prefix}.patch_size must be in [1, local_size // 3 = {config.local_size // GRID}], "
-                          f"not {config.patch_size}")
-    check_intervals(config, prefix, ("global_scale", "local_scale", "crop_ratio"), ("global_scale", "local_scale"))
-    for key in ("flip_prob", "blur_prob"):
-        if not 0 <= getattr(config, key) <= 1:
-            raise ConfigError(f"{prefix}.{key} must be a probability in [0, 1], not {getattr(config, key)}")
-    if config.global_size < 1:
-        raise ConfigError(f"{prefix}.global_size must be at least 1, not {config.global_size}")
-
-
-class DetCoTransform:
+class DetCoTransform(MoCoTransform):
     """Query and key global views and local patch sets of one image."""
-
-    needs_proposals = False
-
-    def __init__(self, config: DetCoViewsConfig):
-        check_views_config(config)
-        self.config = config
-
-    def colour(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """MoCo v2's colour pipeline (no solarize) on a float [0, 1] image, then normalised."""
-        if self.config.color_augment:
-            params = draw_color_params(generator, self.config.blur_prob, 0.0, strength=MOCO_V2_JITTER)
-            pixels = apply_color(pixels, params)
-        return normalize(pixels)
 
     def global_view(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """A random resized crop to global_size, flipped at random, coloured."""
@@ -135,7 +91,3 @@ class DetCoTransform:
             "local_q": self.patch_set(picture, generator)[0],
             "local_k": self.patch_set(picture, generator)[0],
         }
-
-    def collate(self, samples: list[dict]) -> dict:
-        """Global views (B, 3, G, G) and patch sets (B, 9, 3, P, P)."""
-        return stack_samples(samples)

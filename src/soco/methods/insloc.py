@@ -21,29 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from soco.config.validation import (
-    POSITIVE,
-    PROBABILITY,
-    at_least,
-    config_rules,
-    each,
-    one_of,
-)
+from soco.config.validation import at_least, config_rules, each, one_of
 from soco.data.batch_drawing import draw_views
 from soco.declarations import MethodPresets, StudyArm
-from soco.errors import ConfigError
+from soco.methods.base import EncoderLayout
 from soco.methods.insloc_transform import InsLocTransform, InsLocViewsConfig
 from soco.methods.losses import info_nce
-from soco.methods.momentum import MomentumMethod
-from soco.methods.parameter_groups import decay_everything
-from soco.methods.queue import KeyQueue
-from soco.methods.shuffle_bn import shuffled_forward
-from soco.models.backbone import (
-    FPN_LEVEL_NAMES,
-    FPN_STRIDES,
-    RESNET_BUILDERS,
-    build_resnet_fpn,
-)
+from soco.methods.moco import MoCoConfig, MoCoMethod, MoCoModelConfig
+from soco.models.backbone import FPN_LEVEL_NAMES, FPN_STRIDES, build_resnet_fpn
 from soco.models.heads import build_box_head
 from soco.models.roi_pooling import ADAPTIVE_SAMPLING, pool_rois
 from soco.registry import register_method
@@ -51,39 +36,26 @@ from soco.registry import register_method
 POOLED_SIZE = 7
 
 
-@config_rules(
-    depth=one_of(*sorted(RESNET_BUILDERS)), fpn_channels=at_least(1), head_convs=at_least(0),
-    head_conv_channels=at_least(1), head_fc_dim=at_least(1), embedding_dim=at_least(1),
-)
+@config_rules(fpn_channels=at_least(1), head_convs=at_least(0), head_conv_channels=at_least(1), head_fc_dim=at_least(1))
 @dataclass
-class InsLocModelConfig:
+class InsLocModelConfig(MoCoModelConfig):
     """InsLoc's network: ResNet-FPN, RoIAlign of each box on every level, the shared head, the embedding."""
 
-    depth: int = 50
     fpn_channels: int = 256
     head_convs: int = 4
     head_conv_channels: int = 256  # the head's conv width (torchvision's 4conv1fc: 256)
     head_fc_dim: int = 1024
-    embedding_dim: int = 128
-    zero_init_residual: bool = False  # the release keeps the last BN of each block at gamma 1
 
 
-@config_rules(
-    momentum=PROBABILITY, temperature=POSITIVE, queue_size=at_least(1),
-    level_weights=each(at_least(0.0), length=len(FPN_LEVEL_NAMES)), key_bn_splits=at_least(1),
-)
+@config_rules(name=one_of("insloc"), level_weights=each(at_least(0.0), length=len(FPN_LEVEL_NAMES)))
 @dataclass
-class InsLocConfig:
-    """The `method:` section of an InsLoc run."""
+class InsLocConfig(MoCoConfig):
+    """The `method:` section of an InsLoc run (the MoCo keys: MoCoConfig)."""
 
     name: str = "insloc"
     views: InsLocViewsConfig = field(default_factory=InsLocViewsConfig)
     model: InsLocModelConfig = field(default_factory=InsLocModelConfig)
-    momentum: float = 0.999  # constant EMA of the key encoder
-    temperature: float = 0.2
-    queue_size: int = 65536  # keys per level
     level_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])  # P2..P5
-    key_bn_splits: int = 2  # one process: the key encoder's BatchNorm sees this many shuffled sub-batches
 
 
 class InstanceEncoder(nn.Module):
@@ -111,16 +83,8 @@ class InstanceEncoder(nn.Module):
         return torch.stack(vectors)
 
 
-def check_config(config: InsLocConfig) -> None:
-    """Raise ConfigError for InsLoc settings that make no sense."""
-    if len(config.level_weights) != len(FPN_LEVEL_NAMES):
-        raise ConfigError(f"method.level_weights: one weight per level P2..P5, got {config.level_weights}")
-    if config.temperature <= 0 or config.queue_size < 1 or config.key_bn_splits < 1:
-        raise ConfigError("method.temperature must be > 0, method.queue_size and method.key_bn_splits >= 1")
-
-
 @register_method
-class InsLoc(MomentumMethod):
+class InsLoc(MoCoMethod):
     """Query encoder, key encoder by constant-momentum EMA, one queue per level, InfoNCE per level."""
 
     name = "insloc"
@@ -130,33 +94,20 @@ class InsLoc(MomentumMethod):
     # image about 14 times, stale copies of a query's own image among its negatives)
     study_arms = (StudyArm("insloc", "InsLoc: backbone, FPN and box head", pretrains_fpn_and_head=True, order=40,
                            budget_overrides={"cpu": ("method.queue_size=256",)}),)
+    transform_class = InsLocTransform  # query and key composites with their pasted boxes
 
     def __init__(self, config: InsLocConfig):
-        check_config(config)
-        super().__init__(config, momentum_base=config.momentum, momentum_schedule="constant",
-                         momentum_key="method.momentum")
-        self.online = InstanceEncoder(config.model)
-        self.make_target("online", "target")
-        self.queue = KeyQueue(len(FPN_LEVEL_NAMES), config.model.embedding_dim, config.queue_size)
+        super().__init__(config, InstanceEncoder(config.model), queues=len(FPN_LEVEL_NAMES))
 
-    def sample_transform(self) -> InsLocTransform:
-        """Query and key composites with their pasted boxes."""
-        return InsLocTransform(self.config.views)
-
-    def parameter_groups(self, weight_decay: float) -> list[dict]:
-        """Every trainable parameter decayed, BatchNorm and biases included, as released (SGD, no LARS)."""
-        return decay_everything(self, weight_decay)
+    def target_keys(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """The key encoder's (levels, B, D) vectors: each key image's one box pooled on every level."""
+        return self.target(images, [boxes] * len(FPN_LEVEL_NAMES))
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """{"loss": the weighted sum over levels of InfoNCE, "loss_p2".."loss_p5"}; then the keys are queued."""
         query_boxes = [batch["query_box"]] * 3 + [batch["query_box_p5"]]
         queries = self.online(batch["query"], query_boxes)
-
-        def encode_keys(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-            return self.target(images, [boxes] * len(FPN_LEVEL_NAMES)).transpose(0, 1)  # batch first
-
-        keys = shuffled_forward(encode_keys, (batch["key"], batch["key_box"]), self.config.key_bn_splits)
-        keys = keys.transpose(0, 1)
+        keys = self.shuffled_keys(batch["key"], batch["key_box"])
         losses = {}
         total = queries.new_zeros((), dtype=torch.float32)
         for level, weight in enumerate(self.config.level_weights):
@@ -167,18 +118,17 @@ class InsLoc(MomentumMethod):
         return {"loss": total, **{name: value.detach() for name, value in losses.items()}}
 
 
-
-    def encoder_layout(self) -> dict:
+    def encoder_layout(self) -> EncoderLayout:
         """Backbone, FPN and the 4conv1fc part of the head; the second fc and the 128-d layer stay behind."""
-        return {
-            "kind": "fpn",
-            "parts": ["backbone", "fpn", "box_head"],
-            "depth": self.config.model.depth,
-            "prefixes": {"backbone": "backbone.body.", "fpn": "backbone.fpn.", "box_head": "box_head.",
-                         "projector": "embed."},
-            "pooler": {"output_size": POOLED_SIZE, "strides": list(FPN_STRIDES), "level_thresholds": None,
-                       "every_level": True, "aligned": True, "sampling_ratio": ADAPTIVE_SAMPLING},
-        }
+        return EncoderLayout(
+            kind="fpn",
+            parts=("backbone", "fpn", "box_head"),
+            depth=self.config.model.depth,
+            prefixes={"backbone": "backbone.body.", "fpn": "backbone.fpn.", "box_head": "box_head.",
+                      "projector": "embed."},
+            pooler={"output_size": POOLED_SIZE, "strides": list(FPN_STRIDES), "level_thresholds": None,
+                    "every_level": True, "aligned": True, "sampling_ratio": ADAPTIVE_SAMPLING},
+        )
 
     def draw_batch(self, batch: dict, path: Path) -> Path:
         """Query and key composites with their boxes (the query's P5 box second)."""

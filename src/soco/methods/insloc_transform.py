@@ -22,27 +22,10 @@ import torch
 from torchvision.ops import box_iou, nms
 from torchvision.transforms.v2 import functional as F
 
-from soco.config.validation import (
-    FRACTION,
-    POSITIVE,
-    PROBABILITY,
-    at_least,
-    config_rules,
-    each,
-    interval,
-)
-from soco.data.collate import stack_samples
-from soco.data.views import (
-    MOCO_V2_JITTER,
-    apply_color,
-    as_image,
-    bernoulli,
-    check_intervals,
-    draw_color_params,
-    normalize,
-    random_resized_crop,
-)
+from soco.config.validation import FRACTION, POSITIVE, at_least, config_rules, each, interval
+from soco.data.views import as_image, bernoulli, random_resized_crop
 from soco.errors import ConfigError
+from soco.methods.moco_transform import MoCoTransform, MoCoViewsConfig
 
 ANCHOR_RATIOS = (0.5, 0.75, 1.0, 1.5, 2.0)  # height / width
 ANCHOR_STRIDE = 16  # the P4 grid
@@ -53,41 +36,24 @@ ANCHOR_FALLBACK = 4000
 
 @config_rules(
     canvas_size=at_least(1), crop_scale=interval(FRACTION), crop_ratio=interval(POSITIVE),
-    paste_size=interval(at_least(1)), flip_prob=PROBABILITY, blur_prob=PROBABILITY,
-    anchor_sizes=each(POSITIVE, min_length=1),
+    paste_size=interval(at_least(1)), anchor_sizes=each(POSITIVE, min_length=1),
 )
 @dataclass
-class InsLocViewsConfig:
-    """InsLoc's composites (the release's values at a 256 canvas)."""
+class InsLocViewsConfig(MoCoViewsConfig):
+    """InsLoc's composites (the release's values at a 256 canvas); flip, blur and colour as MoCoViewsConfig."""
 
     canvas_size: int = 256  # backgrounds resized to this square; the network sees it as is
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     crop_ratio: list[float] = field(default_factory=lambda: [0.5, 2.0])
     paste_size: list[int] = field(default_factory=lambda: [128, 254])  # w and h drawn in this range (inclusive)
-    flip_prob: float = 0.5
-    blur_prob: float = 0.5
-    color_augment: bool = True
     box_augment: bool = True  # the query's P5 box from the anchor augmentation; off: the true box
     anchor_sizes: list[float] = field(default_factory=lambda: [32.0, 64.0, 128.0, 256.0])
 
     def check_values(self) -> None:
-        """Relations between this section's keys (each key's own range is in the rules above)."""
-        check_views_config(self)
-
-
-def check_views_config(config: InsLocViewsConfig) -> None:
-    """Raise ConfigError for values of InsLoc's views section that make no sense."""
-    prefix = "method.views"
-    low, high = config.paste_size
-    if not 1 <= low <= high <= config.canvas_size:
-        raise ConfigError(f"{prefix}.paste_size must be [low, high] with 1 <= low <= high <= canvas_size "
-                          f"({config.canvas_size}), not {config.paste_size}")
-    check_intervals(config, prefix, ("crop_scale", "crop_ratio"))
-    for key in ("flip_prob", "blur_prob"):
-        if not 0 <= getattr(config, key) <= 1:
-            raise ConfigError(f"{prefix}.{key} must be a probability in [0, 1], not {getattr(config, key)}")
-    if not config.anchor_sizes or min(config.anchor_sizes) <= 0:
-        raise ConfigError(f"{prefix}.anchor_sizes must be positive, not {config.anchor_sizes}")
+        """A pasted crop must fit on the canvas (each key's own range is in the rules above)."""
+        if not self.paste_size[1] <= self.canvas_size:
+            raise ConfigError(f"method.views.paste_size must be [low, high] with 1 <= low <= high <= canvas_size "
+                              f"({self.canvas_size}), not {self.paste_size}")
 
 
 def grid_anchors(canvas_size: int, sizes: list[float], stride: int = ANCHOR_STRIDE) -> torch.Tensor:
@@ -124,14 +90,11 @@ def fitted_size(crop_w: int, crop_h: int, target_w: int, target_h: int) -> tuple
     return max(1, int(round(crop_w * scale))), max(1, int(round(crop_h * scale)))
 
 
-class InsLocTransform:
+class InsLocTransform(MoCoTransform):
     """The query and key composites of one foreground image, with their boxes."""
 
-    needs_proposals = False
-
     def __init__(self, config: InsLocViewsConfig):
-        check_views_config(config)
-        self.config = config
+        super().__init__(config)
         self.anchors = grid_anchors(config.canvas_size, config.anchor_sizes)
 
     def background(self, source, generator: torch.Generator) -> torch.Tensor:
@@ -160,15 +123,12 @@ class InsLocTransform:
     def appearance(self, composite: torch.Tensor, box: torch.Tensor,
                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Colour, blur and flip of a whole composite (the box flips with it); normalised float view."""
-        pixels = F.to_dtype(composite, torch.float32, scale=True)
-        if self.config.color_augment:
-            params = draw_color_params(generator, self.config.blur_prob, 0.0, strength=MOCO_V2_JITTER)
-            pixels = apply_color(pixels, params)
+        view = self.colour(F.to_dtype(composite, torch.float32, scale=True), generator)
         if bernoulli(generator, self.config.flip_prob):
-            pixels = F.horizontal_flip(pixels)
+            view = F.horizontal_flip(view)  # after normalising: per-pixel values are the same either way
             size = self.config.canvas_size
             box = torch.stack([size - box[2], box[1], size - box[0], box[3]])
-        return normalize(pixels), box
+        return view, box
 
     def __call__(self, image: np.ndarray, proposals: np.ndarray, generator: torch.Generator, source) -> dict:
         """{"query", "key": 3xSxS; "query_box", "key_box", "query_box_p5": (4,)}."""
@@ -178,7 +138,3 @@ class InsLocTransform:
         key, key_box = self.appearance(*self.composite(foreground, backgrounds[1], generator), generator)
         p5_box = augment_box(query_box, self.anchors, generator) if self.config.box_augment else query_box
         return {"query": query, "key": key, "query_box": query_box, "key_box": key_box, "query_box_p5": p5_box}
-
-    def collate(self, samples: list[dict]) -> dict:
-        """Composites (B, 3, S, S) and boxes (B, 4)."""
-        return stack_samples(samples)

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from soco.errors import ConfigError
 from soco.methods.base import Method
 
 MOMENTUM_SCHEDULES = ("cosine", "constant")
@@ -32,21 +31,14 @@ def momentum_at(step: int, total_steps: int, base: float, schedule: str) -> floa
     return ema_momentum_at(step, total_steps, base)
 
 
-def check_momentum(base: float, schedule: str, key: str) -> None:
-    """ConfigError for a momentum outside [0, 1] or an unknown schedule."""
-    if not 0.0 <= base <= 1.0:
-        raise ConfigError(f"{key}: the momentum must be in [0, 1], not {base}")
-    if schedule not in MOMENTUM_SCHEDULES:
-        raise ConfigError(f"{key}: the schedule must be one of {', '.join(MOMENTUM_SCHEDULES)}, not {schedule!r}")
-
-
 class MomentumMethod(Method):
     """A Method whose targets follow their online networks: target = m * target + (1 - m) * online."""
 
-    def __init__(self, config: Any, momentum_base: float, momentum_schedule: str = "cosine",
-                 momentum_key: str = "method.ema_base"):
+    def __init__(self, config: Any, momentum_base: float, momentum_schedule: str = "cosine"):
+        # The base momentum is a key of the method's section, whose rule checked it when it was loaded.
         super().__init__(config)
-        check_momentum(momentum_base, momentum_schedule, momentum_key)
+        if momentum_schedule not in MOMENTUM_SCHEDULES:
+            raise ValueError(f"momentum_schedule must be one of {MOMENTUM_SCHEDULES}, not {momentum_schedule!r}")
         self.momentum_base = float(momentum_base)
         self.momentum_schedule = momentum_schedule
         self._pairs: list[tuple[str, str]] = []

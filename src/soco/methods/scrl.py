@@ -24,15 +24,10 @@ from torch import nn
 from soco.config.validation import PROBABILITY, at_least, config_rules, one_of
 from soco.data.batch_drawing import draw_views
 from soco.declarations import MethodPresets, StudyArm
-from soco.errors import ConfigError
-from soco.methods.base import backbone_only_layout
+from soco.methods.base import EncoderLayout, backbone_only_layout
 from soco.methods.losses import box_pair_loss
 from soco.methods.momentum import MomentumMethod
-from soco.methods.scrl_transform import (
-    SCRLTransform,
-    SCRLViewsConfig,
-    check_views_config,
-)
+from soco.methods.scrl_transform import SCRLTransform, SCRLViewsConfig
 from soco.models.backbone import C5_STRIDE, RESNET_BUILDERS, ResNetBody, build_resnet
 from soco.models.encoder import BoxListEncoder
 from soco.models.heads import MLP
@@ -52,7 +47,7 @@ class SCRLModelConfig:
     zero_init_residual: bool = False  # the release keeps torchvision's default initialisation
 
 
-@config_rules(ema_base=PROBABILITY)
+@config_rules(name=one_of("scrl"), ema_base=PROBABILITY)
 @dataclass
 class SCRLConfig:
     """The `method:` section of an SCRL run."""
@@ -63,16 +58,8 @@ class SCRLConfig:
     ema_base: float = 0.97  # 200-epoch release; 0.996 for 1000 epochs. Cosine schedule to 1
 
 
-def check_model_config(model: SCRLModelConfig) -> None:
-    """Raise ConfigError for model settings the network cannot build."""
-    for key in ("projector_hidden", "projection_dim"):
-        if getattr(model, key) <= 0:
-            raise ConfigError(f"method.model.{key}: must be positive, got {getattr(model, key)}")
-
-
 def build_encoder(model: SCRLModelConfig) -> BoxListEncoder:
     """ResNet trunk to C5, 1x1 RoIAlign per box, projector without output bias."""
-    check_model_config(model)
     backbone = ResNetBody(build_resnet(model.depth, zero_init_residual=model.zero_init_residual), "layer4")
     projector = MLP(backbone.out_channels, model.projector_hidden, model.projection_dim, last_bias=False)
     return BoxListEncoder(backbone, C5_STRIDE, projector, output_size=1, aligned=model.aligned)
@@ -91,18 +78,14 @@ class SCRL(MomentumMethod):
     config_class = SCRLConfig
     presets = MethodPresets(tiny="scrl_tiny", small="scrl_small", r50="scrl_r50_200ep")
     study_arms = (StudyArm("scrl", "SCRL: backbone only", order=30),)
+    transform_class = SCRLTransform  # two views and the box pairs of their common region (maybe none)
 
     def __init__(self, config: SCRLConfig):
-        check_views_config(config.views)
         super().__init__(config, momentum_base=config.ema_base, momentum_schedule="cosine")
         self.online = build_encoder(config.model)
         dim = config.model.projection_dim
         self.predictor = MLP(dim, config.model.projector_hidden, dim, last_bias=False)
         self.make_target("online", "target")
-
-    def sample_transform(self) -> SCRLTransform:
-        """Two views and the box pairs of their common region (none when they do not overlap enough)."""
-        return SCRLTransform(self.config.views)
 
     def _zero_loss(self) -> torch.Tensor:
         """A zero loss that still reaches every trainable parameter, so DDP finds a gradient for each."""
@@ -132,7 +115,7 @@ class SCRL(MomentumMethod):
 
 
 
-    def encoder_layout(self) -> dict:
+    def encoder_layout(self) -> EncoderLayout:
         """SCRL pretrains the backbone only."""
         pooler = {"output_size": 1, "strides": [C5_STRIDE], "level_thresholds": None,
                   "aligned": self.config.model.aligned, "sampling_ratio": ADAPTIVE_SAMPLING}

@@ -26,13 +26,10 @@ from soco.config.validation import (
 from soco.data.batch_drawing import draw_views
 from soco.declarations import MethodPresets, StudyArm
 from soco.errors import ConfigError
+from soco.methods.base import EncoderLayout
 from soco.methods.losses import symmetric_pair_loss
 from soco.methods.momentum import MomentumMethod
-from soco.methods.soco_transform import (
-    SoCoTransform,
-    SoCoViewsConfig,
-    check_views_config,
-)
+from soco.methods.soco_transform import SoCoTransform, SoCoViewsConfig
 from soco.models.backbone import (
     FPN_LEVEL_NAMES,
     FPN_STRIDES,
@@ -82,11 +79,15 @@ class SoCoModelConfig:
     projection_dim: int = 256
 
     def check_values(self) -> None:
-        """Relations between this section's keys (the level thresholds: three, increasing)."""
-        check_model_config(self)
+        """The level thresholds: none (the scaled defaults) or three, increasing (each one's range is a rule)."""
+        thresholds = list(self.level_thresholds)
+        if thresholds and (len(thresholds) != len(FPN_STRIDES) - 1
+                           or any(b <= a for a, b in zip(thresholds, thresholds[1:]))):
+            raise ConfigError("method.model.level_thresholds: need 3 increasing values (or [] for the scaled "
+                              f"defaults), got {thresholds}")
 
 
-@config_rules(ema_base=PROBABILITY)
+@config_rules(name=one_of("soco"), ema_base=PROBABILITY)
 @dataclass
 class SoCoConfig:
     """The `method:` section of a SoCo run."""
@@ -108,24 +109,6 @@ def level_thresholds(model: SoCoModelConfig, views: SoCoViewsConfig) -> tuple[fl
     return tuple(t * views.v1_size / PAPER_VIEW_SIZE for t in PAPER_THRESHOLDS)
 
 
-def check_model_config(model: SoCoModelConfig) -> None:
-    """Raise ConfigError for model settings the encoder cannot build."""
-    prefix = "method.model"
-    if model.variant not in VARIANTS:
-        raise ConfigError(f"{prefix}.variant: {model.variant!r} is not one of {list(VARIANTS)}")
-    if not 2 <= model.fixed_level <= 5:
-        raise ConfigError(f"{prefix}.fixed_level: {model.fixed_level} is not a pyramid level 2..5")
-    thresholds = list(model.level_thresholds)
-    if thresholds and (len(thresholds) != len(FPN_STRIDES) - 1 or any(b <= a for a, b in zip(thresholds, thresholds[1:]))):
-        raise ConfigError(f"{prefix}.level_thresholds: need 3 increasing values (or [] for the scaled "
-                          f"defaults), got {thresholds}")
-    for key in ("fpn_channels", "head_conv_channels", "head_fc_dim", "projector_hidden", "projection_dim"):
-        if getattr(model, key) <= 0:
-            raise ConfigError(f"{prefix}.{key}: must be positive, got {getattr(model, key)}")
-    if model.head_convs < 0:
-        raise ConfigError(f"{prefix}.head_convs: must be >= 0, got {model.head_convs}")
-
-
 def encoder_kind(model: SoCoModelConfig) -> str:
     """'fpn', 'c4', or 'c5' (variant fpn with the FPN off: boxes pooled on C5)."""
     if model.variant == "c4":
@@ -135,7 +118,6 @@ def encoder_kind(model: SoCoModelConfig) -> str:
 
 def build_encoder(model: SoCoModelConfig, thresholds: tuple[float, ...]) -> ObjectEncoder:
     """SoCo's online encoder from its parts; the construction order fixes the random initialisation."""
-    check_model_config(model)
     kind = encoder_kind(model)
     if kind == "fpn":
         backbone: nn.Module = build_resnet_fpn(model.depth, model.fpn_channels)
@@ -194,10 +176,9 @@ class SoCo(MomentumMethod):
                  presets=MethodPresets(tiny="byol_image_tiny", small="byol_image_small", r50="byol_image_r50")),
         StudyArm("soco", "SoCo: backbone, FPN and box head", pretrains_fpn_and_head=True, order=20),
     )
+    transform_class = SoCoTransform  # V1-V4 with K proposal boxes each
 
     def __init__(self, config: SoCoConfig):
-        check_views_config(config.views)
-        check_model_config(config.model)
         super().__init__(config, momentum_base=config.ema_base, momentum_schedule="cosine")
         self.thresholds = level_thresholds(config.model, config.views)
         self.online = build_encoder(config.model, self.thresholds)
@@ -206,18 +187,9 @@ class SoCo(MomentumMethod):
         self.make_target("online", "target")
         self.pairs = view_pairs(config.model, config.views)
 
-    @classmethod
-    def uses_proposals(cls, config: SoCoConfig) -> bool:
-        """Only box_source "proposals" reads them; whole-image and random boxes need no store."""
-        return config.views.box_source == "proposals"
-
     def views_used(self) -> list[str]:
         """Names of the views this method reads from a batch."""
         return sorted({name for pair in self.pairs for name in pair})
-
-    def sample_transform(self) -> SoCoTransform:
-        """V1-V4 with K proposal boxes each (see soco_transform)."""
-        return SoCoTransform(self.config.views)
 
     def loss(self, views: dict[str, torch.Tensor], boxes: dict[str, torch.Tensor]) -> torch.Tensor:
         """The symmetrised SoCo loss: views (B,3,S,S) and boxes (B,K,4) per view name."""
@@ -234,7 +206,7 @@ class SoCo(MomentumMethod):
 
 
 
-    def encoder_layout(self) -> dict:
+    def encoder_layout(self) -> EncoderLayout:
         """Which detector parts the encoder holds, under which key prefixes, and how boxes were pooled."""
         model = self.config.model
         kind = encoder_kind(model)
@@ -242,16 +214,16 @@ class SoCo(MomentumMethod):
         if model.head:
             parts.append("res5" if kind == "c4" else "box_head")
         pooler = self.online.pooler
-        return {
-            "kind": kind,
-            "parts": parts,
-            "depth": model.depth,
-            "prefixes": {"backbone": "backbone.body.", "fpn": "backbone.fpn.", "box_head": "box_head.",
-                         "res5": "box_head.layer4.", "projector": "projector."},
-            "pooler": {"output_size": pooler.output_size, "strides": list(pooler.strides),
-                       "level_thresholds": list(pooler.thresholds) if pooler.thresholds else None,
-                       "aligned": True, "sampling_ratio": ADAPTIVE_SAMPLING},
-        }
+        return EncoderLayout(
+            kind=kind,
+            parts=tuple(parts),
+            depth=model.depth,
+            prefixes={"backbone": "backbone.body.", "fpn": "backbone.fpn.", "box_head": "box_head.",
+                      "res5": "box_head.layer4.", "projector": "projector."},
+            pooler={"output_size": pooler.output_size, "strides": list(pooler.strides),
+                    "level_thresholds": list(pooler.thresholds) if pooler.thresholds else None,
+                    "aligned": True, "sampling_ratio": ADAPTIVE_SAMPLING},
+        )
 
     def draw_batch(self, batch: dict, path: Path) -> Path:
         """A grid of the batch's views with their boxes (box k in colour k in every view)."""

@@ -40,7 +40,6 @@ from soco.data.views import (
     apply_color,
     as_image,
     bernoulli,
-    check_intervals,
     crop_region,
     crop_resize_flip,
     cut_out_boxes,
@@ -53,7 +52,6 @@ from soco.data.views import (
     random_image_boxes,
     random_resized_crop,
 )
-from soco.errors import ConfigError
 
 BOX_SOURCES = ("proposals", "random", "whole_image")
 V3_MODES = ("downsample", "independent")
@@ -99,29 +97,6 @@ class SoCoViewsConfig:
     cutout_area: list[float] = field(default_factory=lambda: [0.1, 0.3])  # share of the box area erased
 
 
-def check_views_config(config: SoCoViewsConfig) -> None:
-    """Raise ConfigError for values of the views section that make no sense."""
-    prefix = "method.views"
-    if config.box_source not in BOX_SOURCES:
-        raise ConfigError(f"{prefix}.box_source must be one of {', '.join(BOX_SOURCES)}, not {config.box_source!r}")
-    if config.v3_mode not in V3_MODES:
-        raise ConfigError(f"{prefix}.v3_mode must be one of {', '.join(V3_MODES)}, not {config.v3_mode!r}")
-    if config.blur_kernel not in BLUR_KERNEL_RULES:
-        raise ConfigError(f"{prefix}.blur_kernel must be one of {', '.join(BLUR_KERNEL_RULES)}, "
-                          f"not {config.blur_kernel!r}")
-    for key in ("v1_size", "v2_size", "v3_size", "v4_size", "proposals_per_image"):
-        if int(getattr(config, key)) < 1:
-            raise ConfigError(f"{prefix}.{key} must be at least 1, not {getattr(config, key)}")
-    if config.crop_retries < 0:
-        raise ConfigError(f"{prefix}.crop_retries must be >= 0, not {config.crop_retries}")
-    check_intervals(config, prefix, ("crop_scale", "crop_ratio", "cutout_area"), ("crop_scale", "cutout_area"))
-    for key in ("flip_prob", "jitter_prob", "cutout_prob"):
-        if not 0 <= getattr(config, key) <= 1:
-            raise ConfigError(f"{prefix}.{key} must be a probability in [0, 1], not {getattr(config, key)}")
-    if not 0 <= config.jitter_ratio < 1:
-        raise ConfigError(f"{prefix}.jitter_ratio must be in [0, 1), not {config.jitter_ratio}")
-
-
 def view_names(config: SoCoViewsConfig) -> list[str]:
     """Names of the views `make_views` returns for this configuration, in order."""
     return ["v1", "v2"] + (["v3"] if config.use_v3 else []) + (["v4"] if config.use_v4 else [])
@@ -144,42 +119,29 @@ def _draw_crops(
     return {name: random_resized_crop(height, width, config.crop_scale, config.crop_ratio, generator) for name in names}
 
 
-def make_views(
-    image: torch.Tensor | np.ndarray,
-    proposals: torch.Tensor | np.ndarray,
-    config: SoCoViewsConfig,
-    generator: torch.Generator,
-    color_augment: bool | None = None,
-) -> dict:
-    """Make SoCo's views of one image and its (N, 4) x1 y1 x2 y2 proposals in original pixels.
-
-    Returns {"views": [3xSxS float32, normalised], "boxes": [Kx4 float32 in that view's pixels],
-    "view_names": [...], "params": [ViewParams], "proposal_ids": (K,) int64 row of the candidate boxes
-    each box came from (-1 for a crop-region or whole-image box)}. With box_source "random" the
-    candidates are random boxes over the whole image obeying the proposal filter's rules, chosen
-    exactly as proposals are. `color_augment` overrides config.color_augment (False: geometry only).
-    """
-    check_views_config(config)
-    use_color = config.color_augment if color_augment is None else color_augment
-    image = as_image(image)
-    height, width = image.shape[-2:]
+def _candidate_boxes(proposals: torch.Tensor | np.ndarray, height: int, width: int, config: SoCoViewsConfig,
+                     generator: torch.Generator) -> torch.Tensor:
+    """The (N, 4) float32 boxes views choose from: the proposals, or random boxes for box_source "random"."""
     if config.box_source == "random":
         proposals = random_image_boxes(RANDOM_CANDIDATES, width, height, generator)
     elif isinstance(proposals, np.ndarray):
         # A copy: store arrays are read-only memory maps, which torch refuses to wrap silently.
         proposals = torch.from_numpy(np.array(proposals, dtype=np.float32))
-    proposals = proposals.to(torch.float32).reshape(-1, 4)
-    count = boxes_per_image(config)
-    names = view_names(config)
-    uses_candidates = config.box_source in ("proposals", "random")
+    return proposals.to(torch.float32).reshape(-1, 4)
 
-    # Crops first: retries re-draw them until some candidate box overlaps every crop.
+
+def _overlapping_crops(height: int, width: int, candidates: torch.Tensor, uses_candidates: bool,
+                       config: SoCoViewsConfig, generator: torch.Generator) -> tuple[dict, tuple, torch.Tensor]:
+    """(crops by view name, their common region, which candidates overlap every crop).
+
+    Retries re-draw the crops until some candidate box overlaps every crop.
+    """
     for _ in range(config.crop_retries + 1):
         crops = _draw_crops(height, width, config, generator)
         shared = intersection([crop_region(c) for c in crops.values()])
-        overlapping = torch.ones(len(proposals), dtype=torch.bool)
+        overlapping = torch.ones(len(candidates), dtype=torch.bool)
         for crop in crops.values():
-            overlapping &= overlaps(proposals, crop_region(crop))
+            overlapping &= overlaps(candidates, crop_region(crop))
         found = bool(overlapping.any()) if uses_candidates else True
         if found:
             break
@@ -187,8 +149,13 @@ def make_views(
         # Crops with no common pixel could hold no common box: the extra crops take V2's.
         crops = {name: crops["v2"] for name in crops}
         shared = crop_region(crops["v2"])
-        overlapping = overlaps(proposals, shared)
+        overlapping = overlaps(candidates, shared)
+    return crops, shared, overlapping
 
+
+def _view_params(height: int, width: int, crops: dict, config: SoCoViewsConfig,
+                 generator: torch.Generator) -> dict[str, ViewParams]:
+    """Every view's crop, flip and size (the flips drawn here, V1's first, the downsampled V3's last)."""
     flips = {name: bernoulli(generator, config.flip_prob) for name in ["v1", *crops]}
     params: dict[str, ViewParams] = {"v1": ViewParams("v1", 0, 0, height, width, flips["v1"], config.v1_size)}
     for name, (top, left, crop_h, crop_w) in crops.items():
@@ -199,34 +166,36 @@ def make_views(
         v2 = params["v2"]
         v3_flip = bernoulli(generator, config.flip_prob)
         params["v3"] = ViewParams("v3", v2.top, v2.left, v2.height, v2.width, v3_flip, config.v3_size)
+    return params
 
-    if uses_candidates:
-        candidates = torch.nonzero(overlapping).flatten()
-        if len(candidates):
-            picked = candidates[torch.randperm(len(candidates), generator=generator)[:count]]
-            rows = picked[torch.arange(count) % len(picked)]  # pad to K by cycling the picked ones
-            boxes = proposals[rows]
-            proposal_ids = rows.to(torch.int64)
-        else:
-            boxes = torch.tensor([shared], dtype=torch.float32).repeat(count, 1)
-            proposal_ids = torch.full((count,), -1, dtype=torch.int64)
-    else:
-        boxes = torch.zeros((1, 4), dtype=torch.float32)  # replaced by each full view below
-        proposal_ids = torch.full((1,), -1, dtype=torch.int64)
 
-    v1_boxes = boxes
-    if config.box_jitter and config.box_source != "whole_image":
-        v1_boxes = jitter_boxes(boxes, config.jitter_prob, config.jitter_ratio, width, height, generator)
+def _pick_boxes(candidates: torch.Tensor, overlapping: torch.Tensor, shared: tuple, uses_candidates: bool,
+                count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K boxes in original pixels, the candidate row each came from or -1): K overlapping candidates at random."""
+    if not uses_candidates:
+        boxes = torch.zeros((1, 4), dtype=torch.float32)  # replaced by each full view later
+        return boxes, torch.full((1,), -1, dtype=torch.int64)
+    rows = torch.nonzero(overlapping).flatten()
+    if not len(rows):
+        return torch.tensor([shared], dtype=torch.float32).repeat(count, 1), torch.full((count,), -1, dtype=torch.int64)
+    picked = rows[torch.randperm(len(rows), generator=generator)[:count]]
+    rows = picked[torch.arange(count) % len(picked)]  # pad to K by cycling the picked ones
+    return candidates[rows], rows.to(torch.int64)
 
-    canvas = (height, width)
+
+def _geometric_views(image: torch.Tensor, boxes: torch.Tensor, v1_boxes: torch.Tensor, names: list[str],
+                     params: dict[str, ViewParams], config: SoCoViewsConfig) -> dict[str, tuple]:
+    """Each view's uint8 pixels and boxes after crop, resize and flip (no colour yet)."""
+    canvas = tuple(image.shape[-2:])
+    downsampled_v3 = "v3" in names and config.v3_mode == "downsample"
     geometric: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name in names:
-        if name == "v3" and config.v3_mode == "downsample":
+        if name == "v3" and downsampled_v3:
             continue
         source_boxes = v1_boxes if name == "v1" else boxes
         wrapped = tv_tensors.BoundingBoxes(source_boxes, format="XYXY", canvas_size=canvas, clamping_mode="hard")
         geometric[name] = crop_resize_flip(image, wrapped, params[name])
-    if "v3" in names and config.v3_mode == "downsample":
+    if downsampled_v3:
         # The paper's V3 is V2 itself downsampled: same crop, boxes scaled by v3/v2, mirrored when
         # V3's own flip differs from V2's.
         v2_image, v2_boxes = geometric["v2"]
@@ -236,7 +205,12 @@ def make_views(
         if params["v3"].flip != params["v2"].flip:
             v3_image, v3_boxes = F.horizontal_flip(v3_image), F.horizontal_flip(v3_boxes)
         geometric["v3"] = (v3_image, v3_boxes)
+    return geometric
 
+
+def _finished_views(geometric: dict[str, tuple], names: list[str], params: dict[str, ViewParams],
+                    config: SoCoViewsConfig, use_color: bool, generator: torch.Generator) -> tuple[list, list]:
+    """(normalised float views, their float32 boxes): colour, whole-view boxes and cut-out, view by view."""
     views, view_boxes = [], []
     for name in names:
         view_image, boxes_in_view = geometric[name]
@@ -259,6 +233,40 @@ def make_views(
             view = cut_out_boxes(view, boxes_out, generator, config.cutout_prob, tuple(config.cutout_area))
         views.append(view)
         view_boxes.append(boxes_out)
+    return views, view_boxes
+
+
+def make_views(
+    image: torch.Tensor | np.ndarray,
+    proposals: torch.Tensor | np.ndarray,
+    config: SoCoViewsConfig,
+    generator: torch.Generator,
+    color_augment: bool | None = None,
+) -> dict:
+    """Make SoCo's views of one image and its (N, 4) x1 y1 x2 y2 proposals in original pixels.
+
+    Returns {"views": [3xSxS float32, normalised], "boxes": [Kx4 float32 in that view's pixels],
+    "view_names": [...], "params": [ViewParams], "proposal_ids": (K,) int64 row of the candidate boxes
+    each box came from (-1 for a crop-region or whole-image box)}. With box_source "random" the
+    candidates are random boxes over the whole image obeying the proposal filter's rules, chosen
+    exactly as proposals are. `color_augment` overrides config.color_augment (False: geometry only).
+    The steps draw from `generator` in this order: candidates, crops, flips, boxes, jitter, colour, cut-out.
+    """
+    use_color = config.color_augment if color_augment is None else color_augment
+    image = as_image(image)
+    height, width = image.shape[-2:]
+    candidates = _candidate_boxes(proposals, height, width, config, generator)
+    names = view_names(config)
+    uses_candidates = config.box_source in ("proposals", "random")
+    crops, shared, overlapping = _overlapping_crops(height, width, candidates, uses_candidates, config, generator)
+    params = _view_params(height, width, crops, config, generator)
+    boxes, proposal_ids = _pick_boxes(candidates, overlapping, shared, uses_candidates, boxes_per_image(config),
+                                      generator)
+    v1_boxes = boxes
+    if config.box_jitter and config.box_source != "whole_image":
+        v1_boxes = jitter_boxes(boxes, config.jitter_prob, config.jitter_ratio, width, height, generator)
+    geometric = _geometric_views(image, boxes, v1_boxes, names, params, config)
+    views, view_boxes = _finished_views(geometric, names, params, config, use_color, generator)
     return {
         "views": views,
         "boxes": view_boxes,
@@ -272,8 +280,8 @@ class SoCoTransform:
     """The data set's per-image transform for SoCo: views and boxes as dicts keyed by view name."""
 
     def __init__(self, config: SoCoViewsConfig):
-        check_views_config(config)
         self.config = config
+        # Only box_source "proposals" reads them; whole-image and random boxes need no store.
         self.needs_proposals = config.box_source == "proposals"
 
     def __call__(self, image: np.ndarray, proposals: np.ndarray, generator: torch.Generator, source=None) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from soco.config.validation import ANY_TEXT, at_least, config_rules, each, keywords_of, list_of, one_of
 from soco.declarations import StudyArm
 from soco.errors import ConfigError
 
@@ -38,6 +39,13 @@ def arm_names() -> list[str]:
     return list(arms())
 
 
+@config_rules(
+    name=ANY_TEXT, model_size=one_of("tiny", "small", "r50"), pretrain_steps=at_least(1),
+    extra_lengths=each(at_least(1)), length_readings=list_of(one_of(*READINGS)), pretrain_overrides=list_of(ANY_TEXT),
+    head_overrides=list_of(ANY_TEXT), transfer=keywords_of("soco.transfer.finetune:TransferConfig", "transfer"),
+    tile_size=at_least(1), seeds=each(at_least(0), min_length=1),
+    notes=list_of(ANY_TEXT),
+)
 @dataclass(frozen=True)
 class Budget:
     """Everything every arm shares: pretraining length and size, the detector, the fine-tuning schedule."""

@@ -18,11 +18,23 @@ from torch import nn
 import soco
 from soco.config.loading import apply_overrides as apply_config_overrides
 from soco.config.loading import dataclass_keys, parse_override
+from soco.config.validation import (
+    FRACTION,
+    POSITIVE,
+    PROBABILITY,
+    Range,
+    at_least,
+    config_rules,
+    each,
+    one_of,
+    validate_section,
+)
 from soco.data.batch_drawing import save_figure
 from soco.engine.checkpoint import load_checkpoint, save_checkpoint
 from soco.engine.rng import restore_rng_state, rng_state
 from soco.errors import ConfigError, SocoError
 from soco.files import atomic_write_text
+from soco.models.backbone import RESNET_BUILDERS
 from soco.transfer.architectures import ARCHITECTURES, TWO_STAGE
 from soco.labelled.coco import CocoDetection, collate, has_masks, plain_target
 from soco.transfer.detector import (
@@ -53,9 +65,24 @@ CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
 PICTURE_NAME = "predictions.png"
 REFERENCE_BATCH = 16  # the batch at which the paper's lr 0.02 is given
-TRANSFER_PREFIX = "transfer"  # the section name an override may carry: 'transfer.epochs=3'
+TRANSFER_PREFIX = "transfer"  # the section name an override may carry, and the key prefix of its errors
+FREEZE_CHOICES = ("none", "backbone")
+DEVICES = ("auto", "cpu", "cuda")
+MIN_IMAGE_SIDE = 32  # the detector's resize: the FPN's coarsest level needs a few pixels
 
 
+@config_rules(
+    model=one_of("auto", *ARCHITECTURES), depth=one_of(*sorted(RESNET_BUILDERS)), min_size=at_least(MIN_IMAGE_SIDE),
+    max_size=at_least(MIN_IMAGE_SIDE), epochs=at_least(1), batch_size=at_least(1), base_lr=POSITIVE, lr=at_least(0.0),
+    momentum=Range(0.0, 1.0, high_open=True), weight_decay=at_least(0.0), weight_decay_norm=at_least(0.0),
+    warmup_fraction=Range(0.0, 1.0, high_open=True), warmup_factor=FRACTION, steps=each(FRACTION), gamma=FRACTION,
+    flip_prob=PROBABILITY, workers=at_least(0), eval_every=at_least(0), eval_batch_size=at_least(1),
+    detections_per_img=at_least(1), fpn_channels=at_least(0), box_head_convs=each(at_least(1)),
+    box_head_fcs=each(at_least(1)), freeze=one_of(*FREEZE_CHOICES), rpn_pre_nms_train=at_least(1),
+    rpn_post_nms_train=at_least(1), rpn_pre_nms_test=at_least(1), rpn_post_nms_test=at_least(1),
+    roi_batch_per_image=at_least(1), seed=Range(), device=one_of(*DEVICES), picture_images=at_least(0),
+    picture_score=Range(),
+)
 @dataclass
 class TransferConfig:
     """Fine-tuning settings; the defaults suit 400x400 tiles (e.g. DeepForest) on a CPU."""
@@ -105,13 +132,21 @@ class TransferConfig:
     picture_images: int = 4  # validation images drawn in predictions.png
     picture_score: float = 0.5  # predictions drawn from this score up
 
+    def check_values(self) -> None:
+        """The resize's bounds in order and the lr steps increasing (each key's own range is in the rules above)."""
+        if self.max_size < self.min_size:
+            raise ConfigError(f"{TRANSFER_PREFIX}.max_size: must be at least {TRANSFER_PREFIX}.min_size "
+                              f"({self.min_size}), not {self.max_size}")
+        if list(self.steps) != sorted(self.steps):
+            raise ConfigError(f"{TRANSFER_PREFIX}.steps: must be increasing shares of training in (0, 1], "
+                              f"not {list(self.steps)}")
+
 
 # Settings that change the trained weights: a resume must not change them.
 _RESUME_KEYS = ("model", "depth", "min_size", "max_size", "epochs", "batch_size", "base_lr", "lr", "momentum",
                 "weight_decay", "weight_decay_norm", "warmup_fraction", "warmup_factor", "steps", "gamma",
                 "flip_prob", "rpn_pre_nms_train", "rpn_post_nms_train", "roi_batch_per_image", "seed", "fpn_channels",
                 "box_head_convs", "box_head_fcs", "freeze")
-FREEZE_CHOICES = ("none", "backbone")
 
 
 class TransferDiverged(SocoError):
@@ -130,46 +165,12 @@ def apply_overrides(config: TransferConfig, overrides: list[str] | tuple[str, ..
             close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"unknown transfer key '{name}'{hint} (valid: {', '.join(valid)})")
-    result = apply_config_overrides(config, overrides, prefix=TRANSFER_PREFIX)
-    validate_config(result)
-    return result
+    return apply_config_overrides(config, overrides, prefix=TRANSFER_PREFIX)  # checked by its rules as it is built
 
 
 def validate_config(config: TransferConfig) -> None:
-    """ConfigError naming the first setting that is out of range."""
-    from soco.models.backbone import RESNET_BUILDERS
-
-    checks = [
-        (config.model in ("auto", *ARCHITECTURES), f"model must be auto, {', '.join(ARCHITECTURES)}"),
-        (config.depth in RESNET_BUILDERS, f"depth must be one of {sorted(RESNET_BUILDERS)}"),
-        (config.min_size >= 32 and config.max_size >= config.min_size, "need 32 <= min_size <= max_size"),
-        (config.epochs >= 1, "epochs must be at least 1"),
-        (config.batch_size >= 1 and config.eval_batch_size >= 1, "batch sizes must be at least 1"),
-        (config.base_lr > 0 and config.lr >= 0, "base_lr must be > 0 and lr >= 0"),
-        (0 <= config.momentum < 1, "momentum must be in [0, 1)"),
-        (config.weight_decay >= 0 and config.weight_decay_norm >= 0, "weight decays must be >= 0"),
-        (0 <= config.warmup_fraction < 1 and 0 < config.warmup_factor <= 1,
-         "need 0 <= warmup_fraction < 1 and 0 < warmup_factor <= 1"),
-        (all(0 < s <= 1 for s in config.steps) and list(config.steps) == sorted(config.steps),
-         "steps must be increasing shares of training in (0, 1]"),
-        (0 < config.gamma <= 1, "gamma must be in (0, 1]"),
-        (0 <= config.flip_prob <= 1, "flip_prob must be in [0, 1]"),
-        (config.workers >= 0 and config.eval_every >= 0, "workers and eval_every must be >= 0"),
-        (min(config.detections_per_img, config.rpn_pre_nms_train, config.rpn_post_nms_train,
-             config.rpn_pre_nms_test, config.rpn_post_nms_test, config.roi_batch_per_image) >= 1,
-         "detections_per_img, rpn_*_nms_* and roi_batch_per_image must be at least 1"),
-        (config.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
-        (config.picture_images >= 0, "picture_images must be >= 0"),
-        (isinstance(config.fpn_channels, int) and config.fpn_channels >= 0
-         and all(isinstance(widths, list) and all(isinstance(w, int) and w >= 1 for w in widths)
-                 for widths in (config.box_head_convs, config.box_head_fcs)),
-         "fpn_channels must be an integer >= 0, box_head_convs and box_head_fcs lists of integers >= 1 "
-         "(e.g. box_head_convs=[256,256,256,256])"),
-        (config.freeze in FREEZE_CHOICES, f"freeze must be one of {', '.join(FREEZE_CHOICES)}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(f"transfer settings: {message}")
+    """ConfigError naming the first setting that breaks its rule (`transfer.KEY: ...`), for a config built in Python."""
+    validate_section(config, TRANSFER_PREFIX)
 
 
 def lr_factor(iteration: int, warmup: int, warmup_factor: float, milestones: list[int], gamma: float) -> float:
@@ -356,7 +357,6 @@ def finetune(
     from soco.engine.allocator import keep_freed_memory
     from soco.engine.distributed import init_distributed
 
-    validate_config(config)
     keep_freed_memory()  # each iteration reuses the last one's memory (see engine/allocator.py)
     started = time.perf_counter()
     out_dir = Path(out_dir)

@@ -220,6 +220,47 @@ class _Crops:
     labels: list[torch.Tensor]
 
 
+def _probe_crops(backbones: Mapping[str, nn.Module], dataset: Sequence, test_dataset: Sequence | None, stage: str,
+                 background: bool, max_images: int | None, seed: int, progress: bool) -> tuple[_Crops, _Crops | None]:
+    """Every backbone's features of the crops of `dataset` (and of `test_dataset`), in eval mode, modes restored."""
+    trunks = {name: resnet_trunk(backbone) for name, backbone in backbones.items()}
+    modes = {module: module.training for backbone in backbones.values() for module in backbone.modules()}
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(dataset), generator=generator).tolist()
+    tested = None
+    try:
+        for backbone in backbones.values():
+            backbone.eval()  # BatchNorm's running statistics, and no update of them
+        with torch.no_grad():
+            picked = _collect(trunks, dataset, order, stage, background, max_images, generator, progress)
+            if test_dataset is not None:
+                test_order = torch.randperm(len(test_dataset), generator=generator).tolist()
+                tested = _collect(trunks, test_dataset, test_order, stage, background, max_images, generator,
+                                  progress)
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+    return picked, tested
+
+
+def _test_images_first(picked: _Crops, tested: _Crops | None, dataset: Sequence, test_dataset: Sequence | None,
+                       test_fraction: float) -> tuple[_Crops, int]:
+    """(the crops with the test images' first, how many images are test images): a split, or the test set's."""
+    if tested is None:
+        images = len(picked.labels)
+        if images < 2:
+            source = getattr(dataset, "annotation_file", "the data set")
+            raise DataError(f"{source}: {images} image(s) with boxes; a probe needs at least 2 (train and test)")
+        return picked, min(images - 1, max(1, math.ceil(images * test_fraction)))
+    for data, crops in ((dataset, picked), (test_dataset, tested)):
+        if not crops.labels:
+            raise DataError(f"{getattr(data, 'annotation_file', 'a data set')}: no image with boxes to probe")
+    # Test images first, as in the split.
+    merged = _Crops({name: tested.features[name] + picked.features[name] for name in picked.features},
+                    tested.labels + picked.labels)
+    return merged, len(tested.labels)
+
+
 def probe_backbones(
     backbones: Mapping[str, nn.Module],
     dataset: Sequence,
@@ -251,38 +292,10 @@ def probe_backbones(
     if not 0.0 < test_fraction < 1.0:
         raise ConfigError(f"test_fraction: {test_fraction} is not between 0 and 1")
     source = getattr(dataset, "annotation_file", "the data set")
-    trunks = {name: resnet_trunk(backbone) for name, backbone in backbones.items()}
-    modes = {module: module.training for backbone in backbones.values() for module in backbone.modules()}
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(dataset), generator=generator).tolist()
-    try:
-        for backbone in backbones.values():
-            backbone.eval()  # BatchNorm's running statistics, and no update of them
-        with torch.no_grad():
-            picked = _collect(trunks, dataset, order, stage, background, max_images, generator, progress)
-            if test_dataset is not None:
-                test_order = torch.randperm(len(test_dataset), generator=generator).tolist()
-                tested = _collect(trunks, test_dataset, test_order, stage, background, max_images, generator,
-                                  progress)
-    finally:
-        for module, training in modes.items():
-            module.train(training)
-    if test_dataset is None:
-        images = len(picked.labels)
-        if images < 2:
-            raise DataError(f"{source}: {images} image(s) with boxes; a probe needs at least 2 (train and test)")
-        test_images = min(images - 1, max(1, math.ceil(images * test_fraction)))
-        is_test = [position < test_images for position in range(images)]
-    else:
-        for data, crops in ((dataset, picked), (test_dataset, tested)):
-            if not crops.labels:
-                raise DataError(f"{getattr(data, 'annotation_file', 'a data set')}: no image with boxes to probe")
-        test_images = len(tested.labels)
-        # Test images first, as in the split above.
-        picked = _Crops({name: tested.features[name] + picked.features[name] for name in trunks},
-                        tested.labels + picked.labels)
-        images = len(picked.labels)
-        is_test = [position < test_images for position in range(images)]
+    picked, tested = _probe_crops(backbones, dataset, test_dataset, stage, background, max_images, seed, progress)
+    picked, test_images = _test_images_first(picked, tested, dataset, test_dataset, test_fraction)
+    images = len(picked.labels)
+    is_test = [position < test_images for position in range(images)]
     labels = torch.cat(picked.labels)
     test_mask = torch.cat([torch.full((len(y),), t) for y, t in zip(picked.labels, is_test)])
     if len(labels[~test_mask].unique()) < 2:
