@@ -197,7 +197,7 @@ def test_a_method_that_leaves_out_part_of_the_contract_cannot_be_built():
 TOY_METHOD = '''
 """Toy: two views of each image pulled together through a ResNet-18 (the contract test's method, outside soco)."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -212,9 +212,14 @@ from soco_toy_transform import ToyTransform
 
 
 @dataclass
+class ToyViewsConfig:
+    size: int = 32
+
+
+@dataclass
 class ToyConfig:
     name: str = "toy"
-    size: int = 32
+    views: ToyViewsConfig = field(default_factory=ToyViewsConfig)
     projection_dim: int = 8
 
 
@@ -236,13 +241,11 @@ class Toy(Method):
     config_class = ToyConfig
     presets = MethodPresets(tiny="toy_tiny", small="toy_small", r50="toy_small", folder=Path(__file__).parent)
     study_arms = (StudyArm("toy", "toy: backbone only", budget_overrides={"cpu": ("method.projection_dim=4",)}),)
+    transform_class = ToyTransform
 
     def __init__(self, config):
         super().__init__(config)
         self.online = ToyEncoder(config.projection_dim)
-
-    def sample_transform(self):
-        return ToyTransform(self.config.size)
 
     def training_step(self, batch):
         first, second = (F.normalize(self.online(batch[view]).float(), dim=1) for view in ("v1", "v2"))
@@ -265,8 +268,8 @@ import torch.nn.functional as F
 class ToyTransform:
     needs_proposals = False
 
-    def __init__(self, size):
-        self.size = size
+    def __init__(self, views):
+        self.size = views.size
 
     def __call__(self, image, proposals, generator, source):
         pixels = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 255
@@ -279,7 +282,7 @@ class ToyTransform:
 '''
 
 TOY_PRESETS = {
-    "toy_small": "method: {name: toy, size: 32}\ntrain: {steps: 2, batch_size: 2, workers: 0, log_every: 1, "
+    "toy_small": "method: {name: toy, views: {size: 32}}\ntrain: {steps: 2, batch_size: 2, workers: 0, log_every: 1, "
                  "checkpoint_every: 1}\n",
     "toy_tiny": "base: toy_small\ntrain: {steps: 1}\n",
 }
