@@ -20,6 +20,21 @@ def test_auto_is_bf16_only_on_cpus_with_native_bf16(monkeypatch, native, expecte
     assert step.resolve_precision("bf16", torch.device("cpu"), 32) == "bf16"  # asked for: given
 
 
+def test_the_step_runner_resolves_each_micro_batch_through_the_one_resolver(monkeypatch):
+    from soco.engine.distributed import DistributedContext
+
+    monkeypatch.setattr(step, "cpu_has_native_bf16", lambda: True)
+    network = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+    runner = step.StepRunner(network, network, optimizer, DistributedContext(), "auto")
+    assert runner.scaler is None  # only fp16 scales its loss
+    assert runner.precision_for({"views": {"v1": torch.zeros(2, 3, 64, 64)}}) == "bf16"
+    small = {"views": {"v1": torch.zeros(2, 3, 64, 64), "v3": torch.zeros(2, 3, 32, 32)}}
+    assert runner.precision_for(small) == "fp32"  # below AUTO_BF16_MIN_SIDE
+    fixed = step.StepRunner(network, network, optimizer, DistributedContext(), "fp32")
+    assert fixed.precision_for({"views": {"v1": torch.zeros(2, 3, 224, 224)}}) == "fp32"
+
+
 def test_smallest_view_side_looks_at_every_image_stack():
     batch = {"views": {"v1": torch.zeros(2, 3, 224, 224), "v3": torch.zeros(2, 3, 112, 96)},
              "boxes": torch.zeros(2, 4, 4), "patches": [torch.zeros(2, 9, 3, 64, 70)], "ids": torch.zeros(2, 3, 5, 5,

@@ -41,6 +41,10 @@ def test_run_writes_everything_a_person_needs(tiny_data, tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all({"loss", "lr", "ema_momentum", "images_per_second"} <= set(r) for r in records)
     assert records[0]["ema_momentum"] == pytest.approx(0.99)
+    # soco_tiny's 32-pixel views are below AUTO_BF16_MIN_SIDE: `auto` computes them in fp32 on any CPU, and says so.
+    log_lines = (run / "train.log").read_text().splitlines()
+    assert sum(line.endswith(" precision: fp32 (train.precision=auto)") for line in log_lines) == 1
+    assert json.loads((run / "summary.json").read_text())["precision"] == "fp32"
 
 
 def test_existing_run_needs_resume(tiny_data, tmp_path):

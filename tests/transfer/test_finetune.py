@@ -200,6 +200,7 @@ def test_run_from_scratch_writes_metrics_picture_and_checkpoint(straight):
     assert json.loads((out / MARKER).read_text())["kind"] == "transfer"  # the folder says what it holds
     assert all(h["loss"] > 0 for h in saved["history"])
     assert saved["settings"]["depth"] == 18 and saved["model"] == "faster_rcnn"
+    assert saved["precision"] == "fp32"  # resolved by the engine's one resolver, as pretraining's
     assert saved["plan"]["total_iters"] == 2 and saved["plan"]["lr"] == pytest.approx(0.02 * 2 / 16)
     assert (out / PICTURE_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     state = torch.load(out / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
@@ -309,6 +310,7 @@ def test_frozen_backbone_keeps_resnet_fpn_and_bn_statistics_while_heads_train(da
     heads = [k for k in initial if k.startswith(("rpn.", "roi_heads.")) and initial[k].is_floating_point()]
     assert sum(not torch.equal(trained[k], initial[k]) for k in heads) > len(heads) // 2
     assert any(line.startswith("frozen: the backbone and FPN") for line in lines)
+    assert lines.count("precision: fp32") == 1
 
 
 def test_width_settings_build_that_detector_and_must_agree_with_the_weights(data, tmp_path):

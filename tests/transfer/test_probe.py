@@ -230,6 +230,7 @@ def test_cli_probe_writes_table_and_json(tmp_path, capsys):
     assert "pretrained (backbone.pt)" in printed and "random init" in printed and "majority class" in printed
     record = json.loads((out / "probe.json").read_text())
     assert record["depth"] == 18 and set(record["results"]) == {"pretrained (backbone.pt)", "random init"}
+    assert record["precision"] == "fp32"
     result = record["results"]["random init"]
     # 4 images of 2 boxes: 2 images per side; the single category "box" against background.
     assert (result["train_images"], result["test_images"]) == (2, 2)

@@ -46,10 +46,11 @@ def run(args: argparse.Namespace) -> int:
     """Run `soco probe`."""
     import torch
 
+    from soco.engine.step import resolve_precision
     from soco.errors import ConfigError, DataError, SocoError
     from soco.files import atomic_write_text
     from soco.labelled.coco import CocoDetection
-    from soco.transfer.probe import format_table, pretrained_trunk, probe_backbones
+    from soco.transfer.probe import PROBE_PRECISION, format_table, pretrained_trunk, probe_backbones
     from soco.transfer.weights import check_depth, read_weights, resnet_depth
 
     if args.test_data and not args.test_labels:
@@ -100,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         "test_labels": str(test_dataset.annotation_file) if test_dataset is not None else None,
         "test_images": str(test_images) if test_images is not None else None,
         "weights": str(weights) if weights else None,
-        "depth": depth, "device": str(device), "seed": args.seed, "background": not args.no_background,
+        "depth": depth, "device": str(device), "precision": resolve_precision(PROBE_PRECISION, device),
+        "seed": args.seed, "background": not args.no_background,
         "max_images": args.max_images,
         "test_fraction": None if test_dataset is not None else args.test_fraction, "linear_steps": args.steps,
         "loaded": loaded.loaded if loaded else None,

@@ -34,7 +34,9 @@ AUTO_BF16_MIN_SIDE = 64
 
 
 def resolve_precision(precision: str, device: torch.device, smallest_view_side: int | None = None) -> str:
-    """'auto' is bf16 on GPUs, and on CPUs with native bf16 (AVX512-BF16, AMX) for views of at least
+    """The precision a run computes in: the one place where pretraining, fine-tuning, bench and probe decide it.
+
+    'auto' is bf16 on GPUs, and on CPUs with native bf16 (AVX512-BF16, AMX) for views of at least
     AUTO_BF16_MIN_SIDE pixels; fp32 otherwise. Other values are checked and returned.
 
     bf16 keeps fp32's exponent range, so it needs no loss scaling; the losses compute in fp32 and BN
@@ -61,14 +63,11 @@ def smallest_view_side(batch) -> int | None:
     return min(sides) if sides else None
 
 
-def autocast_context(precision: str, device: torch.device, smallest_side: int | None = None):
-    """(autocast context, fp16 grad scaler or None) for a precision on a device."""
-    precision = resolve_precision(precision, device, smallest_side)
-    if precision == "fp32":
-        return contextlib.nullcontext(), None
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16), None
-    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+def autocast_context(resolved: str, device: torch.device):
+    """The autocast context of a precision `resolve_precision` gave (fp32: none)."""
+    if resolved == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if resolved == "bf16" else torch.float16)
 
 
 def gradients_finite(model: nn.Module) -> bool:
@@ -100,8 +99,14 @@ class StepRunner:
     channels_last: bool = False  # views go NHWC, as the networks' weights do (trainer.build_model)
 
     def __post_init__(self):
-        self.autocast, self.scaler = autocast_context(self.precision, self.context.device)
+        # Only fp16 scales its loss, and `auto` never resolves to fp16, so the views' size cannot change this answer.
+        fp16 = resolve_precision(self.precision, self.context.device) == "fp16"
+        self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
         keep_freed_memory()  # each step reuses the last one's memory instead of faulting it in anew
+
+    def precision_for(self, batch) -> str:
+        """The precision this runner computes a micro-batch in (on the CPU, `auto` depends on the views' size)."""
+        return resolve_precision(self.precision, self.context.device, smallest_view_side(batch))
 
     def run(self, micro_batches: list[dict], step: int, total_steps: int, lr: float) -> StepResult:
         """Forward and backward every micro-batch, stop on a non-finite loss or gradient, then update.
@@ -116,10 +121,7 @@ class StepRunner:
             batch = move_to_device(batch, self.context.device)
             if self.channels_last:
                 batch = to_channels_last(batch)
-            autocast = self.autocast
-            if self.precision == "auto" and self.context.device.type == "cpu":
-                # on the CPU, `auto` depends on the views' size (AUTO_BF16_MIN_SIDE)
-                autocast, _ = autocast_context("auto", self.context.device, smallest_view_side(batch))
+            autocast = autocast_context(self.precision_for(batch), self.context.device)
             sync = contextlib.nullcontext()
             if self.context.is_distributed and number < len(micro_batches) - 1:
                 sync = self.trained.no_sync()

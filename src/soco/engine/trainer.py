@@ -10,6 +10,11 @@ The records stay those of one run: a resume must use the run's settings (but for
 continues the metrics from its checkpoint's step, and a resume of a finished run writes nothing.
 Step hooks (`soco.engine.hooks`, e.g. the box probe of `soco pretrain --probe-labels`) add work on the
 main process every N steps without the engine knowing what it is.
+
+`pretrain` runs in phases: `_set_up` (checks, the checkpoint to resume read and compared, then the method, data,
+schedule, optimiser and step runner built), `_resume`, `_open_records`, `_train_loop` (one `_train_step` per
+update) and `_finish`. The checkpoint format is `soco.engine.checkpoint`'s; seed, DDP and the precision line are
+`soco.engine.run_setup`'s, shared with `soco.transfer.finetune`.
 """
 
 from __future__ import annotations
@@ -34,39 +39,33 @@ from soco.config.schema import Config
 from soco.data.dataset import ImageDataset
 from soco.data.proposals.store import ProposalStore, left_out_message
 from soco.engine.checkpoint import (
-    CHECKPOINT_FORMAT,
     LAST_CHECKPOINT,
     CheckpointWriteError,
+    check_resumable,
+    checkpoint_report,
+    checkpoint_state,
+    compare_settings,
     load_newest_checkpoint,
     periodic_checkpoint_name,
     periodic_checkpoints,
     prune_checkpoints,
+    restore_checkpoint,
     save_checkpoint,
 )
 from soco.engine.compiling import compile_backbones
 from soco.engine.distributed import DistributedContext, all_reduce_sum, init_distributed
 from soco.engine.hooks import StepHook, hook_due
 from soco.engine.optimizers import build_optimizer
-from soco.engine.rng import restore_rng_state, rng_state
 from soco.engine.run_log import RunLog, plot_loss_curve
+from soco.engine.run_setup import data_parallel, precision_line, refuse_a_second_run, seed_run
 from soco.engine.sampler import RunBatchSampler, batches_per_epoch
 from soco.engine.schedules import learning_rate_at, scaled_learning_rate
-from soco.engine.step import (  # noqa: F401
-    StepRunner,
-    TrainingDiverged,
-    autocast_context,
-    gradients_finite,
-)
+from soco.engine.step import StepResult, StepRunner, TrainingDiverged
 from soco.errors import ConfigError, SocoError
 from soco.files import atomic_write_text
 from soco.methods.base import Method
 from soco.registry import build_method, method_class
-from soco.run_folder import (
-    changed_settings,
-    check_run_folder,
-    describe_changes,
-    mark_run_folder,
-)
+from soco.run_folder import check_run_folder, describe_changes, mark_run_folder
 
 RUN_KIND = "pretrain"
 # What a resume may change: where, with how many workers, in which memory layout and whether compiled it
@@ -218,35 +217,25 @@ def refuse_run_inside_images(run_dir: Path, images_root: str | Path) -> None:
 def resume_changes(state: dict, config: Config, data: dict, path: Path) -> list[tuple[str, object, object]]:
     """The settings a resume changes among RESUMABLE_SETTINGS; SocoError naming every other one that differs."""
     recorded, current = dict(state.get("config") or {}), config_to_dict(config)
-    ignored = RESUMABLE_SETTINGS
+    resumable = RESUMABLE_SETTINGS
     if "data" in state:
         recorded["data"] = {**recorded.get("data", {}), **state["data"]}
         current["data"] = {**current["data"], **data}
     else:  # a checkpoint of an older soco: the configuration may not name the folder it read
-        ignored += ("data.images",)
+        resumable += ("data.images",)
     if not method_class(config.method.name).uses_proposals(config.method):
         # A method that reads no proposals trains the same with or without a store named.
-        ignored += ("data.proposals",)
+        resumable += ("data.proposals",)
     recorded_method = (recorded.get("method") or {}).get("name")
     if recorded_method is not None and recorded_method != config.method.name:
         # Another method's section has other keys: its name says it all.
         recorded["method"], current["method"] = {"name": recorded_method}, {"name": config.method.name}
-    refused = changed_settings(recorded, current, ignored)
+    refused, changed = compare_settings(recorded, current, resumable)
     if refused:
         raise SocoError(f"{path} was made with other settings: {describe_changes(refused)}; resume with the run's "
                         f"settings (only {', '.join(RESUMABLE_SETTINGS)} may change), or start a new run in "
                         "another --out")
-    return changed_settings(recorded, current)
-
-
-def checkpoint_report(good: tuple[Path, int] | None, checkpoint_dir: Path) -> str:
-    """Which checkpoints a stopped run leaves to resume from, in words."""
-    if good is None:
-        return "no checkpoint was written yet"
-    path, step = good
-    others = [p.name for p in periodic_checkpoints(checkpoint_dir) if p != path]
-    return (f"the last good checkpoint is {path} (step {step})"
-            + (f"; periodic checkpoints: {', '.join(others)}" if others else ""))
+    return changed
 
 
 def left_out_images(dataset: ImageDataset) -> str | None:
@@ -254,52 +243,35 @@ def left_out_images(dataset: ImageDataset) -> str | None:
     return left_out_message(dataset.store) if dataset.store is not None else None
 
 
-def checkpoint_state(method: Method, optimizer, runner: StepRunner, config: Config, step: int, loss: float,
-                     total_steps: int, skipped: int, data: dict | None = None) -> dict:
-    """Everything a resume and an export need, loadable with torch.load(weights_only=True).
+@dataclass
+class _Session:
+    """What the phases of one pretraining session share; the counters move as it trains."""
 
-    The encoder entries share their tensors with method_state, so torch.save stores them once.
-    """
-    target = method.target_encoder()
-    state = {
-        "format_version": CHECKPOINT_FORMAT,
-        "method": method.name,
-        "method_state": method.state_dict(),
-        "encoder": method.encoder().state_dict(),
-        "encoder_layout": method.encoder_layout().to_dict(),
-        "optimizer": optimizer.state_dict(),
-        "step": step,
-        "loss": loss,
-        "total_steps": total_steps,
-        "skipped_images": skipped,
-        "rng": rng_state(),
-        "grad_scaler": runner.scaler.state_dict() if runner.scaler is not None else {},
-        "config": config_to_dict(config),
-        "soco_version": soco.__version__,
-    }
-    if data is not None:
-        state["data"] = data
-    if target is not None:
-        state["encoder_target"] = target.state_dict()
-    return state
+    config: Config
+    run_dir: Path
+    context: DistributedContext
+    data: dict  # data_identity: what a resume compares
+    resumed: tuple[Path, dict, list[str]] | None  # (path, state, files passed over) of the checkpoint resumed
+    notes: list[str]  # lines for the log on how the resume went
+    method: Method
+    dataset: ImageDataset
+    schedule: Schedule
+    optimizer: torch.optim.Optimizer
+    runner: StepRunner
+    log: RunLog | None = None
+    step: int = 0  # updates done
+    start_step: int = 0  # updates done when this session started
+    skipped: int = 0  # unreadable images replaced, by this process
+    last_loss: float = float("nan")
+    good_checkpoint: tuple[Path, int] | None = None  # the newest checkpoint a resume could start from
+    data_seconds: float = 0.0
+    model_seconds: float = 0.0
+    precision: str | None = None  # what the first micro-batch of the session computed in
 
-
-def check_resumable(state: dict, path: Path) -> None:
-    """SocoError for a checkpoint that no resume can read (format 1)."""
-    if "method_state" not in state:
-        raise SocoError(f"{path} was written by soco before the Method redesign (format 1): it cannot be resumed, "
-                        "but `soco export` still reads it")
-
-
-def restore_checkpoint(state: dict, path: Path, method: Method, optimizer) -> dict:
-    """Load a checkpoint of this run (read from `path`) into the method and optimiser; returns the checkpoint."""
-    check_resumable(state, path)
-    if state.get("method") != method.name:
-        raise SocoError(f"{path} is a {state.get('method')!r} run, this configuration trains {method.name!r}")
-    method.load_state_dict(state["method_state"])
-    optimizer.load_state_dict(state["optimizer"])
-    restore_rng_state(state["rng"])
-    return state
+    @property
+    def checkpoint_dir(self) -> Path:
+        """checkpoints/ of the run folder."""
+        return self.run_dir / "checkpoints"
 
 
 def pretrain(
@@ -317,197 +289,261 @@ def pretrain(
     the box probe.
     """
     started = time.perf_counter()
-    run_dir = Path(run_dir)
+    session = _set_up(config, Path(run_dir), images_root, store_dir, resume)
+    if session.resumed is not None:
+        _resume(session)
+        if session.step >= session.schedule.total_steps:
+            return _already_finished(session, started)
+    _open_records(session)
+    _train_loop(session, hooks, progress)
+    return _finish(session, started)
+
+
+def _set_up(config: Config, run_dir: Path, images_root: str | Path, store_dir: str | Path | None,
+            resume: bool) -> _Session:
+    """Check the folder, read and compare the checkpoint to resume from, then build what trains (nothing is written)."""
     refuse_run_inside_images(run_dir, images_root)
     check_run_folder(run_dir, RUN_KIND)
     context = init_distributed(config.train.device)
     checkpoint_dir = run_dir / "checkpoints"
-    last_path = checkpoint_dir / LAST_CHECKPOINT
-    if not resume and (last_path.exists() or periodic_checkpoints(checkpoint_dir)):
-        raise SocoError(f"{run_dir} already holds a run (checkpoints/): pass --resume to continue it, "
-                        "or choose another --out")
+    holds_run = (checkpoint_dir / LAST_CHECKPOINT).exists() or bool(periodic_checkpoints(checkpoint_dir))
+    refuse_a_second_run(run_dir, "a run (checkpoints/)", holds_run, resume)
     data = data_identity(images_root, store_dir)
-
     # Read and compare before anything is built or written: a refused resume leaves the folder as it was.
-    resumed, notes = None, []
-    if resume:
-        resumed = load_newest_checkpoint(checkpoint_dir)
-    if resumed is not None:
-        resumed_path, state, passed_over = resumed
-        check_resumable(state, resumed_path)
-        if passed_over:
-            notes.append(f"{'; '.join(passed_over)}: resuming from {resumed_path} (step {state.get('step')})")
-        changes = resume_changes(state, config, data, resumed_path)
-        if changes:
-            notes.append(f"resumed with other settings that may change: {describe_changes(changes)}")
+    resumed, notes = _read_checkpoint_to_resume(config, checkpoint_dir, data) if resume else (None, [])
 
     # The order of seeding, model construction and loader creation fixes every random stream.
-    torch.manual_seed(config.train.seed)
+    seed_run(config.train.seed)
     method = build_model(config, context)
     dataset = build_dataset(method, images_root, store_dir, config.train.seed)
     schedule = make_schedule(config, len(dataset), context.world_size)
     optimizer = build_optimizer(config.optim, method.parameter_groups(config.optim.weight_decay), schedule.peak_lr)
-    trained = method
-    if context.is_distributed:
-        device_ids = [context.device.index] if context.device.type == "cuda" else None
-        trained = nn.parallel.DistributedDataParallel(method, device_ids=device_ids)
-    runner = StepRunner(method, trained, optimizer, context, config.train.precision, config.train.accumulate,
-                        config.train.channels_last)
+    runner = StepRunner(method, data_parallel(method, context), optimizer, context, config.train.precision,
+                        config.train.accumulate, config.train.channels_last)
+    return _Session(config, run_dir, context, data, resumed, notes, method, dataset, schedule, optimizer, runner)
 
-    step, skipped, resumed_loss = 0, 0, float("nan")
-    good_checkpoint: tuple[Path, int] | None = None  # the newest checkpoint a resume could start from
+
+def _read_checkpoint_to_resume(config: Config, checkpoint_dir: Path,
+                               data: dict) -> tuple[tuple[Path, dict, list[str]] | None, list[str]]:
+    """(newest readable checkpoint or None, notes for the log); SocoError when it cannot resume with `config`."""
+    resumed, notes = load_newest_checkpoint(checkpoint_dir), []
     if resumed is not None:
-        restore_checkpoint(state, resumed_path, method, optimizer)
-        step, skipped = int(state["step"]), int(state.get("skipped_images", 0))
-        resumed_loss = float(state.get("loss", float("nan")))
-        good_checkpoint = (resumed_path, step)
-        if runner.scaler is not None and state.get("grad_scaler"):
-            runner.scaler.load_state_dict(state["grad_scaler"])
-        if state.get("total_steps") != schedule.total_steps:
-            raise SocoError(
-                f"{resumed_path} was made for {state.get('total_steps')} steps, this configuration gives "
-                f"{schedule.total_steps}: resume with the same data, batch size and length"
-            )
-        if step >= schedule.total_steps:
-            # A finished run: its config.yaml, metrics and summary.json stay those of the run that trained it.
-            return PretrainSummary(
-                run_dir=str(run_dir), steps=step, steps_this_run=0, seconds=time.perf_counter() - started,
-                images_per_second=0.0, final_loss=resumed_loss, peak_memory_mib=peak_memory_mib(context.device),
-                skipped_images=skipped, rank_checksums=gather_weight_checksums(method, context),
-            )
+        path, state, passed_over = resumed
+        check_resumable(state, path)
+        if passed_over:
+            notes.append(f"{'; '.join(passed_over)}: resuming from {path} (step {state.get('step')})")
+        changes = resume_changes(state, config, data, path)
+        if changes:
+            notes.append(f"resumed with other settings that may change: {describe_changes(changes)}")
+    return resumed, notes
 
-    left_out = left_out_images(dataset)
+
+def _resume(session: _Session) -> None:
+    """Load the checkpoint into what was built: weights, optimiser, random states, grad scaler, counters."""
+    path, state, _ = session.resumed
+    restore_checkpoint(state, path, session.method, session.optimizer)
+    session.step = session.start_step = int(state["step"])
+    session.skipped = int(state.get("skipped_images", 0))
+    session.last_loss = float(state.get("loss", float("nan")))
+    session.good_checkpoint = (path, session.step)
+    scaler = session.runner.scaler
+    if scaler is not None and state.get("grad_scaler"):
+        scaler.load_state_dict(state["grad_scaler"])
+    if state.get("total_steps") != session.schedule.total_steps:
+        raise SocoError(
+            f"{path} was made for {state.get('total_steps')} steps, this configuration gives "
+            f"{session.schedule.total_steps}: resume with the same data, batch size and length"
+        )
+
+
+def _already_finished(session: _Session, started: float) -> PretrainSummary:
+    """The summary of a resumed run that had finished: its config.yaml, metrics and summary.json stay as they are."""
+    return PretrainSummary(
+        run_dir=str(session.run_dir), steps=session.step, steps_this_run=0, seconds=time.perf_counter() - started,
+        images_per_second=0.0, final_loss=session.last_loss, peak_memory_mib=peak_memory_mib(session.context.device),
+        skipped_images=session.skipped, rank_checksums=gather_weight_checksums(session.method, session.context),
+    )
+
+
+def _open_records(session: _Session) -> None:
+    """Warn of left-out images and resume notes, open the run's log, mark the folder, save config.yaml."""
+    context, run_dir, schedule = session.context, session.run_dir, session.schedule
+    left_out = left_out_images(session.dataset)
     if left_out and context.is_main:
         _log.warning(left_out)
-    for note in notes:
+    for note in session.notes:
         if context.is_main:
             _log.warning(note)
-    log = RunLog(run_dir, enabled=context.is_main, start_step=step)
+    session.log = RunLog(run_dir, enabled=context.is_main, start_step=session.step)
     if context.is_main:
         mark_run_folder(run_dir, RUN_KIND)
-        if step == 0 or not (run_dir / "config.yaml").exists():
-            save_config(config, run_dir / "config.yaml")
-        log.text(f"soco {soco.__version__}; method {method.name}; {context.world_size} process(es) on "
-                 f"{context.device}; {len(dataset)} images; {schedule.total_steps} steps of "
-                 f"{schedule.images_per_step} images; peak lr {schedule.peak_lr:.4g}; starting at step {step}")
-        for line in [left_out, *notes]:
+        if session.step == 0 or not (run_dir / "config.yaml").exists():
+            save_config(session.config, run_dir / "config.yaml")
+        session.log.text(f"soco {soco.__version__}; method {session.method.name}; {context.world_size} process(es) "
+                         f"on {context.device}; {len(session.dataset)} images; {schedule.total_steps} steps of "
+                         f"{schedule.images_per_step} images; peak lr {schedule.peak_lr:.4g}; starting at step "
+                         f"{session.step}")
+        for line in [left_out, *session.notes]:
             if line:
-                log.text(line)
+                session.log.text(line)
 
+
+def _train_loop(session: _Session, hooks: Sequence[StepHook], progress: bool) -> None:
+    """Train from the session's step to the last one through one long-lived loader; the log closes on any error."""
+    context, config, schedule = session.context, session.config, session.schedule
     hooks = list(hooks) if context.is_main else []
     workers = resolve_loader_workers(config.train.workers, context)
     accumulate = config.train.accumulate
-    start_step, last_loss = step, resumed_loss
-    data_seconds = model_seconds = 0.0
-    method.train()
-    bar = tqdm(total=schedule.total_steps, initial=step, unit="step", disable=not (progress and context.is_main),
-               dynamic_ncols=True, desc=f"pretrain {method.name}")
+    session.method.train()
+    bar = tqdm(total=schedule.total_steps, initial=session.step, unit="step",
+               disable=not (progress and context.is_main), dynamic_ncols=True, desc=f"pretrain {session.method.name}")
     try:
         for hook in hooks:
-            hook.start(step, method, log)
+            hook.start(session.step, session.method, session.log)
         sampler = RunBatchSampler(
-            len(dataset), config.train.batch_size, config.train.seed, context.rank, context.world_size,
-            batches_used_per_epoch=schedule.steps_per_epoch * accumulate, start_batch=step * accumulate,
+            len(session.dataset), config.train.batch_size, config.train.seed, context.rank, context.world_size,
+            batches_used_per_epoch=schedule.steps_per_epoch * accumulate, start_batch=session.step * accumulate,
             total_batches=schedule.total_steps * accumulate,
         )
         # The loader draws its workers' base seed from a generator of its own: from the global one, a
         # resumed run would draw it after restoring the random state, and every later global draw of a
         # method's step (MoCo's key shuffle) would differ from the uninterrupted run's.
         loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler, num_workers=workers, collate_fn=dataset.collate,
+            session.dataset, batch_sampler=sampler, num_workers=workers, collate_fn=session.dataset.collate,
             pin_memory=context.device.type == "cuda", prefetch_factor=2 if workers else None,
             generator=torch.Generator().manual_seed(config.train.seed),
         )
         batches = iter(loader)
-        while step < schedule.total_steps:
-            epoch = step // schedule.steps_per_epoch
-            lr = learning_rate_at(schedule_position(step, schedule, config.optim.cosine_per), schedule.total_steps,
-                                  schedule.warmup_steps, schedule.peak_lr, config.optim.final_lr,
-                                  config.optim.warmup_start_factor)
-            step_started = time.perf_counter()
-            micro_batches = []
-            for micro in range(accumulate):
-                batch = next(batches)
-                skipped += int(batch["skipped"])
-                if not batch["paths"]:  # every image of this micro-batch was unreadable
-                    if context.is_distributed:  # the other processes would wait for this one forever
-                        raise SocoError(f"every image of a micro-batch at step {step + 1} is unreadable: "
-                                        f"{batch['skipped_paths']}")
-                    continue
-                micro_batches.append(batch)
-            step_data_seconds = time.perf_counter() - step_started
-            if step == start_step == 0 and micro_batches and context.is_main:
-                drawing_started = time.perf_counter()
-                method.draw_batch(micro_batches[0], run_dir / "views.png")
-                step_started += time.perf_counter() - drawing_started  # the picture is neither data nor model time
-            try:
-                result = runner.run(micro_batches, step, schedule.total_steps, lr)
-            except TrainingDiverged as error:
-                # The runner counts steps from 0; the logs and checkpoints name step k after k updates, so
-                # the step that failed is the next one.
-                problem = str(error).split(" at step ")[0]
-                message = (f"{problem} at step {step + 1} (lr {lr:.4g}); stopped: "
-                           f"{checkpoint_report(good_checkpoint, checkpoint_dir)}")
-                log.text(message)
-                raise TrainingDiverged(message) from None
-            step += 1
-            last_loss = result.loss
-            step_seconds = time.perf_counter() - step_started
-            data_seconds += step_data_seconds
-            model_seconds += step_seconds - step_data_seconds
-            images_per_second = schedule.images_per_step / max(step_seconds, 1e-9)
-            bar.update(1)
-            bar.set_postfix(loss=f"{result.loss:.3f}", img_s=f"{images_per_second:.1f}")
-            if step % config.train.log_every == 0 or step == schedule.total_steps or step == start_step + 1:
-                log.metrics(step, {
-                    **result.metrics, "epoch": epoch, "loss": result.loss, "lr": lr,  # the engine's names win
-                    "images_per_second": images_per_second, "data_seconds": step_data_seconds,
-                    "step_seconds": step_seconds, "skipped_images": skipped,
-                })
-            # Before the checkpoint: a run killed in a hook resumes before this step and calls it again.
-            for hook in hooks:
-                if hook_due(hook, step, schedule.total_steps):
-                    hook.after_step(step, method, log)
-            if context.is_main and (step % config.train.checkpoint_every == 0 or step == schedule.total_steps):
-                state = checkpoint_state(method, optimizer, runner, config, step, result.loss,
-                                         schedule.total_steps, skipped, data)
-                try:
-                    save_checkpoint(state, last_path)
-                    good_checkpoint = (last_path, step)
-                    if step % config.train.checkpoint_every == 0:
-                        save_checkpoint(state, checkpoint_dir / periodic_checkpoint_name(step))
-                        prune_checkpoints(checkpoint_dir, config.train.keep_checkpoints)
-                except CheckpointWriteError as error:
-                    message = f"stopped at step {step}: {error}; {checkpoint_report(good_checkpoint, checkpoint_dir)}"
-                    try:
-                        log.text(message)
-                    except OSError:  # the disk that refused the checkpoint may refuse the log line too
-                        pass
-                    raise CheckpointWriteError(message) from None
+        while session.step < schedule.total_steps:
+            _train_step(session, batches, hooks, bar)
         del batches, loader
     except BaseException:
-        log.close()
+        session.log.close()
         raise
     finally:
         bar.close()
 
-    skipped_total = int(all_reduce_sum(torch.tensor(skipped, device=context.device), context))
-    checksums = gather_weight_checksums(method, context)
+
+def _train_step(session: _Session, batches, hooks: list[StepHook], bar) -> None:
+    """One update: its micro-batches, the step, its metrics, the hooks due and the checkpoints due."""
+    config, schedule, step = session.config, session.schedule, session.step
+    epoch = step // schedule.steps_per_epoch
+    lr = learning_rate_at(schedule_position(step, schedule, config.optim.cosine_per), schedule.total_steps,
+                          schedule.warmup_steps, schedule.peak_lr, config.optim.final_lr,
+                          config.optim.warmup_start_factor)
+    step_started = time.perf_counter()
+    micro_batches = _next_micro_batches(session, batches)
+    step_data_seconds = time.perf_counter() - step_started
+    if step == session.start_step:
+        records_started = time.perf_counter()
+        _first_batch_records(session, micro_batches)
+        step_started += time.perf_counter() - records_started  # the picture is neither data nor model time
+    result = _run_step(session, micro_batches, lr)
+    session.step = step = step + 1
+    session.last_loss = result.loss
+    step_seconds = time.perf_counter() - step_started
+    session.data_seconds += step_data_seconds
+    session.model_seconds += step_seconds - step_data_seconds
+    images_per_second = schedule.images_per_step / max(step_seconds, 1e-9)
+    bar.update(1)
+    bar.set_postfix(loss=f"{result.loss:.3f}", img_s=f"{images_per_second:.1f}")
+    if step % config.train.log_every == 0 or step == schedule.total_steps or step == session.start_step + 1:
+        session.log.metrics(step, {
+            **result.metrics, "epoch": epoch, "loss": result.loss, "lr": lr,  # the engine's names win
+            "images_per_second": images_per_second, "data_seconds": step_data_seconds,
+            "step_seconds": step_seconds, "skipped_images": session.skipped,
+        })
+    # Before the checkpoint: a run killed in a hook resumes before this step and calls it again.
+    for hook in hooks:
+        if hook_due(hook, step, schedule.total_steps):
+            hook.after_step(step, session.method, session.log)
+    if session.context.is_main and (step % config.train.checkpoint_every == 0 or step == schedule.total_steps):
+        _save_checkpoints(session, result.loss)
+
+
+def _next_micro_batches(session: _Session, batches) -> list[dict]:
+    """The `train.accumulate` micro-batches of the next step, less those whose every image was unreadable."""
+    micro_batches = []
+    for _ in range(session.config.train.accumulate):
+        batch = next(batches)
+        session.skipped += int(batch["skipped"])
+        if not batch["paths"]:  # every image of this micro-batch was unreadable
+            if session.context.is_distributed:  # the other processes would wait for this one forever
+                raise SocoError(f"every image of a micro-batch at step {session.step + 1} is unreadable: "
+                                f"{batch['skipped_paths']}")
+            continue
+        micro_batches.append(batch)
+    return micro_batches
+
+
+def _first_batch_records(session: _Session, micro_batches: list[dict]) -> None:
+    """On the session's first step: the precision it computes in (train.log), and a new run's views.png."""
+    if not micro_batches:
+        return
+    session.precision = session.runner.precision_for(micro_batches[0])
+    session.log.text(precision_line(session.precision, "train.precision", session.config.train.precision))
+    if session.step == 0 and session.context.is_main:
+        session.method.draw_batch(micro_batches[0], session.run_dir / "views.png")
+
+
+def _run_step(session: _Session, micro_batches: list[dict], lr: float) -> StepResult:
+    """The step runner's update; a divergence is told with the step it failed in and the checkpoint to resume from."""
+    try:
+        return session.runner.run(micro_batches, session.step, session.schedule.total_steps, lr)
+    except TrainingDiverged as error:
+        # The runner counts steps from 0; the logs and checkpoints name step k after k updates, so
+        # the step that failed is the next one.
+        problem = str(error).split(" at step ")[0]
+        message = (f"{problem} at step {session.step + 1} (lr {lr:.4g}); stopped: "
+                   f"{checkpoint_report(session.good_checkpoint, session.checkpoint_dir)}")
+        session.log.text(message)
+        raise TrainingDiverged(message) from None
+
+
+def _save_checkpoints(session: _Session, loss: float) -> None:
+    """last.pt, and step-N.pt every train.checkpoint_every steps; a refused write stops the run in one line."""
+    config, step, checkpoint_dir = session.config, session.step, session.checkpoint_dir
+    last_path = checkpoint_dir / LAST_CHECKPOINT
+    state = checkpoint_state(session.method, session.optimizer, session.runner, config, step, loss,
+                             session.schedule.total_steps, session.skipped, session.data)
+    try:
+        save_checkpoint(state, last_path)
+        session.good_checkpoint = (last_path, step)
+        if step % config.train.checkpoint_every == 0:
+            save_checkpoint(state, checkpoint_dir / periodic_checkpoint_name(step))
+            prune_checkpoints(checkpoint_dir, config.train.keep_checkpoints)
+    except CheckpointWriteError as error:
+        message = f"stopped at step {step}: {error}; {checkpoint_report(session.good_checkpoint, checkpoint_dir)}"
+        try:
+            session.log.text(message)
+        except OSError:  # the disk that refused the checkpoint may refuse the log line too
+            pass
+        raise CheckpointWriteError(message) from None
+
+
+def _finish(session: _Session, started: float) -> PretrainSummary:
+    """Gather the processes' counts and checksums; the loss curve, summary.json (with the precision) and last lines."""
+    context, run_dir, log = session.context, session.run_dir, session.log
+    skipped_total = int(all_reduce_sum(torch.tensor(session.skipped, device=context.device), context))
+    checksums = gather_weight_checksums(session.method, context)
     if len(set(checksums)) > 1:
         log.text(f"warning: the processes' weights differ at the end: {checksums}")
     seconds = time.perf_counter() - started
-    steps_this_run = step - start_step
+    steps_this_run = session.step - session.start_step
+    busy_seconds = session.data_seconds + session.model_seconds
     summary = PretrainSummary(
-        run_dir=str(run_dir), steps=step, steps_this_run=steps_this_run, seconds=seconds,
-        images_per_second=steps_this_run * schedule.images_per_step / max(data_seconds + model_seconds, 1e-9),
-        final_loss=last_loss, peak_memory_mib=peak_memory_mib(context.device), skipped_images=skipped_total,
+        run_dir=str(run_dir), steps=session.step, steps_this_run=steps_this_run, seconds=seconds,
+        images_per_second=steps_this_run * session.schedule.images_per_step / max(busy_seconds, 1e-9),
+        final_loss=session.last_loss, peak_memory_mib=peak_memory_mib(context.device), skipped_images=skipped_total,
         rank_checksums=checksums,
     )
     if context.is_main:
         if (run_dir / "metrics.jsonl").exists():
-            plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{method.name} pretraining loss")
+            plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png",
+                            title=f"{session.method.name} pretraining loss")
         atomic_write_text(run_dir / "summary.json", json.dumps(
-            {**asdict(summary), "data_seconds": data_seconds, "model_seconds": model_seconds}, indent=2))
+            {**asdict(summary), "data_seconds": session.data_seconds, "model_seconds": session.model_seconds,
+             "precision": session.precision}, indent=2))
         for line in summary.lines():
             log.text(line)
     log.close()

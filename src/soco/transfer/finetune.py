@@ -1,4 +1,9 @@
-"""Fine-tuning a detector on a COCO-format set (the paper's recipe scaled to the data), resumable, then COCO AP."""
+"""Fine-tuning a detector on a COCO-format set (the paper's recipe scaled to the data), resumable, then COCO AP.
+
+`finetune` runs in phases, as `soco.engine.trainer.pretrain` does: `_set_up` (folder, data, the checkpoint to
+resume compared, detector and optimiser), `_resume`, `_start` (DDP, what trains and in which precision),
+`_train_epochs` (`_train_epoch` then `_end_epoch`: evaluation when due, checkpoint) and `_finish` (metrics.json).
+"""
 
 from __future__ import annotations
 
@@ -30,11 +35,16 @@ from soco.config.validation import (
     validate_section,
 )
 from soco.data.batch_drawing import save_figure
-from soco.engine.checkpoint import load_checkpoint, save_checkpoint
-from soco.engine.rng import restore_rng_state, rng_state
+from soco.engine.allocator import keep_freed_memory
+from soco.engine.checkpoint import compare_settings, load_checkpoint, restore_training, save_checkpoint
+from soco.engine.distributed import DistributedContext, init_distributed
+from soco.engine.rng import rng_state
+from soco.engine.run_setup import data_parallel, precision_line, refuse_a_second_run, seed_run
+from soco.engine.step import resolve_precision
 from soco.errors import ConfigError, SocoError
 from soco.files import atomic_write_text
 from soco.models.backbone import RESNET_BUILDERS
+from soco.run_folder import check_run_folder, mark_run_folder
 from soco.transfer.architectures import ARCHITECTURES, TWO_STAGE
 from soco.labelled.coco import CocoDetection, collate, has_masks, plain_target
 from soco.transfer.detector import (
@@ -335,6 +345,55 @@ def draw_predictions(dataset: CocoDetection, outputs: dict[int, dict], path: str
     return save_figure(figure, path)
 
 
+# TransferConfig has no precision key: detectors fine-tune in fp32, the recipe the study's readings were measured in.
+FINETUNE_PRECISION = "fp32"
+
+
+@dataclass
+class _Data:
+    """The training and validation sets of a fine-tuning run and the detector they call for."""
+
+    train_set: CocoDetection
+    val_set: CocoDetection
+    architecture: str
+    with_masks: bool
+
+
+@dataclass
+class _Detector:
+    """The detector to fine-tune, with how it was made: its widths and what its starting weights loaded."""
+
+    model: nn.Module
+    widths: dict
+    weights_report: dict | None
+
+
+@dataclass
+class _FineTuning:
+    """What the phases of one fine-tuning call share; `epoch` and `history` move as it trains."""
+
+    config: TransferConfig
+    out_dir: Path
+    context: DistributedContext
+    data: _Data
+    plan: _Plan
+    settings: dict  # the config as saved in the checkpoint and metrics.json
+    weights_id: str  # the absolute path of the starting weights, or "none": what a resume must start from
+    state: dict | None  # the checkpoint resumed
+    detector: _Detector
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    precision: str
+    trained: nn.Module | None = None  # the detector, or DDP around it
+    epoch: int = 0  # epochs done
+    history: list = field(default_factory=list)  # one record per epoch done
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """checkpoint.pt of the run folder."""
+        return self.out_dir / CHECKPOINT_NAME
+
+
 def finetune(
     config: TransferConfig,
     train_annotations: str | Path,
@@ -354,21 +413,45 @@ def finetune(
     `stop_after_epochs` ends this call after that many epochs (the checkpoint lets a later call go on);
     metrics.json is then written without final AP. Returns the metrics dict.
     """
-    from soco.engine.allocator import keep_freed_memory
-    from soco.engine.distributed import init_distributed
-
     keep_freed_memory()  # each iteration reuses the last one's memory (see engine/allocator.py)
     started = time.perf_counter()
-    out_dir = Path(out_dir)
+    run = _set_up(config, (train_annotations, train_images, val_annotations, val_images), Path(out_dir), weights,
+                  resume, log)
+    _resume(run, resume, log)
+    _start(run, log)
+    last_epoch = config.epochs if stop_after_epochs is None else min(config.epochs, run.epoch + stop_after_epochs)
+    _train_epochs(run, last_epoch, progress, log)
+    return _finish(run, weights, progress, log, started)
+
+
+def _set_up(config: TransferConfig, files: tuple[str | Path, ...], out_dir: Path, weights: str | Path | None,
+            resume: bool, log: Callable[[str], None]) -> _FineTuning:
+    """Check the folder, load the data, read and compare the checkpoint to resume, build detector and optimiser."""
     context = init_distributed(config.device, setting="transfer.device")
     checkpoint_path = out_dir / CHECKPOINT_NAME
-    if not resume and checkpoint_path.exists():
-        raise SocoError(f"{out_dir} already holds a fine-tuning run ({CHECKPOINT_NAME}): pass --resume to "
-                        "continue it, or choose another --out")
-    from soco.run_folder import check_run_folder, mark_run_folder
-
+    refuse_a_second_run(out_dir, f"a fine-tuning run ({CHECKPOINT_NAME})", checkpoint_path.exists(), resume)
     check_run_folder(out_dir, "transfer")  # refuses a file, an image folder, another kind of run's folder
+    data = _load_data(config, *files)
+    mark_run_folder(out_dir, "transfer")  # only now: bad data leaves no folder behind
+    plan = _plan(config, len(data.train_set), context.world_size)
+    weights_id = str(Path(weights).expanduser().resolve()) if weights is not None else "none"
+    state = load_checkpoint(checkpoint_path) if resume and checkpoint_path.exists() else None
+    if state is not None:
+        _check_same_run(state, checkpoint_path, config, plan, data.architecture, weights_id)
+    detector = _build_detector(config, data, state, weights, context, log)
+    optimizer = torch.optim.SGD(_param_groups(detector.model, config), lr=plan.lr, momentum=config.momentum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda it: lr_factor(it, plan.warmup_iters, config.warmup_factor, plan.milestones, config.gamma),
+    )
+    precision = resolve_precision(FINETUNE_PRECISION, context.device)
+    return _FineTuning(config, out_dir, context, data, plan, dataclasses.asdict(config), weights_id, state, detector,
+                       optimizer, scheduler, precision)
 
+
+def _load_data(config: TransferConfig, train_annotations: str | Path, train_images: str | Path,
+               val_annotations: str | Path, val_images: str | Path) -> _Data:
+    """Both sets, and the architecture: `auto` is mask_rcnn when the training annotations have masks."""
     train_set = CocoDetection(train_annotations, train_images, train=True, flip_prob=config.flip_prob,
                               seed=config.seed)
     masks_available = has_masks(train_set.data)
@@ -385,22 +468,30 @@ def finetune(
         raise SocoError(f"{train_set.annotation_file} lists no image")
     if len(val_set) == 0:
         raise SocoError(f"{val_set.annotation_file} lists no image")
-    mark_run_folder(out_dir, "transfer")  # only now: bad data leaves no folder behind
+    return _Data(train_set, val_set, architecture, with_masks)
 
-    plan = _plan(config, len(train_set), context.world_size)
+
+def _check_same_run(state: dict, checkpoint_path: Path, config: TransferConfig, plan: _Plan, architecture: str,
+                     weights_id: str) -> None:
+    """SocoError when the checkpoint was made with other settings, data or starting weights than this call's."""
     settings = dataclasses.asdict(config)
-    weights_id = str(Path(weights).expanduser().resolve()) if weights is not None else "none"
-    state = load_checkpoint(checkpoint_path) if resume and checkpoint_path.exists() else None
-    if state is not None:
-        defaults = dataclasses.asdict(TransferConfig())  # a key an older checkpoint lacks had its default
-        changed = [k for k in _RESUME_KEYS if state["config"].get(k, defaults[k]) != settings[k]]
-        if changed or state.get("total_iters") != plan.total_iters or state.get("model_type") != architecture:
-            raise SocoError(f"{checkpoint_path} was made with other settings ({', '.join(changed) or 'data size'} "
-                            "differ): resume with the same data and settings")
-        if state.get("weights") != weights_id:
-            # The metrics would name weights that did not start this run.
-            raise SocoError(f"{checkpoint_path} started from weights {state.get('weights')}, not {weights_id}")
+    # A key an older checkpoint lacks had its default.
+    recorded = {**dataclasses.asdict(TransferConfig()), **state["config"]}
+    # The keys that must match first, so that the message names them in _RESUME_KEYS' order; every other key may change.
+    current = {**{key: settings[key] for key in _RESUME_KEYS}, **settings}
+    refused, _ = compare_settings(recorded, current, [key for key in settings if key not in _RESUME_KEYS])
+    changed = [key for key, _, _ in refused]
+    if changed or state.get("total_iters") != plan.total_iters or state.get("model_type") != architecture:
+        raise SocoError(f"{checkpoint_path} was made with other settings ({', '.join(changed) or 'data size'} "
+                        "differ): resume with the same data and settings")
+    if state.get("weights") != weights_id:
+        # The metrics would name weights that did not start this run.
+        raise SocoError(f"{checkpoint_path} started from weights {state.get('weights')}, not {weights_id}")
 
+
+def _build_detector(config: TransferConfig, data: _Data, state: dict | None, weights: str | Path | None,
+                    context: DistributedContext, log: Callable[[str], None]) -> _Detector:
+    """The detector on its device, seeded, with the starting weights loaded (a resume loads its own later)."""
     pretrained = None
     if state is not None:
         widths = state.get("detector_widths") or {}  # the run's widths; its checkpoint replaces every weight
@@ -412,11 +503,11 @@ def finetune(
         widths = {}
     if state is None:
         widths = chosen_widths(config, widths, weights)
-    torch.manual_seed(config.seed)
-    model = build_detector(architecture, num_classes=len(train_set.category_ids) + 1, depth=config.depth,
+    seed_run(config.seed)
+    model = build_detector(data.architecture, num_classes=len(data.train_set.category_ids) + 1, depth=config.depth,
                            min_size=config.min_size, max_size=config.max_size,
                            detections_per_img=config.detections_per_img,
-                           **widths, **detector_options(config, architecture))
+                           **widths, **detector_options(config, data.architecture))
     weights_report = None
     if state is not None:
         weights_report = state.get("weights_loaded")
@@ -434,128 +525,164 @@ def finetune(
     model.to(context.device)
     if config.sync_bn:
         model = convert_sync_bn(model, context.world_size, context.device)
-    optimizer = torch.optim.SGD(_param_groups(model, config), lr=plan.lr, momentum=config.momentum)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda it: lr_factor(it, plan.warmup_iters, config.warmup_factor, plan.milestones, config.gamma),
-    )
-    epoch, history = 0, []
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        epoch, history = int(state["epoch"]), list(state["history"])
-        restore_rng_state(state["rng"])
-        if context.is_main:
-            log(f"resuming {out_dir} after epoch {epoch} of {config.epochs}")
-    elif resume and context.is_main:
-        log(f"nothing to resume in {out_dir}; starting a new run")
+    return _Detector(model, widths, weights_report)
 
-    trained = model
-    if context.is_distributed:
-        device_ids = [context.device.index] if context.device.type == "cuda" else None
-        trained = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+def _resume(run: _FineTuning, resume: bool, log: Callable[[str], None]) -> None:
+    """Load the checkpoint, if any: detector, optimiser, schedule, random states, epochs done and their records."""
+    is_main = run.context.is_main
+    if run.state is not None:
+        restore_training(run.state, {"model": run.detector.model, "optimizer": run.optimizer,
+                                     "scheduler": run.scheduler})
+        run.epoch, run.history = int(run.state["epoch"]), list(run.state["history"])
+        if is_main:
+            log(f"resuming {run.out_dir} after epoch {run.epoch} of {run.config.epochs}")
+    elif resume and is_main:
+        log(f"nothing to resume in {run.out_dir}; starting a new run")
+
+
+def _start(run: _FineTuning, log: Callable[[str], None]) -> None:
+    """Wrap the detector for DDP (after the resume: DDP spreads the main process's weights) and say what trains."""
+    config, plan, context, train_set = run.config, run.plan, run.context, run.data.train_set
+    run.trained = data_parallel(run.detector.model, context)
     if context.is_main:
-        log(f"fine-tuning {describe(architecture, config.depth)} on {len(train_set)} images "
+        log(f"fine-tuning {describe(run.data.architecture, config.depth)} on {len(train_set)} images "
             f"({train_set.num_boxes()} boxes, {len(train_set.category_ids)} categories); "
             f"{config.epochs} epochs x {plan.iters_per_epoch} iterations of {config.batch_size * plan.world_size} "
             f"images; lr {plan.lr:.4g}, warm-up {plan.warmup_iters} it, decay at {plan.milestones}; "
             f"{context.world_size} process(es) on {context.device}")
+        log(precision_line(run.precision))
 
+
+def _train_epochs(run: _FineTuning, last_epoch: int, progress: bool, log: Callable[[str], None]) -> None:
+    """Train the epochs up to `last_epoch`, each ended by its record, its evaluation when due and its checkpoint."""
     from tqdm.auto import tqdm
 
-    last_epoch = config.epochs if stop_after_epochs is None else min(config.epochs, epoch + stop_after_epochs)
-    bar = tqdm(total=plan.total_iters, initial=epoch * plan.iters_per_epoch, unit="it", desc="transfer",
-               disable=not (progress and context.is_main), dynamic_ncols=True)
+    bar = tqdm(total=run.plan.total_iters, initial=run.epoch * run.plan.iters_per_epoch, unit="it", desc="transfer",
+               disable=not (progress and run.context.is_main), dynamic_ncols=True)
     try:
-        while epoch < last_epoch:
-            trained.train()
-            if config.freeze == "backbone":
-                model.backbone.eval()  # frozen BN keeps its statistics
-            train_set.set_epoch(epoch)
-            batches = _epoch_batches(len(train_set), config.batch_size, config.seed, epoch, context.rank,
-                                     context.world_size)
-            loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, num_workers=config.workers,
-                                                 collate_fn=collate, pin_memory=context.device.type == "cuda")
-            sums: dict[str, float] = {}
+        while run.epoch < last_epoch:
             epoch_started = time.perf_counter()
-            for iteration, (images, targets) in enumerate(loader):
-                images = [image.as_subclass(torch.Tensor).to(context.device) for image in images]
-                targets = [plain_target(t, context.device) for t in targets]
-                losses = trained(images, targets)
-                loss = sum(losses.values())
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise TransferDiverged(
-                        f"loss became {value} at epoch {epoch + 1}, iteration {iteration + 1} "
-                        f"(lr {scheduler.get_last_lr()[0]:.4g}); lower the lr. The last good checkpoint is kept: "
-                        f"{checkpoint_path if checkpoint_path.exists() else 'none yet'}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                for name, part in losses.items():
-                    sums[name] = sums.get(name, 0.0) + float(part.detach())
-                sums["loss"] = sums.get("loss", 0.0) + value
-                bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.3g}")
-            epoch += 1
-            steps = max(1, len(batches))
-            record = {"epoch": epoch, **{k: v / steps for k, v in sums.items()},
-                      "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - epoch_started}
-            if config.eval_every and epoch % config.eval_every == 0 and epoch < config.epochs and context.is_main:
-                record["val"] = evaluate_outputs(val_set, predict(model, val_set, context.device,
-                                                                  config.eval_batch_size), with_masks)
-                log(f"epoch {epoch}: loss {record['loss']:.4f}; val bbox {summary_line(record['val']['bbox'])}")
-            history.append(record)
-            if context.is_main:
-                save_checkpoint({
-                    "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": rng_state(), "history": history,
-                    "config": settings, "total_iters": plan.total_iters, "model_type": architecture,
-                    "weights": weights_id, "weights_loaded": weights_report, "detector_widths": widths,
-                    "soco_version": soco.__version__,
-                }, checkpoint_path)
-            if context.is_distributed:
-                torch.distributed.barrier()
+            sums, iterations = _train_epoch(run, bar)
+            run.epoch += 1
+            steps = max(1, iterations)
+            record = {"epoch": run.epoch, **{k: v / steps for k, v in sums.items()},
+                      "lr": run.scheduler.get_last_lr()[0], "seconds": time.perf_counter() - epoch_started}
+            _end_epoch(run, record, log)
     finally:
         bar.close()
 
-    finished = epoch >= config.epochs
+
+def _train_epoch(run: _FineTuning, bar) -> tuple[dict[str, float], int]:
+    """One epoch of updates: (each loss summed over its iterations, the epoch's batches on this process)."""
+    config, context, model, scheduler = run.config, run.context, run.detector.model, run.scheduler
+    run.trained.train()
+    if config.freeze == "backbone":
+        model.backbone.eval()  # frozen BN keeps its statistics
+    train_set = run.data.train_set
+    train_set.set_epoch(run.epoch)
+    batches = _epoch_batches(len(train_set), config.batch_size, config.seed, run.epoch, context.rank,
+                             context.world_size)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, num_workers=config.workers,
+                                         collate_fn=collate, pin_memory=context.device.type == "cuda")
+    sums: dict[str, float] = {}
+    for iteration, (images, targets) in enumerate(loader):
+        images = [image.as_subclass(torch.Tensor).to(context.device) for image in images]
+        targets = [plain_target(t, context.device) for t in targets]
+        losses = run.trained(images, targets)
+        loss = sum(losses.values())
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TransferDiverged(
+                f"loss became {value} at epoch {run.epoch + 1}, iteration {iteration + 1} "
+                f"(lr {scheduler.get_last_lr()[0]:.4g}); lower the lr. The last good checkpoint is kept: "
+                f"{run.checkpoint_path if run.checkpoint_path.exists() else 'none yet'}")
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        scheduler.step()
+        for name, part in losses.items():
+            sums[name] = sums.get(name, 0.0) + float(part.detach())
+        sums["loss"] = sums.get("loss", 0.0) + value
+        bar.update(1)
+        bar.set_postfix(epoch=run.epoch + 1, loss=f"{value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.3g}")
+    return sums, len(batches)
+
+
+def _end_epoch(run: _FineTuning, record: dict, log: Callable[[str], None]) -> None:
+    """The epoch's evaluation when due, its record in the history, the checkpoint, and the processes' meeting."""
+    config, context, data = run.config, run.context, run.data
+    if config.eval_every and run.epoch % config.eval_every == 0 and run.epoch < config.epochs and context.is_main:
+        record["val"] = evaluate_outputs(data.val_set, predict(run.detector.model, data.val_set, context.device,
+                                                               config.eval_batch_size), data.with_masks)
+        log(f"epoch {run.epoch}: loss {record['loss']:.4f}; val bbox {summary_line(record['val']['bbox'])}")
+    run.history.append(record)
+    if context.is_main:
+        save_checkpoint(_checkpoint_state(run), run.checkpoint_path)
+    if context.is_distributed:
+        torch.distributed.barrier()
+
+
+def _checkpoint_state(run: _FineTuning) -> dict:
+    """Everything a fine-tuning resume needs, after `run.epoch` epochs."""
+    detector = run.detector
+    return {
+        "epoch": run.epoch, "model": detector.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(), "rng": rng_state(), "history": run.history,
+        "config": run.settings, "total_iters": run.plan.total_iters, "model_type": run.data.architecture,
+        "weights": run.weights_id, "weights_loaded": detector.weights_report, "detector_widths": detector.widths,
+        "soco_version": soco.__version__,
+    }
+
+
+def _finish(run: _FineTuning, weights: str | Path | None, progress: bool, log: Callable[[str], None],
+            started: float) -> dict:
+    """The metrics of the call; once every epoch is done, the final evaluation and picture; metrics.json."""
+    config, context, data = run.config, run.context, run.data
+    finished = run.epoch >= config.epochs
     metrics: dict[str, Any] = {
         "finished": finished,
-        "epochs_done": epoch,
-        "model": architecture,
+        "epochs_done": run.epoch,
+        "model": data.architecture,
         "weights": str(weights) if weights is not None else "none",
-        "weights_loaded": weights_report,
+        "weights_loaded": run.detector.weights_report,
         "seed": config.seed,
-        "settings": settings,
-        "plan": dataclasses.asdict(plan),
-        "train": {"annotations": str(train_set.annotation_file), "images": len(train_set),
-                  "boxes": train_set.num_boxes()},
-        "val": {"annotations": str(val_set.annotation_file), "images": len(val_set), "boxes": val_set.num_boxes()},
-        "categories": {str(cid): name for cid, name in val_set.category_names.items()},
-        "history": history,
+        "settings": run.settings,
+        "plan": dataclasses.asdict(run.plan),
+        "train": {"annotations": str(data.train_set.annotation_file), "images": len(data.train_set),
+                  "boxes": data.train_set.num_boxes()},
+        "val": {"annotations": str(data.val_set.annotation_file), "images": len(data.val_set),
+                "boxes": data.val_set.num_boxes()},
+        "categories": {str(cid): name for cid, name in data.val_set.category_names.items()},
+        "history": run.history,
         "device": str(context.device),
+        "precision": run.precision,
         "world_size": context.world_size,
         "versions": {"soco": soco.__version__, "torch": torch.__version__, "python": platform.python_version()},
     }
     if context.is_main:
         if finished:
-            outputs = predict(model, val_set, context.device, config.eval_batch_size, progress=progress)
-            evaluation = evaluate_outputs(val_set, outputs, with_masks)
-            metrics.update(evaluation)
-            if config.picture_images:
-                picture = draw_predictions(val_set, outputs, out_dir / PICTURE_NAME, config.picture_images,
-                                           config.picture_score)
-                metrics["picture"] = str(picture) if picture else None
-            log(f"val bbox: {summary_line(evaluation['bbox'])}"
-                + (f"; segm: {summary_line(evaluation['segm'])}" if "segm" in evaluation else ""))
+            metrics.update(_final_evaluation(run, progress, log))
         else:
-            log(f"stopped after epoch {epoch} of {config.epochs}; continue with --resume")
+            log(f"stopped after epoch {run.epoch} of {config.epochs}; continue with --resume")
         metrics["seconds_this_call"] = time.perf_counter() - started
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / METRICS_NAME, json.dumps(metrics, indent=1) + "\n")
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run.out_dir / METRICS_NAME, json.dumps(metrics, indent=1) + "\n")
     if context.is_distributed:
         torch.distributed.barrier()
     return metrics
+
+
+def _final_evaluation(run: _FineTuning, progress: bool, log: Callable[[str], None]) -> dict:
+    """COCO AP of the fine-tuned detector on the validation set, and predictions.png when asked for."""
+    config, data = run.config, run.data
+    outputs = predict(run.detector.model, data.val_set, run.context.device, config.eval_batch_size,
+                      progress=progress)
+    evaluation = evaluate_outputs(data.val_set, outputs, data.with_masks)
+    if config.picture_images:
+        picture = draw_predictions(data.val_set, outputs, run.out_dir / PICTURE_NAME, config.picture_images,
+                                   config.picture_score)
+        evaluation["picture"] = str(picture) if picture else None
+    log(f"val bbox: {summary_line(evaluation['bbox'])}"
+        + (f"; segm: {summary_line(evaluation['segm'])}" if "segm" in evaluation else ""))
+    return evaluation

@@ -36,6 +36,7 @@ from soco.models.roi_pooling import pool_rois
 
 __all__ = [
     "BACKGROUND",
+    "PROBE_PRECISION",
     "STAGES",
     "ProbeResult",
     "format_table",
@@ -64,6 +65,8 @@ LINEAR_L2 = 1e-3  # the weakest of the grid
 # crops; the strength is chosen per backbone, as linear evaluations do (scikit-learn's LogisticRegressionCV).
 LINEAR_L2_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 LINEAR_CV_FOLDS = 3
+# Features are embedded without autocast: the probe is a measurement, and a few hundred crops cost little in fp32.
+PROBE_PRECISION = "fp32"
 
 
 @dataclass
@@ -220,47 +223,6 @@ class _Crops:
     labels: list[torch.Tensor]
 
 
-def _probe_crops(backbones: Mapping[str, nn.Module], dataset: Sequence, test_dataset: Sequence | None, stage: str,
-                 background: bool, max_images: int | None, seed: int, progress: bool) -> tuple[_Crops, _Crops | None]:
-    """Every backbone's features of the crops of `dataset` (and of `test_dataset`), in eval mode, modes restored."""
-    trunks = {name: resnet_trunk(backbone) for name, backbone in backbones.items()}
-    modes = {module: module.training for backbone in backbones.values() for module in backbone.modules()}
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(dataset), generator=generator).tolist()
-    tested = None
-    try:
-        for backbone in backbones.values():
-            backbone.eval()  # BatchNorm's running statistics, and no update of them
-        with torch.no_grad():
-            picked = _collect(trunks, dataset, order, stage, background, max_images, generator, progress)
-            if test_dataset is not None:
-                test_order = torch.randperm(len(test_dataset), generator=generator).tolist()
-                tested = _collect(trunks, test_dataset, test_order, stage, background, max_images, generator,
-                                  progress)
-    finally:
-        for module, training in modes.items():
-            module.train(training)
-    return picked, tested
-
-
-def _test_images_first(picked: _Crops, tested: _Crops | None, dataset: Sequence, test_dataset: Sequence | None,
-                       test_fraction: float) -> tuple[_Crops, int]:
-    """(the crops with the test images' first, how many images are test images): a split, or the test set's."""
-    if tested is None:
-        images = len(picked.labels)
-        if images < 2:
-            source = getattr(dataset, "annotation_file", "the data set")
-            raise DataError(f"{source}: {images} image(s) with boxes; a probe needs at least 2 (train and test)")
-        return picked, min(images - 1, max(1, math.ceil(images * test_fraction)))
-    for data, crops in ((dataset, picked), (test_dataset, tested)):
-        if not crops.labels:
-            raise DataError(f"{getattr(data, 'annotation_file', 'a data set')}: no image with boxes to probe")
-    # Test images first, as in the split.
-    merged = _Crops({name: tested.features[name] + picked.features[name] for name in picked.features},
-                    tested.labels + picked.labels)
-    return merged, len(tested.labels)
-
-
 def probe_backbones(
     backbones: Mapping[str, nn.Module],
     dataset: Sequence,
@@ -292,16 +254,70 @@ def probe_backbones(
     if not 0.0 < test_fraction < 1.0:
         raise ConfigError(f"test_fraction: {test_fraction} is not between 0 and 1")
     source = getattr(dataset, "annotation_file", "the data set")
-    picked, tested = _probe_crops(backbones, dataset, test_dataset, stage, background, max_images, seed, progress)
-    picked, test_images = _test_images_first(picked, tested, dataset, test_dataset, test_fraction)
-    images = len(picked.labels)
-    is_test = [position < test_images for position in range(images)]
+    picked, tested = _embed(backbones, dataset, test_dataset, stage, background, max_images, seed, progress)
+    picked, is_test = _split(picked, tested, dataset, test_dataset, test_fraction, source)
     labels = torch.cat(picked.labels)
     test_mask = torch.cat([torch.full((len(y),), t) for y, t in zip(picked.labels, is_test)])
     if len(labels[~test_mask].unique()) < 2:
         raise DataError(f"{source}: the probe's training images hold one class only; it needs two "
                         "(keep the background boxes, or use more images)")
-    # Contiguous class indices, background last.
+    classes, shared = _classes(dataset, labels, test_mask)
+    shared.update(stage=stage, train_images=len(is_test) - sum(is_test), test_images=sum(is_test))
+    train_c, test_c = classes[~test_mask], classes[test_mask]
+    results = {}
+    for name in backbones:
+        features = torch.cat(picked.features[name]).float()
+        train_x, test_x = features[~test_mask], features[test_mask]
+        knn, used_k = knn_accuracy(train_x, train_c, test_x, test_c, k)
+        linear = linear_probe_accuracy(train_x, train_c, test_x, test_c, steps=linear_steps)
+        results[name] = ProbeResult(knn_accuracy=knn, linear_accuracy=linear, k=used_k, **shared)
+    return results
+
+
+def _embed(backbones: Mapping[str, nn.Module], dataset: Sequence, test_dataset: Sequence | None, stage: str,
+           background: bool, max_images: int | None, seed: int, progress: bool) -> tuple[_Crops, _Crops | None]:
+    """(crops of `dataset`, crops of `test_dataset` or None) embedded by every backbone in eval mode, modes restored."""
+    trunks = {name: resnet_trunk(backbone) for name, backbone in backbones.items()}
+    modes = {module: module.training for backbone in backbones.values() for module in backbone.modules()}
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(dataset), generator=generator).tolist()
+    tested = None
+    try:
+        for backbone in backbones.values():
+            backbone.eval()  # BatchNorm's running statistics, and no update of them
+        with torch.no_grad():
+            picked = _collect(trunks, dataset, order, stage, background, max_images, generator, progress)
+            if test_dataset is not None:
+                test_order = torch.randperm(len(test_dataset), generator=generator).tolist()
+                tested = _collect(trunks, test_dataset, test_order, stage, background, max_images, generator,
+                                  progress)
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+    return picked, tested
+
+
+def _split(picked: _Crops, tested: _Crops | None, dataset: Sequence, test_dataset: Sequence | None,
+           test_fraction: float, source) -> tuple[_Crops, list[bool]]:
+    """(every image's crops, test images first, and whether each image is a test image)."""
+    if tested is None:
+        images = len(picked.labels)
+        if images < 2:
+            raise DataError(f"{source}: {images} image(s) with boxes; a probe needs at least 2 (train and test)")
+        test_images = min(images - 1, max(1, math.ceil(images * test_fraction)))
+        return picked, [position < test_images for position in range(images)]
+    for data, crops in ((dataset, picked), (test_dataset, tested)):
+        if not crops.labels:
+            raise DataError(f"{getattr(data, 'annotation_file', 'a data set')}: no image with boxes to probe")
+    test_images = len(tested.labels)
+    # Test images first, as in the split above.
+    joined = _Crops({name: tested.features[name] + picked.features[name] for name in picked.features},
+                    tested.labels + picked.labels)
+    return joined, [position < test_images for position in range(len(joined.labels))]
+
+
+def _classes(dataset: Sequence, labels: torch.Tensor, test_mask: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """(each crop's contiguous class index, background last; the ProbeResult fields all backbones share)."""
     present = sorted(int(v) for v in labels.unique())
     names = _class_names(dataset, [v for v in present if v != 0])
     names[0] = BACKGROUND
@@ -313,18 +329,10 @@ def probe_backbones(
     majority = Counter(train_c.tolist()).most_common(1)[0][0]
     shared = {
         "majority_accuracy": float((test_c == majority).double().mean()),
-        "stage": stage, "train_images": images - test_images, "test_images": test_images,
         "train_crops": len(train_c), "test_crops": len(test_c),
         "classes": {names[value]: counts[index[value]] for value in ordered},
     }
-    results = {}
-    for name in backbones:
-        features = torch.cat(picked.features[name]).float()
-        train_x, test_x = features[~test_mask], features[test_mask]
-        knn, used_k = knn_accuracy(train_x, train_c, test_x, test_c, k)
-        linear = linear_probe_accuracy(train_x, train_c, test_x, test_c, steps=linear_steps)
-        results[name] = ProbeResult(knn_accuracy=knn, linear_accuracy=linear, k=used_k, **shared)
-    return results
+    return classes, shared
 
 
 def _collect(trunks: Mapping[str, nn.Module], dataset: Sequence, order: list[int], stage: str, background: bool,
