@@ -13,7 +13,7 @@ def add_voc_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="OUT",
                         help="folder for <split>.json (all.json without split files)")
     parser.add_argument("--classes", default=None, metavar="A,B,...",
-                        help="category order (ids 1..K); every object's class must be listed (default: sorted names)")
+                        help="category order (ids 1..C); every object's class must be listed (default: sorted names)")
 
 
 def run_voc(args: argparse.Namespace) -> int:

@@ -181,7 +181,7 @@ def _mask_of(ann: dict, height: int, width: int) -> np.ndarray:
 class CocoDetection(torch.utils.data.Dataset):
     """Images and targets of a COCO file: (tv_tensors.Image float in [0, 1], {boxes XYXY, labels, image_id[, masks]}).
 
-    Category ids map to contiguous labels 1..K in increasing id order (0 is the background of torchvision's
+    Category ids map to contiguous labels 1..C in increasing id order (0 is the background of torchvision's
     detectors); `categories` fixes the map from another set (validation takes the training set's). Crowd
     annotations are skipped, boxes are clipped to the image and empty ones dropped: `box_report` counts
     them by reason (logged as a warning when any box changed), and a training set without one usable box

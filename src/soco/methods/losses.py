@@ -50,7 +50,7 @@ def box_pair_loss(
 def info_nce(query: torch.Tensor, key: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
     """MoCo's InfoNCE: mean over rows of -log(exp(q.k/t) / (exp(q.k/t) + sum_j exp(q.n_j/t))).
 
-    query and key are (N, D) rows of the same instances, negatives (K, D); all are expected unit vectors
+    query and key are (N, D) rows of the same instances, negatives (Q, D), Q the queue length; all are expected unit vectors
     (the caller normalises). The key and the negatives carry no gradient; computed in float32.
     """
     # autocast would run the matrix product in bf16/fp16 even on fp32 inputs: logits / 0.2 need fp32

@@ -5,7 +5,7 @@ asymmetric colour pipeline; the release's "blur" is a bicubic down-and-up resize
 (`blur=resize`, the default), the Gaussian is offered (`blur=gaussian`). The boxes come from geometry,
 not proposals: the intersection of the two crops in original pixels, measured in "working" units where
 the region looks smaller of the two views (per axis, the smaller of the views' scale factors); when it
-is empty or not larger than `min_box_size` on a side, the image gets no box. Otherwise K boxes are
+is empty or not larger than `min_box_size` on a side, the image gets no box. Otherwise boxes_per_image boxes are
 drawn in working units (grid mode: a random grid of cells at least `min_box_size` wide, a random cell,
 a size uniform in [min_box_size, cell], a position uniform in the cell; plain mode: size and position
 uniform), each redrawn up to `overlap_retries` times until its IoU with every earlier box is below
@@ -68,7 +68,7 @@ class SCRLViewsConfig:
     flip_prob: float = 0.5
     color_augment: bool = True
     blur: str = "resize"  # "resize" (the release's bicubic down-and-up) or "gaussian" (BYOL's)
-    boxes_per_image: int = 10  # K
+    boxes_per_image: int = 10  # SCRL's K
     min_box_size: float = 32.0  # in working units (the views' pixels where the region looks smaller)
     box_sampling: str = "grid"  # "grid" (the release's multi-scale cells) or "plain"
     max_overlap: float = 0.5  # a box is redrawn while its IoU with an earlier box of the image reaches this
@@ -120,7 +120,7 @@ def sample_box(width: float, height: float, config: SCRLViewsConfig, generator: 
 
 
 def sample_boxes(width: float, height: float, config: SCRLViewsConfig, generator: torch.Generator) -> torch.Tensor:
-    """K boxes in working units; each after the first redrawn while its IoU with an earlier one is too high."""
+    """boxes_per_image boxes in working units; each after the first redrawn while its IoU with an earlier one is too high."""
     boxes: list[torch.Tensor] = []
     for number in range(config.boxes_per_image):
         box = sample_box(width, height, config, generator)
@@ -142,7 +142,7 @@ def jitter_second_view(boxes: torch.Tensor, jitter_range: float, generator: torc
 
 
 def box_pairs(first: ViewParams, second: ViewParams, config: SCRLViewsConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """((N, 4), (N, 4)) boxes of the same regions in view 1 and view 2, N = K or 0, clipped to the views."""
+    """((N, 4), (N, 4)) boxes of the same regions in view 1 and view 2, N = boxes_per_image or 0, clipped to the views."""
     empty = torch.zeros((0, 4), dtype=torch.float32)
     region = common_region(first, second)
     if region is None:
@@ -209,7 +209,7 @@ class SCRLTransform:
         return normalize(pixels)
 
     def __call__(self, image: np.ndarray, proposals: np.ndarray, generator: torch.Generator, source=None) -> dict:
-        """{"views": {"v1", "v2"}: 3xSxS, "boxes": {"v1", "v2"}: (N, 4)} with N = K or 0."""
+        """{"views": {"v1", "v2"}: 3xSxS, "boxes": {"v1", "v2"}: (N, 4)} with N = boxes_per_image or 0."""
         picture = as_image(image)
         height, width = picture.shape[-2:]
         first, second = self.crops(height, width, generator)

@@ -176,7 +176,7 @@ class SoCo(MomentumMethod):
                  presets=MethodPresets(tiny="byol_image_tiny", small="byol_image_small", r50="byol_image_r50")),
         StudyArm("soco", "SoCo: backbone, FPN and box head", pretrains_fpn_and_head=True, order=20),
     )
-    transform_class = SoCoTransform  # V1-V4 with K proposal boxes each
+    transform_class = SoCoTransform  # V1-V4 with proposals_per_image boxes each
 
     def __init__(self, config: SoCoConfig):
         super().__init__(config, momentum_base=config.ema_base, momentum_schedule="cosine")
@@ -192,7 +192,7 @@ class SoCo(MomentumMethod):
         return sorted({name for pair in self.pairs for name in pair})
 
     def loss(self, views: dict[str, torch.Tensor], boxes: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The symmetrised SoCo loss: views (B,3,S,S) and boxes (B,K,4) per view name."""
+        """The symmetrised SoCo loss: views (B,3,S,S) and boxes (B, proposals_per_image, 4) per view name."""
         predictions, targets = {}, {}
         for name in self.views_used():
             predictions[name] = self.predictor(self.online(views[name], boxes[name]))

@@ -85,7 +85,7 @@ class SoCoViewsConfig:
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
     flip_prob: float = 0.5
     crop_retries: int = 5  # re-draw a crop that no proposal overlaps, this many times
-    proposals_per_image: int = 4  # K
+    proposals_per_image: int = 4  # the paper's K: boxes every view carries
     box_source: str = "proposals"  # "proposals", "random" (Table 5c) or "whole_image" (image-level BYOL)
     box_jitter: bool = True
     jitter_prob: float = 0.5
@@ -103,7 +103,7 @@ def view_names(config: SoCoViewsConfig) -> list[str]:
 
 
 def boxes_per_image(config: SoCoViewsConfig) -> int:
-    """K, the number of box rows every view carries (1 for the image-level "whole_image" baseline)."""
+    """proposals_per_image, the number of box rows every view carries (1 for the image-level "whole_image" baseline)."""
     return 1 if config.box_source == "whole_image" else int(config.proposals_per_image)
 
 
@@ -171,7 +171,7 @@ def _view_params(height: int, width: int, crops: dict, config: SoCoViewsConfig,
 
 def _pick_boxes(candidates: torch.Tensor, overlapping: torch.Tensor, shared: tuple, uses_candidates: bool,
                 count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K boxes in original pixels, the candidate row each came from or -1): K overlapping candidates at random."""
+    """(proposals_per_image boxes in original pixels, the candidate row each came from or -1), overlapping candidates at random."""
     if not uses_candidates:
         boxes = torch.zeros((1, 4), dtype=torch.float32)  # replaced by each full view later
         return boxes, torch.full((1,), -1, dtype=torch.int64)
@@ -179,7 +179,7 @@ def _pick_boxes(candidates: torch.Tensor, overlapping: torch.Tensor, shared: tup
     if not len(rows):
         return torch.tensor([shared], dtype=torch.float32).repeat(count, 1), torch.full((count,), -1, dtype=torch.int64)
     picked = rows[torch.randperm(len(rows), generator=generator)[:count]]
-    rows = picked[torch.arange(count) % len(picked)]  # pad to K by cycling the picked ones
+    rows = picked[torch.arange(count) % len(picked)]  # pad to proposals_per_image by cycling the picked ones
     return candidates[rows], rows.to(torch.int64)
 
 
@@ -246,7 +246,7 @@ def make_views(
     """Make SoCo's views of one image and its (N, 4) x1 y1 x2 y2 proposals in original pixels.
 
     Returns {"views": [3xSxS float32, normalised], "boxes": [Kx4 float32 in that view's pixels],
-    "view_names": [...], "params": [ViewParams], "proposal_ids": (K,) int64 row of the candidate boxes
+    "view_names": [...], "params": [ViewParams], "proposal_ids": (N,) int64 row of the candidate boxes
     each box came from (-1 for a crop-region or whole-image box)}. With box_source "random" the
     candidates are random boxes over the whole image obeying the proposal filter's rules, chosen
     exactly as proposals are. `color_augment` overrides config.color_augment (False: geometry only).
@@ -285,7 +285,7 @@ class SoCoTransform:
         self.needs_proposals = config.box_source == "proposals"
 
     def __call__(self, image: np.ndarray, proposals: np.ndarray, generator: torch.Generator, source=None) -> dict:
-        """{"views": {name: 3xSxS}, "boxes": {name: Kx4}, "proposal_ids": (K,)} of one image."""
+        """{"views": {name: 3xSxS}, "boxes": {name: Nx4}, "proposal_ids": (N,)} (N = proposals_per_image) of one image."""
         out = make_views(image, proposals, self.config, generator)
         return {
             "views": dict(zip(out["view_names"], out["views"])),
@@ -294,5 +294,5 @@ class SoCoTransform:
         }
 
     def collate(self, samples: list[dict]) -> dict:
-        """Stack samples: views (B, 3, S, S) and boxes (B, K, 4) per view name, proposal ids (B, K)."""
+        """Stack samples: views (B, 3, S, S) and boxes (B, N, 4) per view name, proposal ids (B, N)."""
         return stack_samples(samples)

@@ -16,10 +16,10 @@ from soco.models.roi_pooling import BoxPooler, pool_rois
 
 
 class ObjectEncoder(nn.Module):
-    """Backbone, RoIAlign, box head and projector: (images B x 3 x H x W, boxes B x K x 4) -> (B*K, projection_dim).
+    """Backbone, RoIAlign, box head and projector: (images B x 3 x H x W, boxes B x N x 4) -> (B*N, projection_dim).
 
     Boxes are (x1, y1, x2, y2) in the pixels of the images given; outputs are image-major (box k of image b
-    is row b*K + k). The state dict reads backbone.*, box_head.*, projector.* (the pooler has no weights).
+    is row b*N + n, N boxes per image). The state dict reads backbone.*, box_head.*, projector.* (the pooler has no weights).
     """
 
     def __init__(
@@ -55,13 +55,13 @@ class ObjectEncoder(nn.Module):
         return [outputs[name] for name in self.feature_names]
 
     def box_levels(self, boxes: torch.Tensor) -> torch.Tensor:
-        """(B*K,) index of the map each box is pooled on (0 = P2 with an FPN)."""
+        """(B*N,) index of the map each box is pooled on (0 = P2 with an FPN)."""
         return self.pooler.levels(boxes)
 
     def representations(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """(B*K, D) object features before the projector: what the detector's box head computes."""
+        """(B*N, D) object features before the projector: what the detector's box head computes."""
         if boxes.ndim != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != images.shape[0]:
-            raise ValueError(f"boxes must be (B, K, 4) for {images.shape[0]} images, got {tuple(boxes.shape)}")
+            raise ValueError(f"boxes must be (B, N, 4) for {images.shape[0]} images, got {tuple(boxes.shape)}")
         features = self.feature_maps(images)
         if not self.pool_all_levels:
             # One head call over all boxes of the view, each pooled on its own level: a detector's box head.
@@ -69,15 +69,15 @@ class ObjectEncoder(nn.Module):
         # The release's way: one head call per level over every box, then each box keeps its own level's output.
         # The pooled features and the weights are the same, so in eval mode the result equals the per-level
         # path. In training mode the head's BatchNorm normalises each call with that call's batch statistics:
-        # here over all B*K boxes pooled at one level (three quarters of them at a level they do not belong
-        # to), there over the B*K boxes each at its own level. The outputs, and the running statistics the
+        # here over all B*N boxes pooled at one level (three quarters of them at a level they do not belong
+        # to), there over the B*N boxes each at its own level. The outputs, and the running statistics the
         # detector inherits, therefore differ slightly between the two ways.
         pooled_all, levels = self.pooler.pool_every_level(features, boxes)
         per_level = torch.stack([self.box_head(pooled_level) for pooled_level in pooled_all])
         return per_level[levels, torch.arange(levels.numel(), device=levels.device)]
 
     def forward(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """(B*K, projection_dim) projected object vectors."""
+        """(B*N, projection_dim) projected object vectors."""
         return self.projector(self.representations(images, boxes))
 
 

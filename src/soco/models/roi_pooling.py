@@ -27,9 +27,9 @@ def assign_levels(boxes: torch.Tensor, thresholds: Sequence[float] = DEFAULT_THR
 
 
 def boxes_to_rois(boxes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(B, K, 4) boxes as (B*K, 5) roi_align rows [image index, x1, y1, x2, y2], image-major."""
+    """(B, N, 4) boxes (N per image) as (B*N, 5) roi_align rows [image index, x1, y1, x2, y2], image-major."""
     if boxes.ndim != 3 or boxes.shape[-1] != 4:
-        raise ValueError(f"boxes must be (B, K, 4), got {tuple(boxes.shape)}")
+        raise ValueError(f"boxes must be (B, N, 4), got {tuple(boxes.shape)}")
     batch, per_image = boxes.shape[:2]
     image_index = torch.arange(batch, device=boxes.device, dtype=dtype).repeat_interleave(per_image)
     return torch.cat([image_index[:, None], boxes.reshape(-1, 4).to(dtype)], dim=1)
@@ -163,7 +163,7 @@ def _check_levels(features: Sequence[torch.Tensor], strides: Sequence[float], bo
     if len(features) != len(strides):
         raise ValueError(f"{len(features)} feature maps but {len(strides)} strides")
     if boxes.ndim != 3 or boxes.shape[-1] != 4:
-        raise ValueError(f"boxes must be (B, K, 4), got {tuple(boxes.shape)}")
+        raise ValueError(f"boxes must be (B, N, 4), got {tuple(boxes.shape)}")
     for feature in features:
         if feature.shape[0] != boxes.shape[0]:
             raise ValueError(f"feature batch {feature.shape[0]} != boxes batch {boxes.shape[0]}")
@@ -177,9 +177,9 @@ def pool_boxes_per_level(
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     levels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B*K, C, S, S) RoI features, image-major, each box pooled only on its own level (one roi_align per level).
+    """(B*N, C, S, S) RoI features, image-major, each box pooled only on its own level (one roi_align per level).
 
-    `levels` (B*K,) overrides the scale-aware assignment, e.g. every box on one fixed level.
+    `levels` (B*N,) overrides the scale-aware assignment, e.g. every box on one fixed level.
     """
     _check_levels(features, strides, boxes)
     if levels is None:
@@ -209,7 +209,7 @@ def pool_boxes_all_levels(
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     levels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The release's way: every box pooled on every level, (L, B*K, C, S, S), with the (L, B*K) own-level mask."""
+    """The release's way: every box pooled on every level, (L, B*N, C, S, S), with the (L, B*N) own-level mask."""
     _check_levels(features, strides, boxes)
     if levels is None:
         levels = assign_levels(boxes.reshape(-1, 4), thresholds)
@@ -223,13 +223,13 @@ def pool_boxes_all_levels(
 def pool_boxes_single_level(
     feature: torch.Tensor, boxes: torch.Tensor, stride: float, output_size: int = 7
 ) -> torch.Tensor:
-    """(B*K, C, S, S) RoI features of every box on one map (C4 variant, FPN off, scale-aware off)."""
+    """(B*N, C, S, S) RoI features of every box on one map (C4 variant, FPN off, scale-aware off)."""
     _check_levels([feature], [stride], boxes)
     return _align(feature, boxes_to_rois(boxes, _rois_dtype(feature)), stride, output_size)
 
 
 class BoxPooler(torch.nn.Module):
-    """RoIAlign of (B, K, 4) boxes on one map or a pyramid, each box on its own level; no parameters.
+    """RoIAlign of (B, N, 4) boxes on one map or a pyramid, each box on its own level; no parameters.
 
     Levels come from sqrt(box area) against `thresholds` (scale-aware, one threshold fewer than maps),
     or every box goes to `fixed_level` (an index into the maps). One map needs neither.
@@ -251,7 +251,7 @@ class BoxPooler(torch.nn.Module):
             raise ValueError(f"fixed level index {fixed_level} is not one of the {len(self.strides)} maps")
 
     def levels(self, boxes: torch.Tensor) -> torch.Tensor:
-        """(B*K,) index of the map each box is pooled on."""
+        """(B*N,) index of the map each box is pooled on."""
         flat_boxes = boxes.reshape(-1, 4)
         if self.thresholds is not None:
             return assign_levels(flat_boxes, self.thresholds)
@@ -259,13 +259,13 @@ class BoxPooler(torch.nn.Module):
         return torch.full((flat_boxes.shape[0],), level, dtype=torch.long, device=boxes.device)
 
     def forward(self, features: Sequence[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
-        """(B*K, C, S, S) pooled features, image-major."""
+        """(B*N, C, S, S) pooled features, image-major."""
         if len(features) == 1:
             return pool_boxes_single_level(features[0], boxes, self.strides[0], self.output_size)
         return pool_boxes_per_level(features, boxes, self.strides, self.output_size, levels=self.levels(boxes))
 
     def pool_every_level(self, features: Sequence[torch.Tensor], boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The release's way: (L, B*K, C, S, S) every box on every map, and the (B*K,) own level of each."""
+        """The release's way: (L, B*N, C, S, S) every box on every map, and the (B*N,) own level of each."""
         levels = self.levels(boxes)
         pooled, _ = pool_boxes_all_levels(features, boxes, self.strides, self.output_size, levels=levels)
         return pooled, levels

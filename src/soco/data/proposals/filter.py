@@ -41,9 +41,9 @@ def filter_proposals(
     """Apply SoCo's filter to x1 y1 x2 y2 boxes, falling back step by step until a box survives.
 
     Returns the kept boxes (float32, input order) and the fallback level used. A box given twice is kept twice,
-    as the release's filter keeps a rect twice (``selective_search/filters.py`` 56-66): its views then draw K of
-    the kept list without replacement (``contrast/data/props_utils.py`` line 20), so such a box is drawn twice as
-    often. Algorithms that want unique boxes drop their duplicates themselves (``package``, ``rich``).
+    as the release's filter keeps a rect twice (``selective_search/filters.py`` 56-66): its views then draw
+    proposals_per_image of the kept list without replacement (``contrast/data/props_utils.py`` line 20), so such a
+    box is drawn twice as often. Algorithms that want unique boxes drop their duplicates themselves (``package``, ``rich``).
     """
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     widths = boxes[:, 2] - boxes[:, 0]

@@ -690,7 +690,8 @@ def release_selective_search_boxes(
     else is the package's, quirks included (see ``package_selective_search_boxes``). A box is the rect
     ``(x, y, x + w, y + h)`` with the release's ``w = max - min``, so it ends at the region's last column
     and SoCo's filter sees the release's widths; the list holds a rect twice where a merge has the box of
-    one of its parts, as the release's does, since its views sample K of them without replacement.
+    one of its parts, as the release's does, since its views sample proposals_per_image of them without
+    replacement.
     Images with a side over ``max_side`` are shrunk first (min_size with the area), where the release
     would take minutes to hours; ImageNet-sized images never are.
     """
