@@ -103,14 +103,8 @@ def _add_store_parsers(commands) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    from soco.cli import (
-        bench_command,
-        export_command,
-        pretrain_command,
-        probe_command,
-        study_command,
-        transfer_commands,
-    )
+    from soco.cli import bench_command, export_command, pretrain_command, probe_command, study_command
+    from soco.cli import transfer_commands
 
     parser = OneLineErrorParser(prog="soco", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"soco {__version__}")

@@ -107,11 +107,7 @@ def add_deepforest_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_deepforest(args: argparse.Namespace) -> int:
     """Run `soco data deepforest`."""
-    from soco.labelled.deepforest import (
-        SPLIT_FILE,
-        prepare_deepforest,
-        training_pixels_folder,
-    )
+    from soco.labelled.deepforest import SPLIT_FILE, prepare_deepforest, training_pixels_folder
 
     dest = prepare_deepforest(args.output, tile_size=args.tile_size, min_visible=args.min_visible,
                               val_width=args.val_width, quiet=args.quiet or args.print_path)

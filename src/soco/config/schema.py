@@ -11,17 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from soco.config.validation import (
-    ANY_TEXT,
-    FRACTION,
-    POSITIVE,
-    PROBABILITY,
-    Range,
-    at_least,
-    between,
-    config_rules,
-    one_of,
-)
+from soco.config.validation import ANY_TEXT, FRACTION, POSITIVE, PROBABILITY, Range, at_least, between, config_rules
+from soco.config.validation import one_of
 from soco.errors import ConfigError
 
 # The names the engine accepts (tests/config/test_validation.py holds them equal to the engine's own).

@@ -13,12 +13,7 @@ from soco.data.dataset import ImageDataset
 from soco.engine.distributed import DistributedContext, resolve_device
 from soco.engine.optimizers import build_optimizer
 from soco.engine.step import StepRunner, resolve_precision, smallest_view_side
-from soco.engine.trainer import (
-    build_dataset,
-    build_model,
-    peak_memory_mib,
-    resolve_loader_workers,
-)
+from soco.engine.trainer import build_dataset, build_model, peak_memory_mib, resolve_loader_workers
 
 
 def time_data_loading(dataset: ImageDataset, batch_size: int, workers: int, batches: int) -> dict:

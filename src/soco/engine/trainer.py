@@ -38,20 +38,9 @@ from soco.config.loading import config_to_dict, save_config
 from soco.config.schema import Config
 from soco.data.dataset import ImageDataset
 from soco.data.proposals.store import ProposalStore, left_out_message
-from soco.engine.checkpoint import (
-    LAST_CHECKPOINT,
-    CheckpointWriteError,
-    check_resumable,
-    checkpoint_report,
-    checkpoint_state,
-    compare_settings,
-    load_newest_checkpoint,
-    periodic_checkpoint_name,
-    periodic_checkpoints,
-    prune_checkpoints,
-    restore_checkpoint,
-    save_checkpoint,
-)
+from soco.engine.checkpoint import LAST_CHECKPOINT, CheckpointWriteError, check_resumable, checkpoint_report
+from soco.engine.checkpoint import checkpoint_state, compare_settings, load_newest_checkpoint, periodic_checkpoint_name
+from soco.engine.checkpoint import periodic_checkpoints, prune_checkpoints, restore_checkpoint, save_checkpoint
 from soco.engine.compiling import compile_backbones
 from soco.engine.distributed import DistributedContext, all_reduce_sum, init_distributed
 from soco.engine.hooks import StepHook, hook_due

@@ -3,16 +3,8 @@
 from soco.export.conversion import ExportResult
 from soco.export.detectors import DETECTOR_NAMES, UnknownDetectorError
 from soco.export.formats import FORMAT_NAMES, export_checkpoint, resolve_format
-from soco.export.source import (
-    CheckpointNotFoundError,
-    ExportError,
-    MissingModelError,
-    SourceWeights,
-    UnknownFormatError,
-    UnsupportedLayoutError,
-    load_source,
-    resolve_checkpoint,
-)
+from soco.export.source import CheckpointNotFoundError, ExportError, MissingModelError, SourceWeights
+from soco.export.source import UnknownFormatError, UnsupportedLayoutError, load_source, resolve_checkpoint
 from soco.export.torchvision_format import load_into_torchvision
 from soco.export.writing import load_state_dict_file
 

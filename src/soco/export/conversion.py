@@ -11,12 +11,7 @@ from typing import Callable
 import torch
 
 from soco.export.detectors import Detector, pretrained_detector
-from soco.export.source import (
-    ExportError,
-    SourceWeights,
-    TensorDict,
-    UnsupportedLayoutError,
-)
+from soco.export.source import ExportError, SourceWeights, TensorDict, UnsupportedLayoutError
 
 PART_NAMES = ("backbone", "fpn", "box head")
 RES5_PREFIX = "layer4."  # torchvision's name of res5 (C5)

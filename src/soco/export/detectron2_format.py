@@ -15,14 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from soco.export.conversion import (
-    BLOCK_KEY,
-    Conversion,
-    ExportFormat,
-    note_leftovers,
-    place_parts,
-    split_box_head,
-)
+from soco.export.conversion import BLOCK_KEY, Conversion, ExportFormat, note_leftovers, place_parts, split_box_head
 from soco.export.detectors import RCNN_C4, RCNN_FPN, RETINANET, Detector
 from soco.export.source import ExportError, SourceWeights
 from soco.export.writing import PRODUCER

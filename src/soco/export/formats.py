@@ -5,32 +5,12 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from soco.export import (
-    backbone_format,
-    detectron2_format,
-    mmdet_format,
-    torchvision_format,
-)
+from soco.export import backbone_format, detectron2_format, mmdet_format, torchvision_format
 from soco.export.conversion import Conversion, ExportFormat, ExportResult
-from soco.export.detectors import (
-    DETECTOR_NAMES,
-    Detector,
-    UnknownDetectorError,
-    detector_named,
-    pretrained_detector,
-)
-from soco.export.source import (
-    CHECKPOINT_NAME,
-    NETWORKS,
-    CheckpointNotFoundError,
-    ExportError,
-    MissingModelError,
-    SourceWeights,
-    UnknownFormatError,
-    UnsupportedLayoutError,
-    load_source,
-    resolve_checkpoint,
-)
+from soco.export.detectors import DETECTOR_NAMES, Detector, UnknownDetectorError, detector_named, pretrained_detector
+from soco.export.source import CHECKPOINT_NAME, NETWORKS, CheckpointNotFoundError, ExportError, MissingModelError
+from soco.export.source import SourceWeights, UnknownFormatError, UnsupportedLayoutError, load_source
+from soco.export.source import resolve_checkpoint
 
 # Names defined in source.py and conversion.py stay importable from here, where they were before the split.
 __all__ = [

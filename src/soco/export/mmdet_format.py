@@ -10,13 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import soco
-from soco.export.conversion import (
-    Conversion,
-    ExportFormat,
-    note_leftovers,
-    place_parts,
-    split_box_head,
-)
+from soco.export.conversion import Conversion, ExportFormat, note_leftovers, place_parts, split_box_head
 from soco.export.detectors import FCOS, RCNN_C4, RCNN_FPN, RETINANET, Detector
 from soco.export.source import SourceWeights
 from soco.export.writing import plain_tensors, provenance, save_torch

@@ -9,12 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from soco.export.conversion import (
-    Conversion,
-    ExportFormat,
-    note_leftovers,
-    require_fpn_model,
-)
+from soco.export.conversion import Conversion, ExportFormat, note_leftovers, require_fpn_model
 from soco.export.detectors import RCNN_FPN, Detector
 from soco.export.source import ExportError, SourceWeights
 from soco.export.writing import load_state_dict_file, provenance, save_state_dict

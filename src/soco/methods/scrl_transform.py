@@ -23,26 +23,9 @@ from torchvision.ops import box_iou
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from soco.config.validation import (
-    FRACTION,
-    POSITIVE,
-    PROBABILITY,
-    Range,
-    at_least,
-    config_rules,
-    interval,
-    one_of,
-)
-from soco.data.views import (
-    ViewParams,
-    apply_color,
-    as_image,
-    bernoulli,
-    draw_color_params,
-    normalize,
-    random_resized_crop,
-    uniform,
-)
+from soco.config.validation import FRACTION, POSITIVE, PROBABILITY, Range, at_least, config_rules, interval, one_of
+from soco.data.views import ViewParams, apply_color, as_image, bernoulli, draw_color_params, normalize
+from soco.data.views import random_resized_crop, uniform
 from soco.errors import ConfigError
 
 BLUR_MODES = ("resize", "gaussian")

@@ -14,15 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from soco.config.validation import (
-    POSITIVE,
-    PROBABILITY,
-    at_least,
-    between,
-    config_rules,
-    each,
-    one_of,
-)
+from soco.config.validation import POSITIVE, PROBABILITY, at_least, between, config_rules, each, one_of
 from soco.data.batch_drawing import draw_views
 from soco.declarations import MethodPresets, StudyArm
 from soco.errors import ConfigError
@@ -30,16 +22,8 @@ from soco.methods.base import EncoderLayout
 from soco.methods.losses import symmetric_pair_loss
 from soco.methods.momentum import MomentumMethod
 from soco.methods.soco_transform import SoCoTransform, SoCoViewsConfig
-from soco.models.backbone import (
-    FPN_LEVEL_NAMES,
-    FPN_STRIDES,
-    RESNET_BUILDERS,
-    ResNetBody,
-    build_resnet,
-    build_resnet_fpn,
-    c4_channels,
-    c5_channels,
-)
+from soco.models.backbone import FPN_LEVEL_NAMES, FPN_STRIDES, RESNET_BUILDERS, ResNetBody, build_resnet
+from soco.models.backbone import build_resnet_fpn, c4_channels, c5_channels
 from soco.models.encoder import ObjectEncoder
 from soco.models.heads import MLP, C4Head, GlobalAveragePool, build_box_head
 from soco.models.roi_pooling import ADAPTIVE_SAMPLING, BoxPooler

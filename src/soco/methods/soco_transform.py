@@ -23,35 +23,11 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from soco.config.validation import (
-    FRACTION,
-    POSITIVE,
-    PROBABILITY,
-    Range,
-    at_least,
-    config_rules,
-    interval,
-    one_of,
-)
+from soco.config.validation import FRACTION, POSITIVE, PROBABILITY, Range, at_least, config_rules, interval, one_of
 from soco.data.collate import stack_samples
-from soco.data.views import (
-    BLUR_KERNEL_RULES,
-    ViewParams,
-    apply_color,
-    as_image,
-    bernoulli,
-    crop_region,
-    crop_resize_flip,
-    cut_out_boxes,
-    draw_color_params,
-    intersection,
-    is_empty,
-    jitter_boxes,
-    normalize,
-    overlaps,
-    random_image_boxes,
-    random_resized_crop,
-)
+from soco.data.views import BLUR_KERNEL_RULES, ViewParams, apply_color, as_image, bernoulli, crop_region
+from soco.data.views import crop_resize_flip, cut_out_boxes, draw_color_params, intersection, is_empty, jitter_boxes
+from soco.data.views import normalize, overlaps, random_image_boxes, random_resized_crop
 
 BOX_SOURCES = ("proposals", "random", "whole_image")
 V3_MODES = ("downsample", "independent")

@@ -8,10 +8,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet
 from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.models.detection.backbone_utils import (
-    BackboneWithFPN,
-    _resnet_fpn_extractor,
-)
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from soco.errors import ConfigError

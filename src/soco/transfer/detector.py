@@ -20,10 +20,7 @@ from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import (
-    FastRCNNConvFCHead,
-    FastRCNNPredictor,
-)
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.retinanet import RetinaNetHead, _default_anchorgen
@@ -31,14 +28,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from soco.errors import ConfigError, SocoError
-from soco.models.backbone import (
-    RESNET_BUILDERS,
-    ResNetBody,
-    build_resnet,
-    build_resnet_fpn,
-    c4_channels,
-    c5_channels,
-)
+from soco.models.backbone import RESNET_BUILDERS, ResNetBody, build_resnet, build_resnet_fpn, c4_channels, c5_channels
 from soco.models.heads import C4Head
 from soco.transfer.architectures import ARCHITECTURES, SINGLE_STAGE
 from soco.transfer.pooler import FPN_FEATURE_NAMES, AlignedMultiScaleRoIAlign

@@ -23,17 +23,8 @@ from torch import nn
 import soco
 from soco.config.loading import apply_overrides as apply_config_overrides
 from soco.config.loading import dataclass_keys, parse_override
-from soco.config.validation import (
-    FRACTION,
-    POSITIVE,
-    PROBABILITY,
-    Range,
-    at_least,
-    config_rules,
-    each,
-    one_of,
-    validate_section,
-)
+from soco.config.validation import FRACTION, POSITIVE, PROBABILITY, Range, at_least, config_rules, each, one_of
+from soco.config.validation import validate_section
 from soco.data.batch_drawing import save_figure
 from soco.engine.allocator import keep_freed_memory
 from soco.engine.checkpoint import compare_settings, load_checkpoint, restore_training, save_checkpoint
@@ -47,12 +38,7 @@ from soco.models.backbone import RESNET_BUILDERS
 from soco.run_folder import check_run_folder, mark_run_folder
 from soco.transfer.architectures import ARCHITECTURES, TWO_STAGE
 from soco.labelled.coco import CocoDetection, collate, has_masks, plain_target
-from soco.transfer.detector import (
-    build_detector,
-    convert_sync_bn,
-    describe,
-    load_pretrained,
-)
+from soco.transfer.detector import build_detector, convert_sync_bn, describe, load_pretrained
 from soco.transfer.evaluate import coco_evaluate, detections_to_coco, summary_line
 from soco.transfer.weights import check_depth, detector_widths, read_weights
 

@@ -34,18 +34,8 @@ from soco.config.schema import ProposalsConfig
 from soco.data.image_files import decode_rgb, file_fingerprint
 from soco.data.proposals.filter import FilterRules, filter_proposals
 from soco.data.proposals.selective_search import ALGORITHM_NAMES, RENAMED_ALGORITHMS, get_algorithm
-from soco.data.proposals.store import (
-    FAILED_LEVEL,
-    STORE_FILES,
-    ImageRecord,
-    ProposalStore,
-    image_listing,
-    is_folder_entry,
-    is_store,
-    listing_digest,
-    no_space_error,
-    write_store,
-)
+from soco.data.proposals.store import FAILED_LEVEL, STORE_FILES, ImageRecord, ProposalStore, image_listing
+from soco.data.proposals.store import is_folder_entry, is_store, listing_digest, no_space_error, write_store
 from soco.data.proposals.worklog import WorkLog, read_log
 from soco.errors import DataError, ImageReadError, ProposalStoreError
 from soco.files import atomic_write_text
