@@ -446,3 +446,23 @@ def test_without_v3_there_are_two_views():
     proposal = torch.tensor([RECT], dtype=torch.float32)
     out = make_views(bright_rectangle_image(), proposal, ViewsConfig(use_v3=False), generator(0))
     assert out["view_names"] == ["v1", "v2"] and len(out["views"]) == len(out["boxes"]) == 2
+
+
+def test_the_c4_preset_has_no_box_jitter_as_the_release_s_c4_data_set():
+    """The release's C4 data set (dataset.py 403-502) never jitters: V1's boxes are the proposals resized exactly."""
+    import dataclasses
+
+    from soco.config.loading import load_config
+
+    proposals = torch.tensor([[40, 20, 120, 70], [60, 30, 150, 90], [10, 10, 90, 60]], dtype=torch.float32)
+    image = bright_rectangle_image()
+
+    def v1_equals_the_resized_proposals(preset: str, seed: int) -> bool:
+        views = dataclasses.replace(load_config(preset).method.views, flip_prob=0.0, proposals_per_image=3)
+        out = make_views(image, proposals, views, generator(seed), color_augment=False)
+        size = views.v1_size
+        scale = torch.tensor([size / WIDTH, size / HEIGHT, size / WIDTH, size / HEIGHT])
+        return torch.equal(out["boxes"][0], proposals[out["proposal_ids"]] * scale)
+
+    assert all(v1_equals_the_resized_proposals("soco_r50_c4", seed) for seed in range(10))
+    assert not all(v1_equals_the_resized_proposals("soco_r50_fpn", seed) for seed in range(10))

@@ -143,7 +143,8 @@ def test_overrides_are_strict():
         apply_overrides(TransferConfig(), ["weight_decai=1e-4"])
     with pytest.raises(ConfigError, match="epochs: expected an integer"):
         apply_overrides(TransferConfig(), ["epochs=1.5"])
-    increasing = r"^transfer\.steps: must be increasing shares of training in \(0, 1\], not \[0\.9, 0\.5\]$"
+    increasing = (r"^transfer\.steps: must be increasing shares of training in \(0, 1\], not \[0\.9, 0\.5\] "
+                  r"\(set by steps=\[0\.9, 0\.5\]\)$")
     with pytest.raises(ConfigError, match=increasing):
         apply_overrides(TransferConfig(), ["steps=[0.9, 0.5]"])
     with pytest.raises(ConfigError, match="^transfer.model: must be one of 'auto', "):

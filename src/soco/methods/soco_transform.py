@@ -219,11 +219,11 @@ def make_views(
     generator: torch.Generator,
     color_augment: bool | None = None,
 ) -> dict:
-    """Make SoCo's views of one image and its (N, 4) x1 y1 x2 y2 proposals in original pixels.
+    """Make SoCo's views of one image and its (P, 4) x1 y1 x2 y2 proposals in original pixels.
 
-    Returns {"views": [3xSxS float32, normalised], "boxes": [Kx4 float32 in that view's pixels],
+    Returns {"views": [3xSxS float32, normalised], "boxes": [Nx4 float32 in that view's pixels],
     "view_names": [...], "params": [ViewParams], "proposal_ids": (N,) int64 row of the candidate boxes
-    each box came from (-1 for a crop-region or whole-image box)}. With box_source "random" the
+    each box came from (-1 for a crop-region or whole-image box)}, N = proposals_per_image. With box_source "random" the
     candidates are random boxes over the whole image obeying the proposal filter's rules, chosen
     exactly as proposals are. `color_augment` overrides config.color_augment (False: geometry only).
     The steps draw from `generator` in this order: candidates, crops, flips, boxes, jitter, colour, cut-out.
