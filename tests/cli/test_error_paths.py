@@ -115,6 +115,7 @@ def test_there_are_enough_cases_across_the_commands():
     assert {"pretrain", "bench", "proposals", "inspect", "show", "export", "transfer", "data"} <= commands
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case_id, arguments, words, absent",
     [pytest.param(*case, id=case[0], marks=pytest.mark.xfail(strict=True, reason=KNOWN_DEFECTS[case[0]]))

@@ -1,3 +1,4 @@
+import pytest
 """`soco pretrain` and `soco bench` as a user runs them: the method chosen by name, overrides, bad input."""
 
 import errno
@@ -11,6 +12,7 @@ from soco.cli.main import main
 from tests.data.proposals.conftest import make_image_folder
 
 
+@pytest.mark.slow
 def test_pretrain_by_method_name_writes_the_method_and_its_section(tiny_data, tmp_path, capsys):
     images, store = tiny_data
     out = tmp_path / "run"
@@ -33,6 +35,7 @@ def test_unknown_method_and_misplaced_key_are_one_line_errors(tiny_data, tmp_pat
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_a_store_of_another_algorithm_is_refused_in_one_line_naming_both_ways(tiny_data, tmp_path, capsys):
     from soco.config.schema import ProposalsConfig
     from soco.data.proposals.pipeline import run_proposals
@@ -52,6 +55,7 @@ def test_a_store_of_another_algorithm_is_refused_in_one_line_naming_both_ways(ti
     assert main([*common, "--out", str(tmp_path / "run"), "proposals.algorithm=package"]) == 0
 
 
+@pytest.mark.slow
 def test_bench_times_the_step_and_a_compared_configuration(tiny_data, tmp_path, capsys):
     images, store = tiny_data
     output = tmp_path / "bench.json"
@@ -95,6 +99,7 @@ def test_out_must_be_a_new_or_empty_folder_or_a_pretraining_run(tmp_path, capsys
     assert sorted(images.rglob("*")) == listing and os.listdir(notes) == ["todo.txt"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_saving_a_checkpoint_is_one_line_on_stderr_and_in_train_log(
         tiny_data, tmp_path, capsys, monkeypatch):
     images, store = tiny_data

@@ -132,6 +132,7 @@ def pretrain_stops_after_config(monkeypatch):
     monkeypatch.setattr(pretrain_command, "resolve_data", accepted)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", method_names())
 def test_every_key_refuses_a_wrong_type_and_an_out_of_range_value_before_writing(
         method, tmp_path, capsys, pretrain_stops_after_config):

@@ -50,6 +50,7 @@ def test_cache_dir_from_environment(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path / "home" / ".cache" / "soco"
 
 
+@pytest.mark.slow
 def test_assembled_set_contents(assembled):
     cache, dest = assembled
     assert dest == cache / "photos"

@@ -49,6 +49,7 @@ def run_child(mode: str, **environment: str) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_freed_memory_is_reused_without_page_faults_and_numbers_are_unchanged():
     plain = run_child("defaults")
@@ -61,6 +62,7 @@ def test_freed_memory_is_reused_without_page_faults_and_numbers_are_unchanged():
     assert kept["gradient"] == plain["gradient"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_opting_out_leaves_malloc_alone():
     assert run_child("keep", SOCO_KEEP_FREED_MEMORY="0")["applied"] is False

@@ -7,6 +7,7 @@ from soco.registry import method_names
 from tests.engine import assert_same_gradients, configs_with_and_without, loss_and_gradients
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", method_names())
 def test_channels_last_gives_the_same_loss_and_gradients(name, tiny_data):
     nchw, nhwc, batch = configs_with_and_without(name, "train.channels_last", tiny_data)

@@ -9,6 +9,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # one method per backbone class: ResNet + FPN (SoCo), a truncated ResNet (SCRL), the four stages (DetCo)
+@pytest.mark.slow
 @pytest.mark.parametrize("name, compiled_modules", [
     ("soco", ["online.backbone", "target.backbone"]),
     ("scrl", ["online.backbone", "target.backbone"]),

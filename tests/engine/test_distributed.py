@@ -29,6 +29,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("preset", "uses_proposals"),
                          [("soco_tiny", True), ("scrl_tiny", False), ("insloc_tiny", False), ("detco_tiny", False)])
 def test_two_cpu_processes_end_with_the_same_weights(tiny_data, tmp_path, preset, uses_proposals):

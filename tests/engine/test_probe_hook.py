@@ -46,6 +46,7 @@ def probe_hook(labels, every: int, config, no_background: bool = False):
     return build_probe_hook(args, config, probe_paths(args))
 
 
+@pytest.mark.slow
 def test_probe_without_background_boxes_scores_the_labelled_classes_only(tmp_path):
     labels, _ = make_coco_set(tmp_path / "set", count=6, size=(64, 48))
     two_classes = labels.read_text().replace('"categories": [{"id": 1, "name": "box"}]',
@@ -64,6 +65,7 @@ def test_probe_without_background_boxes_scores_the_labelled_classes_only(tmp_pat
     assert probe_hook(labels, 1, config, no_background=True).background is False
 
 
+@pytest.mark.slow
 def test_probe_every_two_steps_is_logged_and_leaves_training_bitwise_unchanged(tiny_data, probe_set, tmp_path):
     images, store = tiny_data
     labels, _ = probe_set
@@ -126,6 +128,7 @@ class KilledWhileProbing:
             raise Killed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("record_written", [False, True], ids=["while-probing", "after-the-record"])
 def test_a_run_killed_at_a_probe_resumes_with_each_step_probed_once(tiny_data, probe_set, tmp_path, record_written):
     images, store = tiny_data
@@ -155,6 +158,7 @@ def test_a_run_killed_at_a_probe_resumes_with_each_step_probed_once(tiny_data, p
     assert [e.step for e in events.Scalars("probe/knn")] == [1, 2, 3, 4]  # the first session's step 3 is purged
 
 
+@pytest.mark.slow
 def test_the_probe_leaves_random_state_modes_and_weights_alone(probe_set, tmp_path):
     labels, _ = probe_set
     config = load_config("soco_tiny", ["train.device=cpu", "train.seed=3"])

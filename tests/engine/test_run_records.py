@@ -50,6 +50,7 @@ def turn_nan_on_call(monkeypatch, number):
     monkeypatch.setattr(SoCo, "training_step", step)
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused_and_a_finished_run_keeps_its_records(tiny_data, tmp_path):
     images, store = tiny_data
     run = tmp_path / "run"
@@ -78,6 +79,7 @@ def test_resume_with_other_settings_is_refused_and_a_finished_run_keeps_its_reco
     assert folder_contents(run) == before
 
 
+@pytest.mark.slow
 def test_a_run_restarted_after_a_nan_stop_logs_each_step_once(tiny_data, tmp_path, monkeypatch):
     images, store = tiny_data
     run = tmp_path / "run"
@@ -90,6 +92,7 @@ def test_a_run_restarted_after_a_nan_stop_logs_each_step_once(tiny_data, tmp_pat
     assert logged_steps(run) == [1, 2]
 
 
+@pytest.mark.slow
 def test_resume_after_a_nan_stop_continues_the_metrics_from_the_checkpoint(tiny_data, tmp_path, monkeypatch):
     images, store = tiny_data
     run = tmp_path / "run"
@@ -108,6 +111,7 @@ def test_resume_after_a_nan_stop_continues_the_metrics_from_the_checkpoint(tiny_
     assert logged_steps(run) == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_an_unreadable_last_checkpoint_resumes_from_the_newest_periodic_one(tiny_data, tmp_path):
     images, store = tiny_data
     run = tmp_path / "run"
@@ -134,6 +138,7 @@ def test_no_readable_checkpoint_is_an_error_naming_each_file(tmp_path):
     assert load_newest_checkpoint(tmp_path / "absent") is None
 
 
+@pytest.mark.slow
 def test_images_the_store_left_out_are_logged_once(tmp_path):
     images = make_image_folder(tmp_path / "images", 4, size=(96, 72))
     (images / "broken.jpg").write_bytes(b"not a jpeg")
@@ -193,6 +198,7 @@ def test_transfer_writes_only_into_a_new_empty_or_transfer_folder(tmp_path):
     assert not (tmp_path / "fresh").exists()
 
 
+@pytest.mark.slow
 def test_a_method_without_proposals_resumes_whether_or_not_a_store_is_named(tiny_data, tmp_path):
     images, store = tiny_data
     scrl = load_config("scrl_tiny", ["train.device=cpu", "train.steps=2"])

@@ -23,6 +23,7 @@ def tiny(*overrides):
     return load_config("soco_tiny", ["train.device=cpu", *overrides])
 
 
+@pytest.mark.slow
 def test_run_writes_everything_a_person_needs(tiny_data, tmp_path):
     images, store = tiny_data
     summary = pretrain(tiny("train.steps=4"), tmp_path / "run", images, store, progress=False)
@@ -47,6 +48,7 @@ def test_run_writes_everything_a_person_needs(tiny_data, tmp_path):
     assert json.loads((run / "summary.json").read_text())["precision"] == "fp32"
 
 
+@pytest.mark.slow
 def test_existing_run_needs_resume(tiny_data, tmp_path):
     images, store = tiny_data
     pretrain(tiny("train.steps=2"), tmp_path / "run", images, store, progress=False)
@@ -63,6 +65,7 @@ def test_existing_run_needs_resume(tiny_data, tmp_path):
 AS_LARGE_AS_A_RACE = ["method.model.fpn_channels=256", "method.views.v1_size=96", "method.views.v2_size=96"]
 
 
+@pytest.mark.slow
 def test_two_runs_with_one_seed_on_two_threads_give_bitwise_equal_weights(tiny_data, tmp_path, two_threads):
     images, store = tiny_data
     states = []
@@ -84,6 +87,7 @@ pretrain(config, sys.argv[3], sys.argv[1], sys.argv[2], resume=True, progress=Fa
 """
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_bitwise_equal(tiny_data, tmp_path, two_threads):
     images, store = tiny_data
     config = tiny("train.steps=8", "train.checkpoint_every=1", *AS_LARGE_AS_A_RACE)
@@ -119,6 +123,7 @@ def test_sigkilled_run_resumes_bitwise_equal(tiny_data, tmp_path, two_threads):
         assert torch.equal(value["momentum_buffer"], resumed_state["optimizer"]["state"][key]["momentum_buffer"])
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
     images, store = tiny_data
     real_step = SoCo.training_step
@@ -141,6 +146,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_da
     assert "loss became nan at step 3" in (tmp_path / "run" / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_unreadable_image_during_training_is_skipped_and_counted(tiny_data, tmp_path, monkeypatch):
     images, store = tiny_data
     import soco.data.dataset as dataset_module
@@ -166,6 +172,7 @@ def test_store_of_other_images_is_refused(tiny_data, tmp_path):
         pretrain(tiny(), tmp_path / "run", other, store, progress=False)
 
 
+@pytest.mark.slow
 def test_non_finite_gradient_with_finite_loss_stops_before_the_update(tiny_data, tmp_path, monkeypatch):
     images, store = tiny_data
     real_step = SoCo.training_step
@@ -187,6 +194,7 @@ def test_non_finite_gradient_with_finite_loss_stops_before_the_update(tiny_data,
     assert all(torch.isfinite(tensor).all() for tensor in state["method_state"].values() if tensor.is_floating_point())
 
 
+@pytest.mark.slow
 def test_a_methods_extra_metrics_are_averaged_over_micro_batches_and_logged(tiny_data, tmp_path, monkeypatch):
     images, store = tiny_data
     real_step = SoCo.training_step

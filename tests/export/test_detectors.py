@@ -75,6 +75,7 @@ def read_mmdet(path) -> tuple[dict[str, torch.Tensor], dict]:
 # Detectron2
 
 
+@pytest.mark.slow
 def test_detectron2_retinanet_matches_reference(r50_fpn, tmp_path):
     run_dir, state = r50_fpn
     result = export_checkpoint(run_dir, "detectron2", tmp_path / "retina.pkl", detector="retinanet")
@@ -129,6 +130,7 @@ def test_detectron2_c4_from_an_fpn_encoder(r50_fpn, tmp_path):
     assert "res5 (the C4 head) is written as roi_heads.res5.*, Res5ROIHeads' own names" in result.notes
 
 
+@pytest.mark.slow
 def test_detectron2_retinanet_from_a_c4_encoder(r50_c4, tmp_path):
     run_dir, state = r50_c4
     result = export_checkpoint(run_dir, "detectron2", tmp_path / "retina_c4.pkl", detector="retinanet")
@@ -204,6 +206,7 @@ def test_mmdet_rcnn_fpn_from_a_c4_encoder(r50_c4, tmp_path):
 # Every pretrained tensor is written or named as dropped, whatever the detector.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["fpn", "c4", "c5"])
 def test_every_tensor_is_written_or_named(r18_runs, tmp_path, layout):
     run_dir, state = r18_runs[layout]

@@ -72,6 +72,7 @@ def _one_box_target(with_mask: bool) -> dict:
     return target
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("builder", ["fasterrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn_v2"])
 def test_torchvision_export_loads_strictly_and_trains(r50_fpn, tmp_path, builder):
     run_dir, state = r50_fpn
@@ -122,6 +123,7 @@ def test_safetensors_missing_is_a_clear_error(r18_fpn, tmp_path, monkeypatch):
     assert not (tmp_path / "r18.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_load_into_torchvision_refuses_another_depth(r18_fpn, tmp_path):
     run_dir, _ = r18_fpn
     output = export_checkpoint(run_dir, "torchvision", tmp_path / "r18.pt").output
@@ -185,6 +187,7 @@ def test_detectron2_r50_fpn_matches_reference(r50_fpn, tmp_path):
         np.testing.assert_array_equal(weights[d2_name], state[source_name].numpy(), err_msg=d2_name)
 
 
+@pytest.mark.slow
 def test_detectron2_r50_c4_matches_reference(r50_c4, tmp_path):
     run_dir, state = r50_c4
     result = export_checkpoint(run_dir, "d2", tmp_path / "d2_c4.pkl")
@@ -250,6 +253,7 @@ def test_mmdet_r50_c4_matches_reference(r50_c4, tmp_path):
 # backbone
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["r50_fpn", "r50_c4"])
 def test_backbone_export_loads_into_resnet50(fixture, request, tmp_path):
     run_dir, state = request.getfixturevalue(fixture)
@@ -278,6 +282,7 @@ def _args(source, to: str, output=None, network: str = "online") -> argparse.Nam
     return parser.parse_args(argv)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("to", "name"), [("torchvision", "tv.pt"), ("detectron2", "d2.pkl"), ("mmdet", "mm.pth"),
                                           ("backbone", "bb.pt")])
 def test_cli_exports_a_run_folder(r18_fpn, tmp_path, capsys, to, name):
@@ -300,6 +305,7 @@ def test_cli_default_output_checkpoint_file_and_target_network(r18_fpn, capsys):
     assert torch.equal(exported["layer1.0.conv1.weight"], state["backbone.body.layer1.0.conv1.weight"] + 1)
 
 
+@pytest.mark.slow
 def test_variants_without_fpn_or_head(tmp_path):
     small = dict(depth=18, projector_hidden=32, projection_dim=16)
     write_run(tmp_path / "no_fpn", randomised_encoder(3, fpn=False, **small), fpn=False, **small)

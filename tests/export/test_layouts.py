@@ -69,6 +69,7 @@ def _args(source, to: str, output, network: str = "online") -> argparse.Namespac
 # Format 1: what the code before the redesign exported must not change.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("to", FORMAT_NAMES)
 def test_layout1_fixture_exports_as_the_old_code_did(tmp_path, to):
     expected = json.loads(LAYOUT1_EXPORTS.read_text())[to]
@@ -109,6 +110,7 @@ def without_reason(note: str) -> str:
     return re.sub(r" \([^)]*\)", "", note)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("network", ["online", "target"])
 @pytest.mark.parametrize("run", ["fixture", "fpn", "c4", "c5"])
 def test_layout2_exports_as_its_layout1_twin(layout1_runs, tmp_path, run, network):
@@ -140,6 +142,7 @@ def test_layout2_exports_as_its_layout1_twin(layout1_runs, tmp_path, run, networ
         assert new.source.startswith(f"soco checkpoint {declared}, step ") and not old.source.startswith("soco ")
 
 
+@pytest.mark.slow
 def test_declared_prefixes_are_used(tmp_path):
     checkpoint = to_layout2(torch.load(LAYOUT1_FIXTURE, map_location="cpu", weights_only=True))
     renames = {"backbone.body.": "net.trunk.", "backbone.fpn.": "net.neck.", "box_head.": "roi.", "projector.": "proj."}
@@ -181,6 +184,7 @@ def test_cli_names_the_method(tmp_path, capsys):
     assert printed[0] == f"exported byol checkpoint {declared}, step 4: R18-FPN 4conv1fc head, online network"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["fpn", "c5"])
 def test_parts_list_is_authoritative(tmp_path, kind):
     # The fixture's encoder has FPN and box head weights; the layout lists the backbone alone.
@@ -232,6 +236,7 @@ def test_listed_part_without_weights_is_an_error(tmp_path):
     assert load_source(tmp_path / "fpn_only.pt").parts == ("backbone", "fpn")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("change", "message"), [
     ({"parts": ["backbone", "head"]}, r"unknown part\(s\) \['head'\]"),
     ({"parts": ["fpn"]}, "lists no 'backbone' part"),

@@ -26,6 +26,7 @@ def load_gpu_check():
     return module
 
 
+@pytest.mark.slow
 @on_a_gpu
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
 @pytest.mark.timeout(60)
@@ -45,6 +46,7 @@ def test_the_script_skips_cleanly_without_cuda(tmp_path):
     assert "cuda: false" in result.stdout
 
 
+@pytest.mark.slow
 @on_a_gpu
 @pytest.mark.timeout(60)
 def test_timing_without_cuda_says_so_in_one_line_and_writes_the_skipped_list(tmp_path):

@@ -39,6 +39,7 @@ def tiny(name, *overrides):
     return load_config(method_class(name).tiny_preset, ["train.device=cpu", *overrides])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", method_names())
 def test_method_declares_the_contract(name):
     cls = method_class(name)
@@ -58,6 +59,7 @@ def test_method_declares_the_contract(name):
     assert transform.needs_proposals == cls.uses_proposals(config.method)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", method_names())
 def test_two_steps_resume_bitwise_after_a_kill_and_export(name, tiny_data, tmp_path):
     images, store = tiny_data
@@ -305,6 +307,7 @@ def toy_method(tmp_path, monkeypatch):
         sys.modules.pop(module, None)
 
 
+@pytest.mark.slow
 def test_a_method_in_its_own_files_is_everywhere_with_no_other_edit(toy_method, tmp_path, capsys):
     assert method_class("toy") is toy_method
     assert (toy_method.default_preset, toy_method.tiny_preset) == ("toy_small", "toy_tiny")

@@ -1,3 +1,4 @@
+import pytest
 """MoCo's key queue: contents and pointer after a few writes equal a hand simulation, wrap-around, DDP order."""
 
 import json
@@ -65,6 +66,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_write_every_processes_keys_in_rank_order(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)

@@ -125,11 +125,13 @@ def level_gradients(config, tiny_data, images_per_batch=8):
     return [float(fpn.layer_blocks[level][0].weight.grad.abs().sum()) for level in range(4)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["soco_small", "soco_tiny"])
 def test_every_pyramid_level_trains_in_the_small_presets(preset, tiny_data):
     assert all(g > 0 for g in level_gradients(load_config(preset), tiny_data))
 
 
+@pytest.mark.slow
 def test_with_the_224_thresholds_small_views_never_train_p5(tiny_data):
     # What the scaled thresholds fix: with 64-pixel views and 48/96/192, no box reaches P5.
     gradients = level_gradients(load_config("soco_tiny", ["method.model.level_thresholds=[48,96,192]"]), tiny_data)

@@ -41,6 +41,7 @@ def spread_boxes(batch: int, size: int) -> torch.Tensor:
     return boxes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "representation_dim", "backbone_type", "head_type"),
     [

@@ -96,6 +96,7 @@ def run_in_float64(images, store, run_dir, overrides, monkeypatch) -> tuple[dict
     return initial, final
 
 
+@pytest.mark.slow
 def test_soco_tiny_with_the_old_thresholds_and_blur_replays_the_old_code_in_float64(tiny_data, rich_store, tmp_path,
                                                                                     one_thread, monkeypatch):
     recorded = json.loads(RECORD.read_text())
@@ -106,6 +107,7 @@ def test_soco_tiny_with_the_old_thresholds_and_blur_replays_the_old_code_in_floa
     assert all(share < TOLERANCE for share in worst.values()), worst
 
 
+@pytest.mark.slow
 def test_the_replay_tells_a_changed_rule_apart(tiny_data, rich_store, tmp_path, one_thread, monkeypatch):
     # the target's EMA base moved by a thousandth: the smallest change of SoCo's rules that four steps can show
     recorded = json.loads(RECORD.read_text())

@@ -37,6 +37,7 @@ def r50_encoder():
     return build_encoder(SoCoModelConfig(depth=50), PAPER_THRESHOLDS)
 
 
+@pytest.mark.slow
 def test_r50_fpn_backbone_and_box_head_load_strictly_into_torchvision(torchvision_detector, r50_encoder):
     assert isinstance(r50_encoder.backbone, BackboneWithFPN)
     torchvision_detector.backbone.load_state_dict(r50_encoder.backbone.state_dict(), strict=True)

@@ -49,6 +49,7 @@ def study(tmp_path_factory, tiny_data):
     return root / "study", data, lines
 
 
+@pytest.mark.slow
 def test_every_arm_reading_and_seed_has_its_finished_run(study):
     folder, data, lines = study
     done = sorted(str(p.parent.relative_to(folder / "finetune")) for p in folder.glob("finetune/*/*/*/metrics.json"))
@@ -77,6 +78,7 @@ def test_every_arm_reading_and_seed_has_its_finished_run(study):
     assert marker["unlabeled"] == [str(data.unlabeled[0].resolve())]
 
 
+@pytest.mark.slow
 def test_a_later_call_adds_seeds_without_redoing_finished_runs(study, tmp_path):
     folder, data, _ = study
     finished = {p: p.stat().st_mtime_ns for p in folder.glob("finetune/*/*/*/metrics.json")}

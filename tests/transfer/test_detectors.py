@@ -146,6 +146,7 @@ def _nan_filled(model: str, state: dict) -> nn.Module:
     return detector
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("export", ["fpn", "c4"])
 @pytest.mark.parametrize("model", MODELS)
 def test_every_exported_tensor_loads_or_is_named(runs, export, model):
@@ -231,6 +232,7 @@ def _without_fpn_norms(shapes: dict) -> dict:
     return {k: v for k, v in shapes.items() if not fpn_extra.match(k)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model,builder", [("retinanet", retinanet_resnet50_fpn_v2), ("fcos", fcos_resnet50_fpn)])
 def test_one_stage_depth_50_is_torchvisions_but_for_bn_in_the_fpn(model, builder):
     ours = {k: tuple(v.shape) for k, v in build_detector(model, num_classes=4, depth=50).state_dict().items()}
@@ -258,6 +260,7 @@ def test_c4_detector_is_detectron2s_r_c4():
         assert detector.roi_heads.box_head.eval()(torch.rand(3, 1024, 14, 14)).shape == (3, 2048)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS)
 def test_each_detector_fine_tunes_one_epoch_from_an_export_and_reports_ap(runs, data, model, tmp_path, capsys):
     export = "c4" if model == "faster_rcnn_c4" else "fpn"
@@ -288,6 +291,7 @@ def _error_line(capsys, weights, data, tmp_path, *extra) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_weights_errors_are_one_clear_line(runs, data, tmp_path, capsys):
     fpn_run = runs["fpn"].run
     exported = fpn_run / "exported" / "torchvision.pt"

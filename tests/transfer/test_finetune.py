@@ -45,6 +45,7 @@ def _state(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("builder,name", [(fasterrcnn_resnet50_fpn_v2, "faster_rcnn"),
                                           (maskrcnn_resnet50_fpn_v2, "mask_rcnn")])
 def test_depth_50_is_torchvisions_v2_detector(builder, name):
@@ -83,6 +84,7 @@ def _weights_file(path, depth=18, seed=123):
     return source, subset
 
 
+@pytest.mark.slow
 def test_load_pretrained_takes_backbone_fpn_and_box_head_strictly(tmp_path):
     source, subset = _weights_file(tmp_path / "w.pt")
     torch.manual_seed(0)
@@ -99,6 +101,7 @@ def test_load_pretrained_takes_backbone_fpn_and_box_head_strictly(tmp_path):
     assert "loaded backbone.body" in report.line()
 
 
+@pytest.mark.slow
 def test_load_pretrained_reads_safetensors_and_bare_resnets(tmp_path):
     from safetensors.torch import save_file
 
@@ -115,6 +118,7 @@ def test_load_pretrained_reads_safetensors_and_bare_resnets(tmp_path):
     assert report.random == ["backbone.fpn", "rpn.head", "roi_heads.box_head", "roi_heads.box_predictor"]
 
 
+@pytest.mark.slow
 def test_load_pretrained_errors_name_the_file(tmp_path):
     model = build_detector("faster_rcnn", depth=18)
     _, subset = _weights_file(tmp_path / "ok.pt")
@@ -192,6 +196,7 @@ def straight(data, tmp_path_factory):
     return out, metrics
 
 
+@pytest.mark.slow
 def test_run_from_scratch_writes_metrics_picture_and_checkpoint(straight):
     out, metrics = straight
     saved = json.loads((out / METRICS_NAME).read_text())
@@ -208,6 +213,7 @@ def test_run_from_scratch_writes_metrics_picture_and_checkpoint(straight):
     assert state["epoch"] == 2 and {"model", "optimizer", "scheduler", "rng"} <= set(state)
 
 
+@pytest.mark.slow
 def test_resume_after_epoch_one_equals_the_straight_run(data, straight, tmp_path):
     out, metrics = straight
     first = finetune(TINY, *data, tmp_path, progress=False, stop_after_epochs=1, log=lambda _: None)
@@ -232,6 +238,7 @@ def test_resume_after_epoch_one_equals_the_straight_run(data, straight, tmp_path
     assert resumed["bbox"] == metrics["bbox"]
 
 
+@pytest.mark.slow
 def test_cli_run_with_a_weights_file(data, tmp_path, capsys):
     _weights_file(tmp_path / "soco.pt")
     train_ann, train_images, val_ann, val_images = data
@@ -265,6 +272,7 @@ def test_cli_errors(data, tmp_path):
         run_transfer(args)
 
 
+@pytest.mark.slow
 def test_mask_annotations_select_mask_rcnn_and_mask_ap(tmp_path):
     train = make_coco_set(tmp_path / "train", count=2, size=(64, 64), seed=0, masks=True)
     val = make_coco_set(tmp_path / "val", count=1, size=(64, 64), seed=1, masks=True)
@@ -278,6 +286,7 @@ def test_mask_annotations_select_mask_rcnn_and_mask_ap(tmp_path):
                  progress=False, log=lambda _: None)
 
 
+@pytest.mark.slow
 def test_loads_what_soco_export_writes(tmp_path):
     pytest.importorskip("soco.export")
     from soco.export import export_checkpoint
@@ -298,6 +307,7 @@ def test_loads_what_soco_export_writes(tmp_path):
             assert torch.equal(ours["roi_heads." + name], value), name
 
 
+@pytest.mark.slow
 def test_frozen_backbone_keeps_resnet_fpn_and_bn_statistics_while_heads_train(data, tmp_path):
     config = dataclasses.replace(TINY, epochs=1, freeze="backbone", picture_images=0)
     torch.manual_seed(config.seed)
@@ -314,6 +324,7 @@ def test_frozen_backbone_keeps_resnet_fpn_and_bn_statistics_while_heads_train(da
     assert lines.count("precision: fp32") == 1
 
 
+@pytest.mark.slow
 def test_width_settings_build_that_detector_and_must_agree_with_the_weights(data, tmp_path):
     config = dataclasses.replace(TINY, epochs=1, picture_images=0, fpn_channels=32, box_head_convs=[16, 16],
                                  box_head_fcs=[24])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from collections import OrderedDict
 
 import torch
@@ -39,6 +40,7 @@ def _pretrained_parts(seed: int = 0) -> tuple[nn.Module, nn.Module]:
     return backbone.eval(), box_head.eval()
 
 
+@pytest.mark.slow
 def test_detector_box_features_equal_pretraining_box_features(tmp_path):
     backbone, box_head = _pretrained_parts()
     weights = {**{f"backbone.{k}": v for k, v in backbone.state_dict().items()},
@@ -91,6 +93,7 @@ def test_mask_pooler_pools_as_pretraining_too():
     assert (stock - expected).abs().max() > 0.1
 
 
+@pytest.mark.slow
 def test_a_soco_encoder_exported_and_loaded_gives_the_detector_the_same_box_features(tmp_path):
     """End to end: SoCo's own encoder (BoxPooler, its level thresholds), its checkpoint, `soco export`, the detector."""
     from soco.config.loading import config_to_dict, load_config

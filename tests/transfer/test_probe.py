@@ -214,6 +214,7 @@ def test_too_few_images_or_one_class_is_an_error():
         probe_backbone(TinyTrunk(), one_class, stage="c3", background=False)
 
 
+@pytest.mark.slow
 def test_cli_probe_writes_table_and_json(tmp_path, capsys):
     annotations, _ = make_coco_set(tmp_path / "set", count=4, size=(64, 48))
     weights = tmp_path / "backbone.pt"
@@ -238,6 +239,7 @@ def test_cli_probe_writes_table_and_json(tmp_path, capsys):
     assert 0.0 <= result["knn_accuracy"] <= 1.0 and result["stage"] == "c4"
 
 
+@pytest.mark.slow
 def test_cli_probe_tests_on_a_second_file(tmp_path, capsys):
     train, _ = make_coco_set(tmp_path / "train", count=3, size=(64, 48), seed=1)
     val, _ = make_coco_set(tmp_path / "val", count=2, size=(64, 48), seed=2)

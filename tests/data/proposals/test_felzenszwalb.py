@@ -32,6 +32,7 @@ PHOTOS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("photo", sorted(PHOTOS))
 @pytest.mark.parametrize(("scale", "sigma", "min_size"), [(500.0, 0.9, 10), (100.0, 0.5, 50), (1.0, 0.8, 20)])
 def test_equals_scikit_image_on_photos(photo, scale, sigma, min_size):

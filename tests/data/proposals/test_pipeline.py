@@ -84,6 +84,7 @@ run_proposals(sys.argv[1], sys.argv[2], ProposalsConfig(workers=1, algorithm="re
 """
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     images = make_image_folder(tmp_path / "images", 16, size=(200, 150))
     run_proposals(images, tmp_path / "whole", config(algorithm="repaired"), progress=False)
@@ -114,6 +115,7 @@ def test_shards_in_one_folder_merge_automatically(image_folder, tmp_path):
     assert_same_store(tmp_path / "whole", tmp_path / "sharded")
 
 
+@pytest.mark.slow
 def test_shards_from_separate_machines_merge_with_the_merge_command(image_folder, tmp_path):
     run_proposals(image_folder, tmp_path / "whole", config(workers=2), progress=False)
     sources = []

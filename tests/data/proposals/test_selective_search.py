@@ -477,6 +477,7 @@ def small_photos() -> dict[str, np.ndarray]:
     return {"chelsea": chelsea(), "astronaut crop": astronaut()[40:280, 120:420], "coffee crop": coffee()[:240, 150:470]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["chelsea", "astronaut crop", "coffee crop"])
 def test_release_boxes_equal_the_release_functions_rects(name):
     from tests.reference.release_selective_search import release_rects, rects_as_boxes

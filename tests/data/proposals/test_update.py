@@ -80,6 +80,7 @@ run_proposals(sys.argv[1], sys.argv[2], ProposalsConfig(workers=1, algorithm="re
 """
 
 
+@pytest.mark.slow
 def test_killed_update_resumes_to_the_uninterrupted_result(tmp_path):
     images = make_image_folder(tmp_path / "images", 10, size=(200, 150))
     store = tmp_path / "store"
