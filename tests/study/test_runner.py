@@ -171,3 +171,16 @@ def test_sigterm_ends_a_study_through_its_finally_blocks():
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def test_a_bad_arm_configuration_is_refused_before_the_study_folder_is_made(tmp_path, monkeypatch, capsys):
+    from soco.study import design
+
+    bad = dataclasses.replace(BUDGETS["cpu"], pretrain_overrides=("train.batch_size=0",))
+    monkeypatch.setitem(design.BUDGETS, "cpu", bad)
+    (train, _), (val, _) = make_coco_set(tmp_path / "train"), make_coco_set(tmp_path / "val")
+    study_dir = tmp_path / "study"
+    assert main(["study", "--train", str(train), "--val", str(val), "--arms", "scratch", "soco", "--out",
+                 str(study_dir), "--quiet"]) == 2
+    assert "train.batch_size: must be at least 1, not 0" in capsys.readouterr().err
+    assert not study_dir.exists()

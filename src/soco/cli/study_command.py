@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     from soco.config.validation import validate_section
     from soco.errors import ConfigError
     from soco.study.design import BUDGETS, select_arms
-    from soco.study.runner import STUDY_MARKER, describe_data, read_json, run_study
+    from soco.study.runner import STUDY_MARKER, check_pretraining_configs, describe_data, read_json, run_study
 
     budget = BUDGETS[args.budget]
     validate_section(budget, "budget")  # its fine-tuning keywords too, once, before any file is written
@@ -192,6 +192,8 @@ def run(args: argparse.Namespace) -> int:
     seeds = args.seeds if args.seeds is not None else list(budget.seeds)
     if args.plan:
         return print_plan(budget, arms, seeds, args.readings, args.device)
+    if not args.report_only:
+        check_pretraining_configs(arms, budget, args.device)  # every arm's, before soco-study.json is written
     study_dir = Path(args.out).expanduser()
     report_dir = Path(args.report).expanduser() if args.report else study_dir
     command = "soco study " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else "soco study"

@@ -136,6 +136,13 @@ def pretraining_settings(arm_name: str, budget: Budget, device: str) -> tuple[st
     return arm.presets.for_size(budget.model_size), overrides
 
 
+def check_pretraining_configs(arm_names: list[str], budget: Budget, device: str) -> None:
+    """Load (and so validate) every pretrained arm's configuration: a bad one is refused before any file is written."""
+    for arm_name in arm_names:
+        if parse_length_arm(arm_name)[0] != SCRATCH:
+            _pretrain_config(arm_name, budget, device)
+
+
 def _pretrain_config(arm_name: str, budget: Budget, device: str):
     from soco.config.loading import load_config
 
