@@ -9,7 +9,9 @@ line ends with where it came from: the override that set it, the preset or file,
 from __future__ import annotations
 
 import copy
+import importlib
 import dataclasses
+from dataclasses import dataclass
 import difflib
 import json
 import re
@@ -23,7 +25,7 @@ from typing import Any
 import yaml
 
 from soco.config.schema import DEFAULT_METHOD, Config
-from soco.config.validation import validate_section, validate_shared
+from soco.config.validation import _shown, validate_section, validate_shared
 from soco.errors import ConfigError
 
 PRESET_PACKAGE = "soco.config.presets"
@@ -186,6 +188,37 @@ def build_dataclass(cls: type, values: dict, prefix: str = "") -> Any:
     instance = _build(cls, values or {}, prefix)
     validate_section(instance, prefix)
     return instance
+
+
+# A rule that needs the loader lives beside it, so that validation.py imports nothing of config.
+@dataclass(frozen=True)
+class KeywordsOf:
+    """Keywords of another configuration dataclass (`target`, 'module:Class', imported when a value is checked).
+
+    The mapping must build that dataclass as a section named `prefix` would: known keys, right types, and
+    every key within its own rule.
+    """
+
+    target: str
+    prefix: str
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with the keywords (the target's own one-line error), or None."""
+        if not isinstance(value, dict):
+            return f"must be a mapping of {self.prefix} keys, not {_shown(value)}"
+        module, _, name = self.target.partition(":")
+        try:
+            build_dataclass(getattr(importlib.import_module(module), name), value, self.prefix)
+        except ConfigError as error:
+            return f"holds a bad {self.prefix} setting: {error}"
+        return None
+
+
+
+def keywords_of(target: str, prefix: str) -> KeywordsOf:
+    """The keywords of the configuration dataclass `target` ('module:Class'), checked as its section `prefix`."""
+    return KeywordsOf(target, prefix)
+
 
 
 def _method_config_class(values: dict) -> type:

@@ -5,7 +5,7 @@ class decorator, beside the dataclass: the shared sections in `schema.py`, each 
 file, `TransferConfig` in `transfer/finetune.py`, the study's `Budget` in `study/design.py`. The rules are
 ranges (`at_least`, `above`, `between`), choices (`one_of`), `[low, high]` pairs (`interval`), lists of
 numbers (`each`) or of other values (`list_of`), mappings (`mapping_of`), the keywords of another
-configuration dataclass (`keywords_of`) and free text (`ANY_TEXT`); a
+configuration dataclass (`keywords_of`, in `loading.py` since it builds one) and free text (`ANY_TEXT`); a
 subclass inherits its bases' rules. Relations between the keys of one section (a minimum below its maximum)
 live in the dataclass's optional `check_values(self)` method, which raises ConfigError. The types themselves
 are checked while loading (`loading.py`). `validate_section` walks a section and its nested sections; every
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import importlib
 import math
 import re
 import typing
@@ -191,32 +190,7 @@ class MappingOf:
         return None
 
 
-@dataclass(frozen=True)
-class KeywordsOf:
-    """Keywords of another configuration dataclass (`target`, 'module:Class', imported when a value is checked).
-
-    The mapping must build that dataclass as a section named `prefix` would: known keys, right types, and
-    every key within its own rule.
-    """
-
-    target: str
-    prefix: str
-
-    def problem(self, value: Any) -> str | None:
-        """What is wrong with the keywords (the target's own one-line error), or None."""
-        from soco.config.loading import build_dataclass  # the loader imports this module
-
-        if not isinstance(value, dict):
-            return f"must be a mapping of {self.prefix} keys, not {_shown(value)}"
-        module, _, name = self.target.partition(":")
-        try:
-            build_dataclass(getattr(importlib.import_module(module), name), value, self.prefix)
-        except ConfigError as error:
-            return f"holds a bad {self.prefix} setting: {error}"
-        return None
-
-
-Rule = Range | OneOf | Interval | Each | Text | ListOf | MappingOf | KeywordsOf
+Rule = Range | OneOf | Interval | Each | Text | ListOf | MappingOf  # and loading.KeywordsOf
 
 
 def at_least(low: float) -> Range:
@@ -242,11 +216,6 @@ def list_of(item: Rule, min_length: int = 0) -> ListOf:
 def mapping_of(value: Rule | None = None) -> MappingOf:
     """A mapping of names to values obeying `value`."""
     return MappingOf(value)
-
-
-def keywords_of(target: str, prefix: str) -> KeywordsOf:
-    """The keywords of the configuration dataclass `target` ('module:Class'), checked as its section `prefix`."""
-    return KeywordsOf(target, prefix)
 
 
 def one_of(*choices: Any) -> OneOf:

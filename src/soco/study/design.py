@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from soco.config.validation import ANY_TEXT, at_least, config_rules, each, keywords_of, list_of, one_of
+from soco.config.loading import keywords_of
+from soco.config.validation import ANY_TEXT, at_least, config_rules, each, list_of, one_of
 from soco.declarations import StudyArm
 from soco.errors import ConfigError
 
