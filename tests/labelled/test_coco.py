@@ -12,14 +12,8 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from soco.errors import DataError
-from soco.labelled.coco import (
-    CocoDetection,
-    check_same_categories,
-    collate,
-    has_masks,
-    load_coco_json,
-    plain_target,
-)
+from soco.labelled.coco import CocoDetection, check_same_categories, collate, has_masks, load_coco_json
+from soco.labelled.coco import plain_target
 
 
 def _write(folder: Path, images: list[dict], annotations: list[dict], categories=None) -> Path:
