@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -377,3 +378,28 @@ def test_a_category_id_given_twice_is_refused_before_any_training(data, tmp_path
     with pytest.raises(DataError, match=f"^{doubled_val}: category id 1 appears twice"):
         finetune(TINY, train_ann, train_images, doubled_val, val_images, out, progress=False, log=lambda _: None)
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_write_cut_short_ends_the_run_in_one_line_and_keeps_the_last_checkpoint(data, tmp_path, capsys,
+                                                                                              monkeypatch):
+    train_ann, train_images, val_ann, val_images = data
+    out = tmp_path / "run"
+    real_save, saves = torch.save, []
+
+    def fail_the_second_save(payload, destination, *args, **kwargs):
+        saves.append(destination)
+        if len(saves) == 2:  # epoch 2's checkpoint
+            with open(destination, "wb") if isinstance(destination, (str, os.PathLike)) else destination as handle:
+                handle.write(b"PK\x03\x04")  # the part that fitted
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        return real_save(payload, destination, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fail_the_second_save)
+    status = main(["transfer", "--weights", "none", "--train", str(train_ann), "--val", str(val_ann),
+                   "--val-images", str(val_images), "--out", str(out), "--quiet", *TINY_OVERRIDES])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1
+    assert err.startswith(f"soco: error: cannot write checkpoint {out / CHECKPOINT_NAME}: the write was cut short")
+    assert torch.load(out / CHECKPOINT_NAME, weights_only=True)["epoch"] == 1
+    assert not [path.name for path in out.iterdir() if path.name.startswith(".")]  # no temporary file left
