@@ -39,7 +39,8 @@ def saved(tmp_path):
 def test_torch_saves_runtime_error_is_one_line_naming_the_file_and_keeps_the_old_one(saved, monkeypatch):
     path, before = saved
     monkeypatch.setattr(torch, "save", write_part_then_fail)
-    with pytest.raises(CheckpointWriteError, match=f"^cannot write checkpoint {path}: the write was cut short") as error:
+    expected = f"^cannot write checkpoint {path}: the write was cut short"
+    with pytest.raises(CheckpointWriteError, match=expected) as error:
         save_checkpoint({"step": 2, "weight": torch.zeros(6)}, path)
     assert "\n" not in str(error.value) and isinstance(error.value, FileWriteError)
     assert path.read_bytes() == before
