@@ -60,6 +60,7 @@ except SocoError as error:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE and EFBIG as Linux has them")
 def test_a_write_cut_short_by_the_file_size_limit_is_one_line_and_keeps_the_old_file(saved):
     path, before = saved

@@ -371,6 +371,7 @@ def _old_export(path: Path) -> bytes:
     return path.read_bytes()
 
 
+@pytest.mark.slow
 def test_torch_saves_runtime_error_is_one_line_and_keeps_the_old_file(r18_fpn, tmp_path, monkeypatch, capsys):
     from soco.cli.main import main
 
@@ -400,6 +401,7 @@ def _limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE and EFBIG as Linux has them")
 @pytest.mark.parametrize("name", ["backbone.pt", "backbone.safetensors"])
 def test_a_write_cut_short_by_the_file_size_limit_is_one_line_and_keeps_the_old_file(r18_fpn, tmp_path, name):
