@@ -13,6 +13,11 @@ class DataError(SocoError):
     """An image folder or data file is missing, empty or unusable."""
 
 
+class FileWriteError(SocoError):
+    """A file could not be written (a full disk, a file size limit, a read-only folder); the file it would replace,
+    if any, is intact."""
+
+
 class ImageReadError(SocoError):
     """One image file could not be read or decoded."""
 

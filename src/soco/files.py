@@ -3,6 +3,7 @@ name."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -29,8 +30,39 @@ def atomic_write(path: str | Path, writer: Callable[[Path], None], sync: bool = 
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # a folder that refused the write may refuse the removal too: the writer's error is the one to tell
     return path
+
+
+def torch_save(payload: object, path: str | Path) -> None:
+    """torch.save to `path`, a refused or short write raised as the system's OSError (torch turns it into a
+    RuntimeError whose text names an offset inside its zip writer)."""
+    import torch  # here, so that commands which never save a tensor do not import torch
+
+    try:
+        # Through a Python file, so that the system's error, with its code, is what torch's RuntimeError interrupted.
+        with open(path, "wb") as handle:
+            torch.save(payload, handle)
+    except RuntimeError as error:
+        cause = error.__context__
+        if isinstance(cause, OSError) and cause.errno is not None:
+            raise OSError(cause.errno, cause.strerror) from error
+        raise OSError(*_short_write(Path(path), error)) from error
+
+
+def _short_write(path: Path, error: Exception) -> tuple[int, str]:
+    """(errno, reason in words) of a write to `path` that torch reported without the system's error."""
+    folder = next((parent for parent in path.parents if parent.is_dir()), path.parent)
+    try:
+        if shutil.disk_usage(folder).free == 0:
+            return errno.ENOSPC, os.strerror(errno.ENOSPC)
+    except OSError:
+        pass  # a lost mount: told as a cut-short write below
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return errno.EIO, f"the write was cut short (a full disk or a lost mount?): {text}"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
+import subprocess
 import sys
 from pathlib import Path
 
@@ -357,3 +359,60 @@ def test_errors_are_clear(r18_fpn, tmp_path):
 def test_command_line_names_agree_with_the_registry():
     assert list(export_command.FORMAT_HELP) == list(FORMAT_NAMES) == list(formats())
     assert export_command.NETWORKS == NETWORKS
+
+
+# Write failures: one line naming the file, exit status 2, the file it would replace kept
+
+
+def _old_export(path: Path) -> bytes:
+    """A file at `path` from an earlier export, unlike what the next one writes; its bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"conv1.weight": torch.ones(2)}, path)
+    return path.read_bytes()
+
+
+@pytest.mark.slow
+def test_torch_saves_runtime_error_is_one_line_and_keeps_the_old_file(r18_fpn, tmp_path, monkeypatch, capsys):
+    from soco.cli.main import main
+
+    run_dir, _ = r18_fpn
+    output = tmp_path / "out" / "backbone.pt"
+    before = _old_export(output)
+
+    def short_write(payload, destination, *args, **kwargs):
+        with open(destination, "wb") if isinstance(destination, (str, os.PathLike)) else destination as handle:
+            handle.write(b"PK\x03\x04")  # the part that fitted
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", short_write)
+    assert main(["export", str(run_dir), "--to", "backbone", "-o", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"soco: error: cannot write {output}: the write was cut short") and err.count("\n") == 1
+    assert output.read_bytes() == before
+    assert os.listdir(output.parent) == ["backbone.pt"]  # the temporary file is gone
+
+
+def _limit_file_size() -> None:
+    """In the child, before it runs soco: any file write past 1 MiB fails (with EFBIG: Python ignores SIGXFSZ)."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE and EFBIG as Linux has them")
+@pytest.mark.parametrize("name", ["backbone.pt", "backbone.safetensors"])
+def test_a_write_cut_short_by_the_file_size_limit_is_one_line_and_keeps_the_old_file(r18_fpn, tmp_path, name):
+    if name.endswith(".safetensors"):
+        pytest.importorskip("safetensors")
+    run_dir, _ = r18_fpn
+    output = tmp_path / "out" / name
+    before = _old_export(output)
+    done = subprocess.run([sys.executable, "-m", "soco", "export", str(run_dir), "--to", "backbone", "-o", str(output)],
+                          capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size,
+                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert (done.returncode, done.stderr) == (2, f"soco: error: cannot write {output}: file too large\n")
+    assert output.read_bytes() == before
+    assert os.listdir(output.parent) == [name]

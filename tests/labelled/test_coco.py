@@ -12,7 +12,8 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from soco.errors import DataError
-from soco.labelled.coco import CocoDetection, collate, has_masks, load_coco_json, plain_target
+from soco.labelled.coco import CocoDetection, check_same_categories, collate, has_masks, load_coco_json
+from soco.labelled.coco import plain_target
 
 
 def _write(folder: Path, images: list[dict], annotations: list[dict], categories=None) -> Path:
@@ -242,3 +243,37 @@ def test_unreadable_image_header_is_named(tmp_path):
                   [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [0, 0, 5, 5]}])
     with pytest.raises(DataError, match=r"a.png: not an image file .*\(named in .*ann.json\)"):
         CocoDetection(path, tmp_path)
+
+
+def test_a_category_id_given_twice_is_refused_with_both_names(tmp_path):
+    path = _write(tmp_path, [{"id": 1, "file_name": "a.png"}],
+                  [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [0, 0, 5, 5]}],
+                  categories=[{"id": 3, "name": "cat"}, {"id": 9, "name": "dog"}, {"id": 3, "name": "bird"}])
+    with pytest.raises(DataError, match=f"^{path}: category id 3 appears twice, as 'cat' and as 'bird'$"):
+        load_coco_json(path)
+
+
+def test_a_category_name_given_to_two_ids_is_refused(tmp_path):
+    path = _write(tmp_path, [{"id": 1, "file_name": "a.png"}], [],
+                  categories=[{"id": 3, "name": "cat"}, {"id": 9, "name": "cat"}])
+    with pytest.raises(DataError, match=f"^{path}: category name 'cat' is given to two ids, 3 and 9$"):
+        load_coco_json(path)
+
+
+def test_another_file_must_name_the_shared_ids_as_training_does(small_set, tmp_path):
+    path, folder = small_set
+    train = CocoDetection(path, folder)
+    other = tmp_path / "other"
+    other.mkdir()
+    data = json.loads(path.read_text())
+    # Extra ids and a missing one are fine: only an id that means another class is not.
+    data["categories"] = [{"id": 3, "name": "cat"}, {"id": 12, "name": "cow"}]
+    data["annotations"] = [ann for ann in data["annotations"] if ann["category_id"] == 3]
+    (other / "ann.json").write_text(json.dumps(data))
+    check_same_categories(train, CocoDetection(other / "ann.json", folder, categories=train.category_ids))
+    data["categories"] = [{"id": 3, "name": "dog"}, {"id": 9, "name": "cat"}]
+    (other / "ann.json").write_text(json.dumps(data))
+    renamed = CocoDetection(other / "ann.json", folder, categories=train.category_ids)
+    with pytest.raises(DataError, match=f"^{other / 'ann.json'}: category 3 is 'dog', but 'cat' in {path}: "
+                                        "the two files must share one category list$"):
+        check_same_categories(train, renamed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -14,8 +15,9 @@ from torchvision.ops import MultiScaleRoIAlign
 
 pytest.importorskip("pycocotools")
 
+from soco.cli.main import main  # noqa: E402
 from soco.cli.transfer_commands import add_transfer_arguments, resolve_transfer_config, run_transfer  # noqa: E402
-from soco.errors import ConfigError, SocoError  # noqa: E402
+from soco.errors import ConfigError, DataError, SocoError  # noqa: E402
 from soco.run_folder import MARKER  # noqa: E402
 from soco.transfer.detector import build_detector, convert_sync_bn, load_pretrained  # noqa: E402
 from soco.transfer.finetune import (  # noqa: E402
@@ -340,3 +342,64 @@ def test_width_settings_build_that_detector_and_must_agree_with_the_weights(data
         finetune(config, *data, tmp_path / "mismatch", weights=weights, progress=False, log=lambda _: None)
     with pytest.raises(ConfigError, match="^transfer.freeze: must be one of 'none', 'backbone', not 'fpn'"):
         apply_overrides(TINY, ["freeze=fpn"])
+
+
+def _renamed_copy(annotations, folder, categories):
+    """A copy of a COCO file, beside the same images, with other categories."""
+    data = json.loads(annotations.read_text())
+    data["categories"] = categories
+    folder.mkdir(parents=True)
+    copy = folder / "annotations.json"
+    copy.write_text(json.dumps(data))
+    return copy
+
+
+def test_a_validation_file_naming_category_1_otherwise_is_refused_before_any_training(data, tmp_path, capsys):
+    train_ann, train_images, val_ann, val_images = data
+    renamed = _renamed_copy(val_ann, tmp_path / "renamed", [{"id": 1, "name": "tree"}])
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match=f"^{renamed}: category 1 is 'tree', but 'box' in {train_ann}: "):
+        finetune(TINY, train_ann, train_images, renamed, val_images, out, progress=False, log=lambda _: None)
+    assert not out.exists()  # refused in the set-up: the run folder was never made
+    status = main(["transfer", "--weights", "none", "--train", str(train_ann), "--val", str(renamed),
+                   "--val-images", str(val_images), "--out", str(out), "--quiet", *TINY_OVERRIDES])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and f"{renamed}: category 1 is 'tree', but 'box' in" in err
+    assert not out.exists()
+
+
+def test_a_category_id_given_twice_is_refused_before_any_training(data, tmp_path):
+    train_ann, train_images, val_ann, val_images = data
+    doubled = _renamed_copy(train_ann, tmp_path / "doubled", [{"id": 1, "name": "box"}, {"id": 1, "name": "tree"}])
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match=f"^{doubled}: category id 1 appears twice, as 'box' and as 'tree'$"):
+        finetune(TINY, doubled, train_images, val_ann, val_images, out, progress=False, log=lambda _: None)
+    doubled_val = _renamed_copy(val_ann, tmp_path / "doubled_val", [{"id": 1, "name": "box"}, {"id": 1, "name": "box"}])
+    with pytest.raises(DataError, match=f"^{doubled_val}: category id 1 appears twice"):
+        finetune(TINY, train_ann, train_images, doubled_val, val_images, out, progress=False, log=lambda _: None)
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_write_cut_short_ends_the_run_in_one_line_and_keeps_the_last_checkpoint(data, tmp_path, capsys,
+                                                                                              monkeypatch):
+    train_ann, train_images, val_ann, val_images = data
+    out = tmp_path / "run"
+    real_save, saves = torch.save, []
+
+    def fail_the_second_save(payload, destination, *args, **kwargs):
+        saves.append(destination)
+        if len(saves) == 2:  # epoch 2's checkpoint
+            with open(destination, "wb") if isinstance(destination, (str, os.PathLike)) else destination as handle:
+                handle.write(b"PK\x03\x04")  # the part that fitted
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        return real_save(payload, destination, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fail_the_second_save)
+    status = main(["transfer", "--weights", "none", "--train", str(train_ann), "--val", str(val_ann),
+                   "--val-images", str(val_images), "--out", str(out), "--quiet", *TINY_OVERRIDES])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1
+    assert err.startswith(f"soco: error: cannot write checkpoint {out / CHECKPOINT_NAME}: the write was cut short")
+    assert torch.load(out / CHECKPOINT_NAME, weights_only=True)["epoch"] == 1
+    assert not [path.name for path in out.iterdir() if path.name.startswith(".")]  # no temporary file left

@@ -285,3 +285,19 @@ def test_format_table_rows():
     assert table[0] == "T" and table[2].split() == ["k-NN", "(k=6)", "linear", "probe"]  # 2 images x 3 squares
     assert table[3].split() == ["a", f"{100 * result.knn_accuracy:.1f}%", f"{100 * result.linear_accuracy:.1f}%"]
     assert table[4].split()[:2] == ["majority", "class"]
+
+
+def test_cli_probe_refuses_a_category_id_given_twice(tmp_path, capsys):
+    train, _ = make_coco_set(tmp_path / "train", count=2, size=(64, 48), seed=1)
+    val, _ = make_coco_set(tmp_path / "val", count=2, size=(64, 48), seed=2)
+    doubled = json.loads(val.read_text())
+    # The second entry would relabel every box of category 1 as a class of its own.
+    doubled["categories"].append({"id": 1, "name": "tree"})
+    val.write_text(json.dumps(doubled))
+    out = tmp_path / "probe"
+    for labels, test_labels in ((train, val), (val, train)):
+        assert main(["probe", "--weights", "none", "--depth", "18", "--labels", str(labels),
+                     "--test-labels", str(test_labels), "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"soco: error: {val}: category id 1 appears twice, as 'box' and as 'tree'\n"
+    assert not out.exists()

@@ -47,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from soco.engine.step import resolve_precision
-    from soco.errors import ConfigError, DataError, SocoError
+    from soco.errors import ConfigError, SocoError
     from soco.files import atomic_write_text
-    from soco.labelled.coco import CocoDetection
+    from soco.labelled.coco import CocoDetection, check_same_categories
     from soco.transfer.probe import PROBE_PRECISION, format_table, pretrained_trunk, probe_backbones
     from soco.transfer.weights import check_depth, read_weights, resnet_depth
 
@@ -73,13 +73,7 @@ def run(args: argparse.Namespace) -> int:
                        else Path(args.test_labels).expanduser().parent / "images")
         # The training file's category list numbers both, so a class means the same in each.
         test_dataset = CocoDetection(args.test_labels, test_images, categories=dataset.category_ids)
-        test_names = {c["id"]: str(c.get("name", c["id"])) for c in test_dataset.data["categories"]}
-        renamed = [(cid, dataset.category_names[cid], name) for cid, name in sorted(test_names.items())
-                   if cid in dataset.category_names and name != dataset.category_names[cid]]
-        if renamed:
-            cid, train_name, test_name = renamed[0]
-            raise DataError(f"{test_dataset.annotation_file}: category {cid} is {test_name!r}, but {train_name!r} in "
-                            f"{dataset.annotation_file}: the two files must share one category list")
+        check_same_categories(dataset, test_dataset)
     backbones, loaded = {}, None
     if weights is not None:
         backbones[f"pretrained ({weights.name})"], loaded = pretrained_trunk(depth, args.seed, state, weights)

@@ -12,8 +12,8 @@ import torch
 import soco
 from soco.config.loading import config_to_dict
 from soco.engine.rng import restore_rng_state, rng_state
-from soco.errors import SocoError
-from soco.files import atomic_write
+from soco.errors import FileWriteError, SocoError
+from soco.files import atomic_write, torch_save
 from soco.run_folder import changed_settings
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ CHECKPOINT_FORMAT = 2
 LAST_CHECKPOINT = "last.pt"
 
 
-class CheckpointWriteError(SocoError):
+class CheckpointWriteError(FileWriteError):
     """A checkpoint could not be written (a full disk, a lost mount); the file it would replace is intact."""
 
 
@@ -38,10 +38,10 @@ def periodic_checkpoint_name(step: int) -> str:
 def save_checkpoint(state: dict, path: str | Path) -> Path:
     """Write `state` to a temporary file, sync it, then rename: a kill or a full disk never leaves a torn checkpoint.
 
-    Raises CheckpointWriteError naming the file when the system refuses the write.
+    Raises CheckpointWriteError naming the file when the system refuses the write or cuts it short.
     """
     try:
-        return atomic_write(path, lambda tmp: torch.save(state, tmp))
+        return atomic_write(path, lambda tmp: torch_save(state, tmp))
     except OSError as error:
         raise CheckpointWriteError(f"cannot write checkpoint {path}: {error.strerror or error}") from error
 

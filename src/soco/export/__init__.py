@@ -3,7 +3,8 @@
 from soco.export.conversion import ExportResult
 from soco.export.detectors import DETECTOR_NAMES, UnknownDetectorError
 from soco.export.formats import FORMAT_NAMES, export_checkpoint, resolve_format
-from soco.export.source import CheckpointNotFoundError, ExportError, MissingModelError, SourceWeights
+from soco.export.source import CheckpointNotFoundError, ExportError, ExportWriteError, MissingModelError
+from soco.export.source import SourceWeights
 from soco.export.source import UnknownFormatError, UnsupportedLayoutError, load_source, resolve_checkpoint
 from soco.export.torchvision_format import load_into_torchvision
 from soco.export.writing import load_state_dict_file
@@ -14,6 +15,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "ExportError",
     "ExportResult",
+    "ExportWriteError",
     "MissingModelError",
     "SourceWeights",
     "UnknownDetectorError",

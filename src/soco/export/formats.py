@@ -9,6 +9,7 @@ from soco.export import backbone_format, detectron2_format, mmdet_format, torchv
 from soco.export.conversion import Conversion, ExportFormat, ExportResult
 from soco.export.detectors import DETECTOR_NAMES, Detector, UnknownDetectorError, detector_named, pretrained_detector
 from soco.export.source import CHECKPOINT_NAME, NETWORKS, CheckpointNotFoundError, ExportError, MissingModelError
+from soco.export.source import ExportWriteError
 from soco.export.source import SourceWeights, UnknownFormatError, UnsupportedLayoutError, load_source
 from soco.export.source import resolve_checkpoint
 
@@ -94,7 +95,7 @@ def export_checkpoint(
     try:
         export_format.write(conversion, weights, path)
     except OSError as error:
-        raise ExportError(f"cannot write {path}: {unwritable_reason(path, error)}") from None
+        raise ExportWriteError(f"cannot write {path}: {unwritable_reason(path, error)}") from None
     return ExportResult(
         format=export_format.name, output=path, source=weights.description(), counts=dict(conversion.counts),
         dropped=dict(conversion.dropped), notes=list(conversion.notes),

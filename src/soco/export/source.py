@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from soco.encoder_layout import ENCODER_PARTS, LAYOUT_KINDS, EncoderLayout, LayoutError
-from soco.errors import SocoError
+from soco.errors import FileWriteError, SocoError
 
 CHECKPOINT_NAME = "last.pt"
 NETWORKS = ("online", "target")
@@ -43,6 +43,10 @@ SNIFF_BYTES = 512
 
 class ExportError(SocoError):
     """A checkpoint cannot be exported as asked."""
+
+
+class ExportWriteError(ExportError, FileWriteError):
+    """The export file could not be written; a file it would replace is intact."""
 
 
 class CheckpointNotFoundError(ExportError):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from soco.export.source import ExportError, SourceWeights
-from soco.files import atomic_write
+from soco.files import atomic_write, torch_save
 
 PRODUCER = "soco"
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -27,18 +29,35 @@ def plain_tensors(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def save_torch(payload: object, path: Path) -> None:
-    """torch.save `payload` to `path` atomically."""
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    """torch.save `payload` to `path` atomically; OSError when the system refuses the write or cuts it short."""
+    atomic_write(path, lambda tmp: torch_save(payload, tmp))
 
 
 def save_state_dict(weights: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """torch.save of a plain dict of tensors, or a safetensors file when the name ends in .safetensors."""
+    """torch.save of a plain dict of tensors, or a safetensors file when the name ends in .safetensors.
+
+    OSError when the system refuses the write or cuts it short.
+    """
     plain = plain_tensors(weights)
     if path.suffix == SAFETENSORS_SUFFIX:
-        save_file = _safetensors().save_file
-        atomic_write(path, lambda tmp: save_file(plain, str(tmp), metadata=metadata))
+        atomic_write(path, lambda tmp: _save_safetensors(plain, tmp, metadata))
     else:
         save_torch(plain, path)
+
+
+def _save_safetensors(plain: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None) -> None:
+    """safetensors' save_file, the system's refusal raised as an OSError, as every other writer raises it."""
+    save_file = _safetensors().save_file
+    from safetensors import SafetensorError
+
+    try:
+        save_file(plain, str(path), metadata=metadata)
+    except SafetensorError as error:
+        # Its text carries the system's error code: "... I/O error: File too large (os error 27)".
+        code = re.search(r"\(os error (\d+)\)", str(error))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1]))) from error
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:

@@ -21,6 +21,8 @@ from soco.errors import DataError, ImageReadError
 __all__ = [
     "BoxReport",
     "CocoDetection",
+    "category_name",
+    "check_same_categories",
     "collate",
     "has_masks",
     "load_coco_json",
@@ -122,11 +124,7 @@ def load_coco_json(path: str | Path) -> dict:
     if not data["categories"]:
         raise _fail(path, "has no category")
 
-    category_ids = set()
-    for i, category in enumerate(data["categories"]):
-        if not isinstance(category, dict) or not isinstance(category.get("id"), int):
-            raise _fail(path, f"categories[{i}] has no integer 'id'")
-        category_ids.add(category["id"])
+    category_ids = set(_category_names(path, data["categories"]))
     image_ids = set()
     for i, image in enumerate(data["images"]):
         if not isinstance(image, dict) or not isinstance(image.get("id"), int):
@@ -148,6 +146,43 @@ def load_coco_json(path: str | Path) -> dict:
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
             raise _fail(path, f"annotations[{i}] has no 'bbox' of 4 numbers [x, y, width, height]: {bbox!r}")
     return data
+
+
+def _category_names(path: Path, categories: list) -> dict[int, str]:
+    """id -> name of a file's categories; DataError naming the file for a missing id, a repeated id or name."""
+    names: dict[int, str] = {}
+    owners: dict[str, int] = {}
+    for i, category in enumerate(categories):
+        if not isinstance(category, dict) or not isinstance(category.get("id"), int):
+            raise _fail(path, f"categories[{i}] has no integer 'id'")
+        cid, name = category["id"], category_name(category)
+        if cid in names:
+            # Which of the two a box means cannot be told: the labels would silently follow one of them.
+            raise _fail(path, f"category id {cid} appears twice, as {names[cid]!r} and as {name!r}")
+        if name in owners:
+            # Two ids of one name would make the check of a validation file against training ambiguous.
+            raise _fail(path, f"category name {name!r} is given to two ids, {owners[name]} and {cid}")
+        names[cid], owners[name] = name, cid
+    return names
+
+
+def category_name(category: dict) -> str:
+    """A category's name as the files compare and show it: its 'name', else its id."""
+    return str(category.get("name", category["id"]))
+
+
+def check_same_categories(train: CocoDetection, other: CocoDetection) -> None:
+    """DataError naming both files and the first category id whose name differs: a class must mean the same in each.
+
+    Validation and test files are numbered by the training file's ids (see CocoDetection's `categories`), so an id
+    named differently would score one class's boxes as another's.
+    """
+    train_names = {c["id"]: category_name(c) for c in train.data["categories"]}
+    for category in sorted(other.data["categories"], key=lambda c: c["id"]):
+        cid, name = category["id"], category_name(category)
+        if cid in train_names and name != train_names[cid]:
+            raise DataError(f"{other.annotation_file}: category {cid} is {name!r}, but {train_names[cid]!r} in "
+                            f"{train.annotation_file}: the two files must share one category list")
 
 
 def has_masks(data: dict) -> bool:
@@ -217,7 +252,7 @@ class CocoDetection(torch.utils.data.Dataset):
                             f"the training categories {self.category_ids}")
         self.category_to_label = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
         self.label_to_category = {label: cid for cid, label in self.category_to_label.items()}
-        names = {c["id"]: str(c.get("name", c["id"])) for c in self.data["categories"]}
+        names = {c["id"]: category_name(c) for c in self.data["categories"]}
         self.category_names = {cid: names.get(cid, str(cid)) for cid in self.category_ids}
         self.images = sorted(self.data["images"], key=lambda image: image["id"])
         self.annotations: dict[int, list[dict]] = {image["id"]: [] for image in self.images}

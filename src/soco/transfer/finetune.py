@@ -37,7 +37,7 @@ from soco.files import atomic_write_text
 from soco.models.backbone import RESNET_BUILDERS
 from soco.run_folder import check_run_folder, mark_run_folder
 from soco.transfer.architectures import ARCHITECTURES, TWO_STAGE
-from soco.labelled.coco import CocoDetection, collate, has_masks, plain_target
+from soco.labelled.coco import CocoDetection, check_same_categories, collate, has_masks, plain_target
 from soco.transfer.detector import build_detector, convert_sync_bn, describe, load_pretrained
 from soco.transfer.evaluate import coco_evaluate, detections_to_coco, summary_line
 from soco.transfer.weights import check_depth, detector_widths, read_weights
@@ -450,6 +450,7 @@ def _load_data(config: TransferConfig, train_annotations: str | Path, train_imag
     train_set.masks = with_masks
     val_set = CocoDetection(val_annotations, val_images, train=False, masks=with_masks,
                             categories=train_set.category_ids)
+    check_same_categories(train_set, val_set)
     if len(train_set) == 0:
         raise SocoError(f"{train_set.annotation_file} lists no image")
     if len(val_set) == 0:
