@@ -90,7 +90,7 @@ CASES = [
      ["soco transfer: error: argument --seed: must be at least 0, not -1"], ["transfer"]),
     ("transfer-negative-seed-override", ["transfer", "--weights", "none", "--train", "{tmp}/a.json", "--val",
                                          "{tmp}/b.json", "--out", "{tmp}/transfer", "seed=-1"],
-     ["soco: error: seed: must be in [0, 4294967295], not -1 (set by seed=-1)"], ["transfer"]),
+     ["soco: error: transfer.seed: must be in [0, 4294967295], not -1 (set by seed=-1)"], ["transfer"]),
     ("study-negative-seed", ["study", "--seeds", "0", "-1", "--out", "{tmp}/study"],
      ["soco study: error: argument --seeds: must be at least 0, not -1"], ["study"]),
     ("composed-negative-seed", ["data", "composed", "--seed", "-1", "-o", "{tmp}/composed"],

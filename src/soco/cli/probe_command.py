@@ -26,13 +26,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-data", default=None, metavar="IMAGES",
                         help="folder of --test-labels' images (default: 'images' next to --test-labels)")
     parser.add_argument("--out", default=None, help=f"folder for {RESULTS_NAME} (default: {DEFAULT_PROBE_OUT})")
-    parser.add_argument("--depth", type=config_argument("soco.transfer.finetune:TransferConfig", "depth"), default=None, help="ResNet depth (default: read from the file, else 50)")
+    parser.add_argument("--depth", type=config_argument("soco.transfer.finetune:TransferConfig", "depth"), default=None,
+                        help="ResNet depth (default: read from the file, else 50)")
     parser.add_argument("--stage", default="c5", choices=STAGE_CHOICES, help="ResNet stage pooled (default c5)")
     parser.add_argument("--k", type=count_argument(1), default=20, help="neighbours of the k-NN vote (default 20)")
     parser.add_argument("--steps", type=count_argument(1), default=300, help="linear-probe training steps (default 300)")
     parser.add_argument("--max-images", type=count_argument(1), default=200,
                         help="images with boxes probed, per file with --test-labels (default 200)")
-    parser.add_argument("--test-fraction", type=number_argument(Range(0.0, 1.0, low_open=True, high_open=True)), default=0.5,
+    # 0 or 1 would leave the training or the test split empty
+    parser.add_argument("--test-fraction", type=number_argument(Range(0.0, 1.0, low_open=True, high_open=True)),
+                        default=0.5,
                         help="share of images held out, without --test-labels (default 0.5)")
     parser.add_argument("--no-background", action="store_true",
                         help="only the labelled classes (default: add one background box per object)")

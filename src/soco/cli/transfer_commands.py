@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from soco.config.validation import MAX_IMAGE_SIDE, FRACTION, config_argument, count_argument, number_argument
+from soco.config.validation import FRACTION, MAX_IMAGE_SIDE, config_argument, count_argument, number_argument
 from soco.transfer.architectures import ARCHITECTURES
 
 DEFAULT_TRANSFER_OUT = Path("runs") / "transfer"
@@ -34,11 +34,16 @@ def add_transfer_arguments(parser: argparse.ArgumentParser) -> None:
                              "faster_rcnn; docs/transfer.md)")
     parser.add_argument("--depth", type=transfer_key("depth"), default=None, help="ResNet depth (default 50)")
     parser.add_argument("--epochs", type=transfer_key("epochs"), default=None, help="training epochs (default 24)")
-    parser.add_argument("--batch-size", type=transfer_key("batch_size"), default=None, help="images per process and step (default 4)")
-    parser.add_argument("--lr", type=transfer_key("lr", whole=False), default=None, help="learning rate (default 0.02 x total batch / 16)")
-    parser.add_argument("--min-size", type=transfer_key("min_size"), default=None, help="detector resize, shorter side (default 400)")
-    parser.add_argument("--max-size", type=transfer_key("max_size"), default=None, help="detector resize, longer side cap (default 667)")
-    parser.add_argument("--workers", type=transfer_key("workers"), default=None, help="data-loader processes (default 0)")
+    parser.add_argument("--batch-size", type=transfer_key("batch_size"), default=None,
+                        help="images per process and step (default 4)")
+    parser.add_argument("--lr", type=transfer_key("lr", whole=False), default=None,
+                        help="learning rate (default 0.02 x total batch / 16)")
+    parser.add_argument("--min-size", type=transfer_key("min_size"), default=None,
+                        help="detector resize, shorter side (default 400)")
+    parser.add_argument("--max-size", type=transfer_key("max_size"), default=None,
+                        help="detector resize, longer side cap (default 667)")
+    parser.add_argument("--workers", type=transfer_key("workers"), default=None,
+                        help="data-loader processes (default 0)")
     parser.add_argument("--eval-every", type=transfer_key("eval_every"), default=None,
                         help="also evaluate every N epochs (default: only at the end)")
     parser.add_argument("--seed", type=transfer_key("seed"), default=None, help="random seed (default 0)")

@@ -15,7 +15,8 @@ their transforms and the fine-tuning trust a section that was validated when it 
 A field needs no rule when it is a bool (its type is its whole range) or a nested section (its own fields
 have rules); `fields_without_rules` names the others that lack one.
 
-The command line's own numbers (`--steps`, `--workers`) are checked by the argparse types at the end.
+The command line's own numbers (`--steps`, `--workers`) are checked by the argparse types at the end; an
+option that sets a dataclass's key (`soco transfer --seed`) is checked by that key's rule (`config_argument`).
 """
 
 from __future__ import annotations
@@ -400,6 +401,12 @@ class NumberArgument:
             self._rule = rule.item if isinstance(rule, Each) else rule  # an option of several values: each one's
         return self._rule
 
+    def _expected(self) -> str:
+        """What the option takes, in words: 'expected a whole number', 'must be a number greater than 0'."""
+        if self.whole:
+            return "expected a whole number"
+        return f"must be a number {self.rule.describe()}" if isinstance(self.rule, Range) else "expected a number"
+
     def _out_of_range(self, value: float, text: str) -> str | None:
         """What is wrong with a finite value, naming the end of the range it passes (or None)."""
         rule = self.rule
@@ -416,10 +423,8 @@ class NumberArgument:
     def __call__(self, text: str) -> int | float:
         """The parsed value, or argparse's error naming the problem."""
         value = _number(text)
-        expected = "expected a whole number" if self.whole else f"must be a number {self.rule.describe()}" \
-            if isinstance(self.rule, Range) else "expected a number"
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{expected}; {text!r} is not a finite number")
+        if not math.isfinite(value):  # 1e400 reads as inf: the message names the problem, not inf
+            raise argparse.ArgumentTypeError(f"{self._expected()}; {text!r} is not a finite number")
         if self.whole and not value.is_integer():
             raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}")
         problem = self._out_of_range(value, text)
@@ -439,8 +444,7 @@ def number_argument(rule: Range) -> NumberArgument:
 
 
 def config_argument(target: str, key: str, whole: bool = True) -> NumberArgument:
-    """An argparse type for an option that sets `key` of the configuration dataclass `target` ('module:Class'):
-    checked by that key's own rule (each value's, for a list key)."""
+    """An argparse type for an option setting `key` of the dataclass `target` ('module:Class'), checked by its rule."""
     return NumberArgument(whole=whole, source=(target, key))
 
 
