@@ -84,6 +84,35 @@ CASES = [
     ("data-photos-into-a-file", ["data", "photos", "--dest", "{tmp}/file.txt"],
      ["cannot create photo folder {tmp}/file.txt"], []),
     ("unknown-command", ["pretrian"], ["soco: error: argument COMMAND: invalid choice: 'pretrian'"], []),
+    # issue 26.10: negative seeds were numpy tracebacks (study's left a seed-1 folder behind)
+    ("transfer-negative-seed", ["transfer", "--weights", "none", "--train", "{tmp}/a.json", "--val", "{tmp}/b.json",
+                                "--out", "{tmp}/transfer", "--seed", "-1"],
+     ["soco transfer: error: argument --seed: must be at least 0, not -1"], ["transfer"]),
+    ("transfer-negative-seed-override", ["transfer", "--weights", "none", "--train", "{tmp}/a.json", "--val",
+                                         "{tmp}/b.json", "--out", "{tmp}/transfer", "seed=-1"],
+     ["soco: error: transfer.seed: must be in [0, 4294967295], not -1 (set by seed=-1)"], ["transfer"]),
+    ("study-negative-seed", ["study", "--seeds", "0", "-1", "--out", "{tmp}/study"],
+     ["soco study: error: argument --seeds: must be at least 0, not -1"], ["study"]),
+    ("composed-negative-seed", ["data", "composed", "--seed", "-1", "-o", "{tmp}/composed"],
+     ["soco data composed: error: argument --seed: must be at least 0, not -1"], ["composed"]),
+    # issue 26.11: unbounded data-building options were a broadcast error or asked for tens of GiB
+    ("deepforest-negative-val-width", ["data", "deepforest", "--val-width", "-3", "-o", "{tmp}/df"],
+     ["soco data deepforest: error: argument --val-width: must be at least 1, not -3"], ["df"]),
+    ("deepforest-huge-tile", ["data", "deepforest", "--tile-size", "100000", "-o", "{tmp}/df"],
+     ["soco data deepforest: error: argument --tile-size: must be at most 8192, not 100000"], ["df"]),
+    ("composed-huge-size", ["data", "composed", "--size", "100000", "-o", "{tmp}/composed"],
+     ["soco data composed: error: argument --size: must be at most 8192, not 100000"], ["composed"]),
+    ("transfer-huge-resize", ["transfer", "--weights", "none", "--train", "{tmp}/a.json", "--val", "{tmp}/b.json",
+                              "--out", "{tmp}/transfer", "--max-size", "1e5"],
+     ["soco transfer: error: argument --max-size: must be at most 8192, not 1e5"], ["transfer"]),
+    # issue 26, minor: 1e400 read as "not inf"; --classes '' read as no list
+    ("pretrain-infinite-override", ["pretrain", "--out", "{tmp}/run", "optim.weight_decay=1e400"],
+     ["optim.weight_decay: must be at least 0, not a finite number (set by optim.weight_decay=1e400)"], ["run"]),
+    ("transfer-infinite-seed", ["transfer", "--weights", "none", "--train", "{tmp}/a.json", "--val", "{tmp}/b.json",
+                                "--out", "{tmp}/transfer", "--seed", "1e400"],
+     ["argument --seed: expected a whole number; '1e400' is not a finite number"], ["transfer"]),
+    ("voc-empty-classes", ["data", "voc", "{tmp}/empty", "-o", "{tmp}/voc", "--classes", ""],
+     ["soco data voc: error: argument --classes: expected names separated by commas, not ''"], ["voc"]),
 ]
 # Cases that still print a traceback or leave an output behind because of code this suite does not own.
 KNOWN_DEFECTS: dict[str, str] = {}
@@ -165,3 +194,102 @@ def test_command_line_numbers():
     for bad in ("0", "-1", "nan", "inf"):
         with pytest.raises(argparse.ArgumentTypeError, match="must be a number greater than 0"):
             positive_number_argument(bad)
+
+
+def test_command_line_numbers_say_when_they_are_not_finite_and_which_end_they_pass():
+    import argparse
+
+    from soco.config.validation import (
+        MAX_SEED, Range, config_argument, count_argument, names_argument, number_argument, seed_argument,
+    )
+
+    for text in ("1e400", "inf", "-inf", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"expected a whole number; '{text}' is not a finite"):
+            seed_argument(text)
+        with pytest.raises(argparse.ArgumentTypeError, match="must be a number in \\(0, 1\\]; .* is not a finite"):
+            number_argument(Range(0.0, 1.0, low_open=True))(text)
+    assert seed_argument("0") == 0 and seed_argument(str(MAX_SEED)) == MAX_SEED
+    for bad, message in (("-1", "must be at least 0, not -1"), (str(MAX_SEED + 1), f"must be at most {MAX_SEED}")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            seed_argument(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="must be at most 8, not 9"):
+        count_argument(1, maximum=8)("9")
+    depth = config_argument("soco.transfer.finetune:TransferConfig", "depth")
+    assert depth("18") == 18
+    with pytest.raises(argparse.ArgumentTypeError, match="must be one of 18, 34, 50, 101, 152, not 17"):
+        depth("17")
+    seeds = config_argument("soco.study.design:Budget", "seeds")  # a list key: each value's rule
+    with pytest.raises(argparse.ArgumentTypeError, match="must be at least 0, not -1"):
+        seeds("-1")
+    assert names_argument(" dog, cat") == ["dog", "cat"]
+    for bad in ("", " ", ",", "dog,,cat", "dog,"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            names_argument(bad)
+
+
+SIDES_AND_SEEDS = ("size", "tile_size", "min_size", "max_size", "val_width")  # an unbounded value exhausts memory
+
+
+def numeric_options(parser, command: str = "soco"):
+    """(command, action) for every option and positional of `parser` and its subcommands that takes a number."""
+    import argparse
+
+    from soco.config.validation import NumberArgument
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from numeric_options(sub, f"{command} {name}")
+        elif action.nargs != 0 and (action.type in (int, float) or isinstance(action.type, NumberArgument) or (
+                isinstance(action.default, (int, float)) and not isinstance(action.default, bool))):
+            yield command, action
+
+
+def unbounded_options(parser) -> list[str]:
+    """The numeric options of `parser` that no bounded type of config/validation.py checks."""
+    from soco.config.validation import NumberArgument, OneOf
+
+    problems = []
+    for command, action in numeric_options(parser):
+        name = f"{command} {'/'.join(action.option_strings) or action.dest}"
+        if not isinstance(action.type, NumberArgument):
+            problems.append(f"{name}: type {getattr(action.type, '__name__', action.type)}")
+            continue
+        rule = action.type.rule
+        if isinstance(rule, OneOf):
+            continue
+        if rule.low is None:
+            problems.append(f"{name}: no lower bound ({rule.describe()})")
+        elif rule.high is None and ("seed" in action.dest or action.dest in SIDES_AND_SEEDS):
+            problems.append(f"{name}: no upper bound ({rule.describe()})")
+    return problems
+
+
+def test_every_numeric_option_of_every_command_is_bounded():
+    from soco.cli.main import build_parser
+
+    parser = build_parser()
+    found = {(command, action.dest) for command, action in numeric_options(parser)}
+    assert {("soco transfer", "seed"), ("soco study", "seeds"), ("soco data composed", "seed"),
+            ("soco data composed", "size"), ("soco data deepforest", "tile_size"),
+            ("soco data deepforest", "val_width"), ("soco probe", "depth"), ("soco pretrain", "seed")} <= found
+    assert len(found) >= 35
+    assert unbounded_options(parser) == []
+
+
+def test_the_bound_check_finds_a_bare_number_and_a_missing_bound():
+    import argparse
+
+    from soco.cli.main import OneLineErrorParser
+    from soco.config.validation import count_argument
+
+    parser = OneLineErrorParser(prog="toy")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--rate", default=0.5)
+    parser.add_argument("--seed", type=count_argument(0))
+    parser.add_argument("--tile-size", type=count_argument(16))
+    parser.add_argument("--quiet", action="store_true")
+    assert isinstance(parser, argparse.ArgumentParser)
+    assert unbounded_options(parser) == ["soco --steps: type int", "soco --rate: type None",
+                                         "soco --seed: no upper bound (at least 0)",
+                                         "soco --tile-size: no upper bound (at least 16)"]

@@ -168,7 +168,7 @@ def test_the_values_of_the_issue_are_refused_naming_their_key():
         "proposals.algorithm=repiared": "did you mean 'repaired'?",
         "optim.nesterov=true": "optim.nesterov: applies to optim.name=sgd only, not lars",
         "method.model.level_thresholds=[96,48,192]": "method.model.level_thresholds: need 3 increasing values",
-        "optim.base_lr=.inf": "optim.base_lr: must be greater than 0, not inf",
+        "optim.base_lr=.inf": "optim.base_lr: must be greater than 0, not a finite number",
     }
     for override, message in cases.items():
         with pytest.raises(ConfigError) as caught:
@@ -270,7 +270,7 @@ def test_rules_must_name_keys_of_their_dataclass():
 
 def test_rule_messages():
     assert Range(0.0, 1.0, high_open=True).problem(1.0) == "must be in [0, 1), not 1"
-    assert Range(0.0, 1.0, low_open=True).problem(float("nan")) == "must be in (0, 1], not nan"
+    assert Range(0.0, 1.0, low_open=True).problem(float("nan")) == "must be in (0, 1], not a finite number"
     assert at_least(3).problem(2) == "must be at least 3, not 2" and at_least(3).problem(3) is None
     assert Interval(Range(0.0, 1.0, low_open=True)).problem([0.8, 0.2]) == (
         "must be [low, high] with low <= high, not [0.8, 0.2]")
@@ -300,3 +300,43 @@ def test_a_refused_value_says_where_it_came_from(tmp_path):
         "(the default; soco_tiny does not set it)")  # the default maximum 0.8 is now below the minimum
     with pytest.raises(ConfigError, match=r"^transfer\.epochs: must be at least 1, not 0 \(set by epochs=0\)$"):
         apply_overrides(TransferConfig(), ["epochs=0"])
+
+
+def test_a_number_that_is_not_finite_is_named_so_not_by_the_value_it_read_as():
+    # 1e400 reads as inf, which the user never wrote (issue 26): the message names the problem instead
+    for override, message in {
+        "optim.weight_decay=1e400": "optim.weight_decay: must be at least 0, not a finite number "
+                                    "(set by optim.weight_decay=1e400)",
+        "optim.base_lr=-1e400": "optim.base_lr: must be greater than 0, not a finite number",
+        "train.seed=1e400": "train.seed: expected an integer, got a number that is not finite",
+    }.items():
+        with pytest.raises(ConfigError) as caught:
+            load_config("soco_tiny", [override])
+        assert message in str(caught.value) and "inf" not in str(caught.value).replace("1e400", ""), override
+    assert at_least(0).problem(float("nan")) == "must be at least 0, not a finite number"
+
+
+def test_every_seed_is_a_seed_numpy_and_the_sampler_accept():
+    from soco.config.loading import apply_overrides
+    from soco.config.validation import MAX_SEED, SEED, validate_section
+    from soco.study.design import BUDGETS
+    from soco.transfer.finetune import TransferConfig
+
+    assert SEED == Range(0, MAX_SEED) and MAX_SEED == 2**32 - 1
+    assert rules_of(TrainConfig)["seed"] == SEED and rules_of(TransferConfig)["seed"] == SEED
+    for seed in (-1, MAX_SEED + 1):
+        with pytest.raises(ConfigError, match=f"seed: must be in \\[0, {MAX_SEED}\\], not {seed} \\(set by seed="):
+            apply_overrides(TransferConfig(), [f"seed={seed}"])
+        with pytest.raises(ConfigError, match="budget.seeds: every value must be in"):
+            validate_section(dataclasses.replace(BUDGETS["cpu"], seeds=(0, seed)), "budget")
+    assert apply_overrides(TransferConfig(), [f"seed={MAX_SEED}"]).seed == MAX_SEED
+
+
+def test_the_detector_resize_is_bounded_above():
+    from soco.config.loading import apply_overrides
+    from soco.config.validation import MAX_IMAGE_SIDE
+    from soco.transfer.finetune import TransferConfig
+
+    for key in ("min_size", "max_size"):
+        with pytest.raises(ConfigError, match=f"{key}: must be in \\[32, {MAX_IMAGE_SIDE}\\], not 100000"):
+            apply_overrides(TransferConfig(), [f"{key}=100000"])

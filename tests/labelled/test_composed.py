@@ -223,3 +223,14 @@ def test_fetching_errors_say_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(composed.shutil, "which", lambda name: None if name == "dpkg-deb" else f"/usr/bin/{name}")
     with pytest.raises(DataError, match="needs dpkg-deb .* pass --stamps <its usr/share/tuxpaint/stamps>"):
         find_stamps(cache_dir=tmp_path / "cache")
+
+
+def test_scene_size_is_bounded_before_anything_is_fetched(tmp_path):
+    # a 100000 px scene was killed for memory (issue 26)
+    from soco.config.validation import MAX_IMAGE_SIDE
+    from soco.errors import ConfigError
+    from soco.labelled.composed import check_scene_options
+
+    check_scene_options({"train": 1, "val": 1}, MAX_IMAGE_SIDE, (1, 2))
+    with pytest.raises(ConfigError, match=f"size: 100000 px is too large for a scene \\(at most {MAX_IMAGE_SIDE}\\)"):
+        check_scene_options({"train": 1, "val": 1}, 100000, (1, 2))

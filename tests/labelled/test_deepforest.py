@@ -255,3 +255,17 @@ def test_real_deepforest_wheel(tmp_path):
     }
     assert record["counts"]["train"]["tiles"] == 42 and record["counts"]["val"]["tiles"] == 12
     assert os.path.isdir(training_pixels_folder(dest))
+
+
+def test_tile_size_and_val_width_are_bounded_before_a_tile_is_cut(tmp_path):
+    # a negative val_width was a broadcast error, a 100000 px tile asked numpy for 27.9 GiB (issue 26)
+    from soco.config.validation import MAX_IMAGE_SIDE
+
+    source = SourceImage("a", np.zeros((40, 40, 3), dtype=np.uint8), np.zeros((0, 4)))
+    for options, message in (({"tile_size": MAX_IMAGE_SIDE + 1}, f"tile size {MAX_IMAGE_SIDE + 1} must be 16 to"),
+                             ({"tile_size": 8}, "tile size 8 must be 16 to"),
+                             ({"tile_size": 16, "val_width": -3}, "val_width -3 must be 1 to"),
+                             ({"tile_size": 16, "val_width": 0}, "val_width 0 must be 1 to")):
+        with pytest.raises(DataError, match=message):
+            build_tiled_dataset([source], tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists()

@@ -203,3 +203,16 @@ def test_cli_converts_and_reports_errors_on_one_line(tmp_path, capsys):
     assert main(["data", "voc", str(tmp_path / "nothing"), "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nothing: no Annotations/ folder (not a Pascal VOC folder)" in err
+
+
+def test_cli_refuses_an_empty_class_list_on_one_line(tmp_path, capsys):
+    # --classes '' used to read as no list, so the sorted names were taken silently (issue 26)
+    voc = make_voc(tmp_path / "voc", SPLITS)
+    for given, message in (("", "expected names separated by commas, not ''"),
+                           ("dog,,cat", "a name is empty in 'dog,,cat'")):
+        with pytest.raises(SystemExit) as exited:
+            main(["data", "voc", str(voc), "-o", str(tmp_path / "out"), "--classes", given])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and err.count("\n") == 1
+        assert f"soco data voc: error: argument --classes: {message}" in err
+    assert not (tmp_path / "out").exists()

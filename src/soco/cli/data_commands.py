@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from soco.config.validation import MAX_IMAGE_SIDE, count_argument, names_argument, seed_argument
+
 
 def add_voc_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `soco data voc`."""
@@ -12,7 +14,7 @@ def add_voc_arguments(parser: argparse.ArgumentParser) -> None:
                                                       "optional ImageSets/Main/<split>.txt")
     parser.add_argument("-o", "--output", required=True, metavar="OUT",
                         help="folder for <split>.json (all.json without split files)")
-    parser.add_argument("--classes", default=None, metavar="A,B,...",
+    parser.add_argument("--classes", type=names_argument, default=None, metavar="A,B,...",
                         help="category order (ids 1..C); every object's class must be listed (default: sorted names)")
 
 
@@ -20,8 +22,7 @@ def run_voc(args: argparse.Namespace) -> int:
     """Run `soco data voc`."""
     from soco.labelled.voc import IMAGES_DIR, convert_voc
 
-    classes = [name.strip() for name in args.classes.split(",") if name.strip()] if args.classes else None
-    result = convert_voc(args.folder, args.output, classes=classes)
+    result = convert_voc(args.folder, args.output, classes=args.classes)
     for line in result.lines():
         print(line)
     images = Path(args.folder).expanduser() / IMAGES_DIR
@@ -35,10 +36,12 @@ def add_composed_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `soco data composed`."""
     parser.add_argument("-o", "--output", default=None, metavar="OUT",
                         help="folder for train.json, val.json and images/ (default: the cache folder)")
-    parser.add_argument("--train-images", type=int, default=300, help="training scenes (default 300)")
-    parser.add_argument("--val-images", type=int, default=150, help="validation scenes (default 150)")
-    parser.add_argument("--size", type=int, default=256, help="side of the square scenes in pixels (default 256)")
-    parser.add_argument("--seed", type=int, default=0, help="scene layout (default 0)")
+    parser.add_argument("--train-images", type=count_argument(1), default=300, help="training scenes (default 300)")
+    parser.add_argument("--val-images", type=count_argument(1), default=150, help="validation scenes (default 150)")
+    # the smallest scene (32 px) is the scene builder's own check, told before anything is fetched
+    parser.add_argument("--size", type=count_argument(1, maximum=MAX_IMAGE_SIDE), default=256,
+                        help=f"side of the square scenes in pixels, 32 to {MAX_IMAGE_SIDE} (default 256)")
+    parser.add_argument("--seed", type=seed_argument, default=0, help="scene layout (default 0)")
     parser.add_argument("--stamps", default=None, metavar="DIR",
                         help="the 'stamps' folder of tuxpaint-stamps-default (default: the installed package, "
                              "else the .deb fetched with apt-get download and unpacked into the cache)")

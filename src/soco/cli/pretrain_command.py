@@ -11,7 +11,7 @@ from pathlib import Path
 from soco.cli.probe_command import STAGE_CHOICES
 from soco.config.loading import load_config, with_flags
 from soco.config.schema import Config
-from soco.config.validation import count_argument, positive_number_argument
+from soco.config.validation import count_argument, positive_number_argument, seed_argument
 from soco.data.image_files import list_images
 from soco.data.default_photos import assemble_photos, default_cache_dir
 from soco.data.proposals.pipeline import refuse_other_algorithm, run_proposals
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: train.workers, -1: chosen from the cores)")
     parser.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
                         help="where to train: auto (CUDA when available; the default), cpu or cuda (sets train.device)")
-    parser.add_argument("--seed", type=count_argument(0), default=None,
+    parser.add_argument("--seed", type=seed_argument, default=None,
                         help="seed of the weights, the data order and the views (sets train.seed; default 0)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from soco.config.validation import count_argument
+from soco.config.validation import Range, config_argument, count_argument, number_argument, seed_argument
 
 DEFAULT_PROBE_OUT = Path("runs") / "probe"
 RESULTS_NAME = "probe.json"
@@ -26,17 +26,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-data", default=None, metavar="IMAGES",
                         help="folder of --test-labels' images (default: 'images' next to --test-labels)")
     parser.add_argument("--out", default=None, help=f"folder for {RESULTS_NAME} (default: {DEFAULT_PROBE_OUT})")
-    parser.add_argument("--depth", type=int, default=None, help="ResNet depth (default: read from the file, else 50)")
+    parser.add_argument("--depth", type=config_argument("soco.transfer.finetune:TransferConfig", "depth"), default=None,
+                        help="ResNet depth (default: read from the file, else 50)")
     parser.add_argument("--stage", default="c5", choices=STAGE_CHOICES, help="ResNet stage pooled (default c5)")
     parser.add_argument("--k", type=count_argument(1), default=20, help="neighbours of the k-NN vote (default 20)")
     parser.add_argument("--steps", type=count_argument(1), default=300, help="linear-probe training steps (default 300)")
     parser.add_argument("--max-images", type=count_argument(1), default=200,
                         help="images with boxes probed, per file with --test-labels (default 200)")
-    parser.add_argument("--test-fraction", type=float, default=0.5,
+    # 0 or 1 would leave the training or the test split empty
+    parser.add_argument("--test-fraction", type=number_argument(Range(0.0, 1.0, low_open=True, high_open=True)),
+                        default=0.5,
                         help="share of images held out, without --test-labels (default 0.5)")
     parser.add_argument("--no-background", action="store_true",
                         help="only the labelled classes (default: add one background box per object)")
-    parser.add_argument("--seed", type=count_argument(0), default=0,
+    parser.add_argument("--seed", type=seed_argument, default=0,
                         help="image order, split and background boxes (default 0)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

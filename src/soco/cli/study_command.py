@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import time
 from pathlib import Path
+
+from soco.config.validation import config_argument
 
 DEFAULT_STUDY_OUT = Path("runs") / "study"
 REPORT_STEM = "study"  # study_<budget>.md / .json / .png
@@ -38,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan", action="store_true",
                         help="only print what each arm pretrains (preset and overrides, checked), exports and how it "
                              "is fine-tuned; runs nothing")
-    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="fine-tuning seeds (default 0 1 2)")
+    parser.add_argument("--seeds", nargs="+", type=config_argument("soco.study.design:Budget", "seeds"), default=None,
+                        help="fine-tuning seeds, each at least 0 (default 0 1 2)")
     parser.add_argument("--readings", nargs="+", default=["full", "frozen"], choices=["full", "frozen"],
                         help="full: every weight fine-tunes; frozen: backbone and FPN frozen (default both)")
     parser.add_argument("--train", default=None, metavar="ANN.json",
@@ -187,9 +191,11 @@ def run(args: argparse.Namespace) -> int:
     from soco.study.runner import STUDY_MARKER, check_pretraining_configs, describe_data, read_json, run_study
 
     budget = BUDGETS[args.budget]
-    validate_section(budget, "budget")  # its fine-tuning keywords too, once, before any file is written
+    if args.seeds is not None:
+        budget = dataclasses.replace(budget, seeds=tuple(args.seeds))
+    validate_section(budget, "budget")  # its fine-tuning keywords and seeds too, once, before any file is written
     arms = select_arms(args.arms, budget)
-    seeds = args.seeds if args.seeds is not None else list(budget.seeds)
+    seeds = list(budget.seeds)
     if args.plan:
         return print_plan(budget, arms, seeds, args.readings, args.device)
     if not args.report_only:

@@ -6,9 +6,16 @@ import argparse
 import json
 from pathlib import Path
 
+from soco.config.validation import FRACTION, MAX_IMAGE_SIDE, config_argument, count_argument, number_argument
 from soco.transfer.architectures import ARCHITECTURES
 
 DEFAULT_TRANSFER_OUT = Path("runs") / "transfer"
+TRANSFER_CONFIG = "soco.transfer.finetune:TransferConfig"  # the flags' keys, checked by its rules
+
+
+def transfer_key(key: str, whole: bool = True):
+    """The argparse type of a flag that sets TransferConfig's `key`: that key's rule, read when it is used."""
+    return config_argument(TRANSFER_CONFIG, key, whole)
 
 
 def add_transfer_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,20 +32,25 @@ def add_transfer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, choices=["auto", *ARCHITECTURES],
                         help="detector (default auto: mask_rcnn when the training annotations have masks, else "
                              "faster_rcnn; docs/transfer.md)")
-    parser.add_argument("--depth", type=int, default=None, help="ResNet depth (default 50)")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 24)")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per process and step (default 4)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default 0.02 x total batch / 16)")
-    parser.add_argument("--min-size", type=int, default=None, help="detector resize, shorter side (default 400)")
-    parser.add_argument("--max-size", type=int, default=None, help="detector resize, longer side cap (default 667)")
-    parser.add_argument("--workers", type=int, default=None, help="data-loader processes (default 0)")
-    parser.add_argument("--eval-every", type=int, default=None,
+    parser.add_argument("--depth", type=transfer_key("depth"), default=None, help="ResNet depth (default 50)")
+    parser.add_argument("--epochs", type=transfer_key("epochs"), default=None, help="training epochs (default 24)")
+    parser.add_argument("--batch-size", type=transfer_key("batch_size"), default=None,
+                        help="images per process and step (default 4)")
+    parser.add_argument("--lr", type=transfer_key("lr", whole=False), default=None,
+                        help="learning rate (default 0.02 x total batch / 16)")
+    parser.add_argument("--min-size", type=transfer_key("min_size"), default=None,
+                        help="detector resize, shorter side (default 400)")
+    parser.add_argument("--max-size", type=transfer_key("max_size"), default=None,
+                        help="detector resize, longer side cap (default 667)")
+    parser.add_argument("--workers", type=transfer_key("workers"), default=None,
+                        help="data-loader processes (default 0)")
+    parser.add_argument("--eval-every", type=transfer_key("eval_every"), default=None,
                         help="also evaluate every N epochs (default: only at the end)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    parser.add_argument("--seed", type=transfer_key("seed"), default=None, help="random seed (default 0)")
     parser.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
     parser.add_argument("--out", default=None, help=f"run folder (default: {DEFAULT_TRANSFER_OUT})")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
-    parser.add_argument("--stop-after-epochs", type=int, default=None, metavar="N",
+    parser.add_argument("--stop-after-epochs", type=count_argument(1), default=None, metavar="N",
                         help="end this call after N epochs (continue later with --resume)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -96,10 +108,11 @@ def run_transfer(args: argparse.Namespace) -> int:
 def add_deepforest_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `soco data deepforest`."""
     parser.add_argument("-o", "--output", default=None, help="folder to write (default: <cache>/deepforest)")
-    parser.add_argument("--tile-size", type=int, default=400, help="tile side in pixels (default 400)")
-    parser.add_argument("--min-visible", type=float, default=0.5,
+    parser.add_argument("--tile-size", type=count_argument(16, maximum=MAX_IMAGE_SIDE), default=400,
+                        help=f"tile side in pixels, 16 to {MAX_IMAGE_SIDE} (default 400)")
+    parser.add_argument("--min-visible", type=number_argument(FRACTION), default=0.5,
                         help="keep a box in a tile when this share of its area is inside (default 0.5)")
-    parser.add_argument("--val-width", type=int, default=None,
+    parser.add_argument("--val-width", type=count_argument(1, maximum=MAX_IMAGE_SIDE), default=None,
                         help="columns of each large image given to validation (default: the tile size)")
     parser.add_argument("--print-path", action="store_true", help="only print the folder (building it if needed)")
     parser.add_argument("--quiet", action="store_true", help="no messages but errors")

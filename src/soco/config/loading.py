@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 import difflib
 import json
+import math
 import re
 import types
 import typing
@@ -131,6 +132,8 @@ def _coerce(value: Any, expected: Any, key: str, known_keys: KnownKeys = None) -
         # 1e3 is how people write a thousand: a whole float that is exact is taken as the integer
         if isinstance(value, float) and value.is_integer() and abs(value) <= LARGEST_EXACT_INTEGER:
             return int(value)
+        if isinstance(value, float) and not math.isfinite(value):  # 1e400 reads as inf, which no one wrote
+            raise ConfigError(f"{key}: expected an integer, got a number that is not finite")
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
         return value

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from soco.config.validation import ANY_TEXT, FRACTION, POSITIVE, PROBABILITY, Range, at_least, between, config_rules
-from soco.config.validation import one_of
+from soco.config.validation import SEED, one_of
 from soco.errors import ConfigError
 
 # The names the engine accepts (tests/config/test_validation.py holds them equal to the engine's own).
@@ -21,7 +21,6 @@ OPTIMIZERS = ("lars", "sgd")
 COSINE_PER = ("step", "epoch")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-MAX_SEED = 2**32 - 1  # the sampler seeds torch with seed * 1_000_003 + epoch, which must stay within 64 bits
 
 
 @config_rules(images=ANY_TEXT, cache_dir=ANY_TEXT)
@@ -85,7 +84,7 @@ class OptimConfig:
 
 @config_rules(
     epochs=POSITIVE, steps=at_least(0), batch_size=at_least(1), accumulate=at_least(1), workers=at_least(-1),
-    device=one_of(*DEVICES), precision=one_of(*PRECISIONS), seed=between(0, MAX_SEED), log_every=at_least(1),
+    device=one_of(*DEVICES), precision=one_of(*PRECISIONS), seed=SEED, log_every=at_least(1),
     checkpoint_every=at_least(1), keep_checkpoints=at_least(0),
 )
 @dataclass

@@ -15,7 +15,8 @@ their transforms and the fine-tuning trust a section that was validated when it 
 A field needs no rule when it is a bool (its type is its whole range) or a nested section (its own fields
 have rules); `fields_without_rules` names the others that lack one.
 
-The command line's own numbers (`--steps`, `--workers`) are checked by the argparse types at the end.
+The command line's own numbers (`--steps`, `--workers`) are checked by the argparse types at the end; an
+option that sets a dataclass's key (`soco transfer --seed`) is checked by that key's rule (`config_argument`).
 """
 
 from __future__ import annotations
@@ -84,7 +85,12 @@ class Range:
 
     def problem(self, value: Any) -> str | None:
         """What is wrong with `value`, or None."""
-        return None if self.contains(value) else f"must be {self.describe()}, not {_shown(value)}"
+        if self.contains(value):
+            return None
+        if _is_number(value) and not math.isfinite(value):
+            # 1e400 reads as inf: naming inf would blame a value the user never wrote
+            return f"must be {self.describe()}, not a finite number"
+        return f"must be {self.describe()}, not {_shown(value)}"
 
 
 @dataclass(frozen=True)
@@ -233,6 +239,11 @@ def each(item: Range, length: int | None = None, min_length: int = 0) -> Each:
     return Each(item, length, min_length)
 
 
+MAX_SEED = 2**32 - 1  # numpy's seeds end here, and the sampler's seed * 1_000_003 + epoch stays within 64 bits
+SEED = between(0, MAX_SEED)
+# The side of an image soco builds (a tile, a scene, a detector's resize): 8192 px is 192 MiB of RGB, more
+# than any source image soco tiles; an unbounded side asks numpy for the square of a typo.
+MAX_IMAGE_SIDE = 8192
 PROBABILITY = between(0.0, 1.0)
 FRACTION = Range(0.0, 1.0, low_open=True)  # (0, 1]: a share of an image that cannot be empty
 POSITIVE = above(0.0)
@@ -325,7 +336,8 @@ def validate(config: Any) -> None:
         validate_section(config.method, "method")
 
 
-# The command line's own numbers: argparse types, so that a bad value is argparse's one-line error.
+# The command line's own numbers: argparse types, so that a bad value is argparse's one-line error. Each
+# carries its rule (`NumberArgument.rule`), so that a test can prove every numeric option is bounded.
 
 
 def _number(text: str) -> float:
@@ -336,23 +348,84 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
 
 
-def count_argument(minimum: int, note: str = "") -> Callable[[str], int]:
-    """An argparse type: a whole number >= minimum ('1e3' is 1000); `note` follows the error message."""
+class NumberArgument:
+    """An argparse type: a finite number obeying a rule (a Range, or a OneOf of numbers), whole when `whole`.
 
-    def parse(text: str) -> int:
+    The rule is given, or read when first needed from a configuration dataclass's declared rule
+    (`source` = ('module:Class', key)), so that an option feeding that key is checked by the key's one rule
+    without importing the dataclass's module (and torch) while the parser is built.
+    """
+
+    def __init__(self, rule: Range | OneOf | None = None, whole: bool = True, note: str = "",
+                 source: tuple[str, str] | None = None):
+        self._rule, self.whole, self.note, self.source = rule, whole, note, source
+        self.__name__ = "whole number" if whole else "number"  # argparse names a type by it
+
+    @property
+    def rule(self) -> Range | OneOf:
+        """The rule the value must obey (a dataclass's rule is looked up once)."""
+        if self._rule is None:
+            module, _, name = self.source[0].partition(":")
+            rule = rules_of(getattr(importlib.import_module(module), name))[self.source[1]]
+            self._rule = rule.item if isinstance(rule, Each) else rule  # an option of several values: each one's
+        return self._rule
+
+    def _expected(self) -> str:
+        """What the option takes, in words: 'expected a whole number', 'must be a number greater than 0'."""
+        if self.whole:
+            return "expected a whole number"
+        return f"must be a number {self.rule.describe()}" if isinstance(self.rule, Range) else "expected a number"
+
+    def _out_of_range(self, value: float, text: str) -> str | None:
+        """What is wrong with a finite value, naming the end of the range it passes (or None)."""
+        rule = self.rule
+        if isinstance(rule, OneOf):
+            return None if value in rule.choices else rule.problem(int(value) if self.whole else value)
+        if rule.contains(value):
+            return None
+        kind = "" if self.whole else "a number "
+        if rule.low is not None and rule.high is not None and not (rule.low_open or rule.high_open):
+            side = f"at least {_shown(rule.low)}" if value < rule.low else f"at most {_shown(rule.high)}"
+            return f"must be {kind}{side}, not {text}"
+        return f"must be {kind}{rule.describe()}, not {text}"
+
+    def __call__(self, text: str) -> int | float:
+        """The parsed value, or argparse's error naming the problem."""
         value = _number(text)
-        if not math.isfinite(value) or not value.is_integer():
+        if not math.isfinite(value):  # 1e400 reads as inf: the message names the problem, not inf
+            raise argparse.ArgumentTypeError(f"{self._expected()}; {text!r} is not a finite number")
+        if self.whole and not value.is_integer():
             raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}")
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {text}{note}")
-        return int(value)
+        problem = self._out_of_range(value, text)
+        if problem:
+            raise argparse.ArgumentTypeError(problem + self.note)
+        return int(value) if self.whole else value
 
-    return parse
+
+def count_argument(minimum: int, note: str = "", maximum: int | None = None) -> NumberArgument:
+    """An argparse type: a whole number in [minimum, maximum] ('1e3' is 1000); `note` follows the error message."""
+    return NumberArgument(Range(minimum, maximum), whole=True, note=note)
 
 
-def positive_number_argument(text: str) -> float:
-    """An argparse type: a finite number > 0."""
-    value = _number(text)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number greater than 0, not {text}")
-    return value
+def number_argument(rule: Range) -> NumberArgument:
+    """An argparse type: a finite number within `rule` (a share, a rate)."""
+    return NumberArgument(rule, whole=False)
+
+
+def config_argument(target: str, key: str, whole: bool = True) -> NumberArgument:
+    """An argparse type for an option setting `key` of the dataclass `target` ('module:Class'), checked by its rule."""
+    return NumberArgument(whole=whole, source=(target, key))
+
+
+positive_number_argument = number_argument(POSITIVE)
+seed_argument = count_argument(0, maximum=MAX_SEED)
+
+
+def names_argument(text: str) -> list[str]:
+    """An argparse type: a comma-separated list of at least one name ('a,b'); blank items are refused."""
+    names = [name.strip() for name in text.split(",")]
+    if not any(names):
+        raise argparse.ArgumentTypeError(f"expected names separated by commas, not {text!r}")
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"a name is empty in {text!r}")
+    return names

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from soco.config.validation import MAX_IMAGE_SIDE
 from soco.data.image_files import list_images
 from soco.data.default_photos import default_cache_dir
 from soco.errors import ConfigError, DataError
@@ -318,6 +319,8 @@ def check_scene_options(images_per_split: Mapping[str, int], size: int, objects:
             raise ConfigError(f"{split} images: {count}; each split needs at least 1")
     if size < 32:
         raise ConfigError(f"size: {size} px is too small for a scene (at least 32)")
+    if size > MAX_IMAGE_SIDE:
+        raise ConfigError(f"size: {size} px is too large for a scene (at most {MAX_IMAGE_SIDE})")
     if not 1 <= objects[0] <= objects[1]:
         raise ConfigError(f"objects: {objects} is not a range of at least one object")
 

@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from soco.config.validation import MAX_IMAGE_SIDE
 from soco.data.image_files import load_rgb
 from soco.data.default_photos import default_cache_dir
 from soco.errors import DataError, ImageReadError
@@ -363,11 +364,13 @@ def build_tiled_dataset(
     extra: dict | None = None,
 ) -> dict:
     """Tile, split and write sources into dest (train/val.json, images/, split.json, SPLIT.md); returns split.json."""
-    if tile_size < 16:
-        raise DataError(f"tile size {tile_size} is too small (at least 16 px)")
+    if not 16 <= tile_size <= MAX_IMAGE_SIDE:
+        raise DataError(f"tile size {tile_size} must be 16 to {MAX_IMAGE_SIDE} px")
     if not 0.0 < min_visible <= 1.0:
         raise DataError(f"min_visible must be in (0, 1], got {min_visible}")
     val_width = tile_size if val_width is None else int(val_width)
+    if not 1 <= val_width <= MAX_IMAGE_SIDE:
+        raise DataError(f"val_width {val_width} must be 1 to {MAX_IMAGE_SIDE} px")
     dest = Path(dest)
     by_split: dict[str, list[Tile]] = {"train": [], "val": []}
     dropped = {"train": 0, "val": 0}

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from soco.config.loading import keywords_of
-from soco.config.validation import ANY_TEXT, at_least, config_rules, each, list_of, one_of
+from soco.config.validation import ANY_TEXT, SEED, at_least, config_rules, each, list_of, one_of
 from soco.declarations import StudyArm
 from soco.errors import ConfigError
 
@@ -44,7 +44,7 @@ def arm_names() -> list[str]:
     name=ANY_TEXT, model_size=one_of("tiny", "small", "r50"), pretrain_steps=at_least(1),
     extra_lengths=each(at_least(1)), length_readings=list_of(one_of(*READINGS)), pretrain_overrides=list_of(ANY_TEXT),
     head_overrides=list_of(ANY_TEXT), transfer=keywords_of("soco.transfer.finetune:TransferConfig", "transfer"),
-    tile_size=at_least(1), seeds=each(at_least(0), min_length=1),
+    tile_size=at_least(1), seeds=each(SEED, min_length=1),
     notes=list_of(ANY_TEXT),
 )
 @dataclass(frozen=True)

@@ -23,7 +23,9 @@ from torch import nn
 import soco
 from soco.config.loading import apply_overrides as apply_config_overrides
 from soco.config.loading import dataclass_keys, parse_override
-from soco.config.validation import FRACTION, POSITIVE, PROBABILITY, Range, at_least, config_rules, each, one_of
+from soco.config.validation import (
+    FRACTION, MAX_IMAGE_SIDE, POSITIVE, PROBABILITY, SEED, Range, at_least, between, config_rules, each, one_of,
+)
 from soco.config.validation import validate_section
 from soco.data.batch_drawing import save_figure
 from soco.engine.allocator import keep_freed_memory
@@ -68,15 +70,16 @@ MIN_IMAGE_SIDE = 32  # the detector's resize: the FPN's coarsest level needs a f
 
 
 @config_rules(
-    model=one_of("auto", *ARCHITECTURES), depth=one_of(*sorted(RESNET_BUILDERS)), min_size=at_least(MIN_IMAGE_SIDE),
-    max_size=at_least(MIN_IMAGE_SIDE), epochs=at_least(1), batch_size=at_least(1), base_lr=POSITIVE, lr=at_least(0.0),
+    model=one_of("auto", *ARCHITECTURES), depth=one_of(*sorted(RESNET_BUILDERS)),
+    min_size=between(MIN_IMAGE_SIDE, MAX_IMAGE_SIDE), max_size=between(MIN_IMAGE_SIDE, MAX_IMAGE_SIDE),
+    epochs=at_least(1), batch_size=at_least(1), base_lr=POSITIVE, lr=at_least(0.0),
     momentum=Range(0.0, 1.0, high_open=True), weight_decay=at_least(0.0), weight_decay_norm=at_least(0.0),
     warmup_fraction=Range(0.0, 1.0, high_open=True), warmup_factor=FRACTION, steps=each(FRACTION), gamma=FRACTION,
     flip_prob=PROBABILITY, workers=at_least(0), eval_every=at_least(0), eval_batch_size=at_least(1),
     detections_per_img=at_least(1), fpn_channels=at_least(0), box_head_convs=each(at_least(1)),
     box_head_fcs=each(at_least(1)), freeze=one_of(*FREEZE_CHOICES), rpn_pre_nms_train=at_least(1),
     rpn_post_nms_train=at_least(1), rpn_pre_nms_test=at_least(1), rpn_post_nms_test=at_least(1),
-    roi_batch_per_image=at_least(1), seed=Range(), device=one_of(*DEVICES), picture_images=at_least(0),
+    roi_batch_per_image=at_least(1), seed=SEED, device=one_of(*DEVICES), picture_images=at_least(0),
     picture_score=Range(),
 )
 @dataclass
