@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -16,8 +15,6 @@ from soco.errors import SocoError
 from soco.files import LOCK_NAME, folder_lock
 from soco.run_folder import check_run_folder, mark_run_folder
 from tests.data.proposals.conftest import make_image_folder
-
-SRC = Path(__file__).resolve().parents[2] / "src"
 
 HOLD_LOCK_SCRIPT = """
 import sys, time
@@ -33,16 +30,13 @@ def folder_contents(folder):
 
 
 def run_in_progress(folder, kind):
-    """A folder as a run of `kind` leaves it while it trains: marker, records, a checkpoint."""
+    """A folder as a run of `kind` leaves it before its first checkpoint, when nothing but the lock keeps a second
+    run out: its marker and, for pretraining, its first records."""
     mark_run_folder(folder, kind)
-    for name, text in {"config.yaml": "train:\n  seed: 0\n", "train.log": "starting at step 0\n",
-                       "metrics.jsonl": json.dumps({"step": 1, "loss": 1.5}) + "\n"}.items():
-        (folder / name).write_text(text)
     if kind == "pretrain":
-        (folder / "checkpoints").mkdir()
-        (folder / "checkpoints" / "step-00000001.pt").write_bytes(b"weights of step 1")
-    else:
-        (folder / "checkpoint.pt").write_bytes(b"weights of epoch 1")
+        for name, text in {"config.yaml": "train:\n  seed: 0\n", "train.log": "starting at step 0\n",
+                           "metrics.jsonl": json.dumps({"step": 1, "loss": 1.5}) + "\n"}.items():
+            (folder / name).write_text(text)
     return folder_contents(folder)
 
 
@@ -103,15 +97,13 @@ def test_a_second_process_is_refused_until_the_holder_is_killed(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     before = run_in_progress(run, "pretrain")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK_SCRIPT, str(run)], stdout=subprocess.PIPE, text=True,
-                              env=env)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK_SCRIPT, str(run)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         second = subprocess.run(
             [sys.executable, "-m", "soco", "pretrain", "--config", "byol_image_tiny", "--data", str(images), "--out",
              str(run), "--steps", "2", "--seed", "1", "--device", "cpu", "--quiet", "train.checkpoint_every=1"],
-            capture_output=True, text=True, timeout=300, env=env)
+            capture_output=True, text=True, timeout=300)
         assert second.returncode == 2, second.stderr[-2000:]
         refusal_line(second.stderr, run, "soco pretrain", holder.pid)
         assert {k: v for k, v in folder_contents(run).items() if k != LOCK_NAME} == before
