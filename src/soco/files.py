@@ -1,8 +1,9 @@
 """Atomic writes shared by every command: a kill never leaves a torn file, or a half-built folder, under the final
-name."""
+name; and the folder lock that keeps two soco processes from writing one folder at once."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -119,3 +120,100 @@ def folder_build(dest: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
+
+
+LOCK_NAME = ".lock"
+# Errors of flock that mean the file system has no locks (some network mounts), not that the lock is held.
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
+def is_lock_file(path: Path) -> bool:
+    """Whether a folder entry is one of `folder_lock`'s files (a folder holding only those is empty)."""
+    return path.name == LOCK_NAME or path.name.startswith(f"{LOCK_NAME}-")
+
+
+def _flock_module():
+    """fcntl, or a SocoError saying that this system cannot lock folders."""
+    try:
+        import fcntl
+    except ImportError:
+        from soco.errors import SocoError
+
+        raise SocoError("soco needs fcntl.flock (Linux or macOS) to keep two runs out of one folder; "
+                        "this system has no fcntl") from None
+    return fcntl
+
+
+def _in_use_message(folder: Path, path: Path, holder: str, advice: str) -> str:
+    """One line naming the folder, the process that holds it (as its lock file records it) and what to do."""
+    pid, _, command = holder.strip().partition(" ")
+    who = f"`{command}` run" if command else "soco process"
+    return f"{folder} is in use by another {who} (pid {pid or 'unknown'}, lock {path}): {advice}"
+
+
+def _is_same_file(handle, path: Path) -> bool:
+    """Whether the open lock file is still the one at `path` (its holder removes it when it lets go)."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(handle.fileno())
+    return (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _acquire(folder: Path, path: Path, command: str, wait: bool, error: type[Exception], advice: str):
+    """The open lock file, flocked by this process and recording it; `error` when another process holds it."""
+    fcntl = _flock_module()
+    while True:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read()
+            handle.close()
+            raise error(_in_use_message(folder, path, holder, advice)) from None
+        except OSError as failure:
+            if failure.errno not in _NO_LOCKS:
+                handle.close()
+                raise
+            break  # a file system without locks: run unguarded rather than not at all
+        if _is_same_file(handle, path):
+            break
+        handle.close()  # locked a file its holder removed while this process waited: lock the new one
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()} {command}\n")
+    handle.flush()
+    return handle
+
+
+@contextmanager
+def folder_lock(folder: str | Path, command: str, name: str = LOCK_NAME, wait: bool = False,
+                error: type[Exception] | None = None,
+                advice: str = "wait for it to end, or stop it") -> Iterator[Path]:
+    """Hold an exclusive flock on FOLDER/name for a block: one soco process at a time writes a folder.
+
+    Another holder is refused with `error` (default SocoError) in one line naming the folder and the holder's pid
+    and command, which the lock file records; with `wait`, block until it lets go instead. The kernel drops the
+    lock when its process dies, so a killed run (even by SIGKILL) never blocks the next one. On release the lock
+    file is removed, and the folder too when the lock made it and nothing else was written there.
+    """
+    from soco.errors import SocoError
+
+    folder = Path(folder)
+    path = folder / name
+    made = not folder.exists()
+    handle = _acquire(folder, path, command, wait, error or SocoError, advice)
+    try:
+        yield path
+    finally:
+        try:
+            # Removed while still held: a process that opened it meanwhile sees it gone and locks a new file.
+            path.unlink(missing_ok=True)
+            if made:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # fails, as it should, when the block wrote anything
+        finally:
+            handle.close()

@@ -1,6 +1,7 @@
 """Run folders of `soco pretrain` and `soco transfer`: whose folder `--out` is, and what a run was made with.
 
-A run writes `soco-run.json` ({"kind": ..., "soco_version": ...}) into its folder before anything else,
+A run holds the folder's lock (`.lock`, `files.folder_lock`) while it runs, and writes `soco-run.json`
+({"kind": ..., "soco_version": ...}) into its folder before anything else,
 so that a later command recognises its own folder the way `soco proposals` recognises its store by
 `meta.json`. A non-empty folder without that file (an image folder, someone's documents) is refused,
 unless it holds the files a run of the same kind wrote before the marker existed.
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import soco
 from soco.errors import SocoError
-from soco.files import atomic_write_text
+from soco.files import atomic_write_text, is_lock_file
 
 MARKER = "soco-run.json"
 
@@ -28,6 +29,11 @@ OLDER_RUN_SIGNS: dict[str, tuple[tuple[str, ...], ...]] = {
 def _is_marker_in_progress(entry: Path) -> bool:
     """A temporary file of another process writing the marker (atomic_write's name for it)."""
     return entry.name.startswith(f".{Path(MARKER).stem}.") and ".tmp" in entry.name
+
+
+def _is_starting_run(entry: Path) -> bool:
+    """What a run that is starting puts into a folder before its marker: its lock, the marker's temporary file."""
+    return is_lock_file(entry) or _is_marker_in_progress(entry)
 
 
 def run_kind(folder: str | Path) -> str | None:
@@ -53,7 +59,7 @@ def check_run_folder(folder: str | Path, kind: str) -> bool:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise SocoError(f"--out {folder} is a file, not a folder: choose a new or empty folder for the run")
-    if not folder.exists() or not any(not _is_marker_in_progress(entry) for entry in folder.iterdir()):
+    if not folder.exists() or not any(not _is_starting_run(entry) for entry in folder.iterdir()):
         return False
     found = run_kind(folder)
     if found == kind:

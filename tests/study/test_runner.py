@@ -106,7 +106,7 @@ def test_a_later_call_adds_seeds_without_redoing_finished_runs(study, tmp_path):
     with pytest.raises(DataError, match=r"unlabeled: \['/.*'\] -> \[\]"):
         run_study(TINY_BUDGET, ["scratch"], [0], ["full"], dataclasses.replace(data, unlabeled=[]), folder,
                   device="cpu", progress=False)
-    with _study_lock(folder), pytest.raises(DataError, match="another soco study is running in"):
+    with _study_lock(folder), pytest.raises(DataError, match=f"{folder} is in use by another `soco study` run"):
         run_study(TINY_BUDGET, ["scratch"], [0], ["full"], data, folder, device="cpu", progress=False)
 
 

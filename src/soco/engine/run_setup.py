@@ -1,14 +1,41 @@
-"""What both training entry points (`pretrain`, `finetune`) set up alike: the folder check, seed, DDP, precision."""
+"""What both training entry points (`pretrain`, `finetune`) set up alike: the folder's lock and check, seed, DDP,
+precision."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from soco.engine.distributed import DistributedContext
+from soco.engine.distributed import DistributedContext, all_reduce_sum
 from soco.errors import SocoError
+from soco.files import folder_lock
+
+
+@contextmanager
+def run_folder_lock(out: Path, command: str, context: DistributedContext) -> Iterator[None]:
+    """Hold the run folder's lock for a run: one soco process writes a folder at a time; SocoError when another has it.
+
+    The processes of one torchrun share the folder: the main one takes the lock (the kernel drops it when that
+    process dies, SIGKILL included), and every process learns whether it could, so all of them stop together.
+    """
+    with ExitStack() as held:
+        refusal = None
+        if context.is_main:
+            try:
+                held.enter_context(folder_lock(out, command, advice="wait for it to end, or choose another --out"))
+            except SocoError as error:
+                refusal = error
+        if context.is_distributed:
+            refused = all_reduce_sum(torch.tensor(float(refusal is not None), device=context.device), context)
+            if refusal is None and refused.item() > 0:
+                refusal = SocoError(f"{out} is in use by another soco process: the main process could not lock it")
+        if refusal is not None:
+            raise refusal
+        yield
 
 
 def refuse_a_second_run(out: Path, what: str, holds_run: bool, resume: bool) -> None:

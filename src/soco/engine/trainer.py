@@ -26,6 +26,7 @@ import os
 import resource
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,7 +47,7 @@ from soco.engine.distributed import DistributedContext, all_reduce_sum, init_dis
 from soco.engine.hooks import StepHook, hook_due
 from soco.engine.optimizers import build_optimizer
 from soco.engine.run_log import RunLog, plot_loss_curve
-from soco.engine.run_setup import data_parallel, precision_line, refuse_a_second_run, seed_run
+from soco.engine.run_setup import data_parallel, precision_line, refuse_a_second_run, run_folder_lock, seed_run
 from soco.engine.sampler import RunBatchSampler, batches_per_epoch
 from soco.engine.schedules import learning_rate_at, scaled_learning_rate
 from soco.engine.step import StepResult, StepRunner, TrainingDiverged
@@ -278,22 +279,26 @@ def pretrain(
     the box probe.
     """
     started = time.perf_counter()
-    session = _set_up(config, Path(run_dir), images_root, store_dir, resume)
-    if session.resumed is not None:
-        _resume(session)
-        if session.step >= session.schedule.total_steps:
-            return _already_finished(session, started)
-    _open_records(session)
-    _train_loop(session, hooks, progress)
-    return _finish(session, started)
+    with ExitStack() as held:  # the run folder's lock, from the set-up to the end, whatever ends the run
+        session = _set_up(config, Path(run_dir), images_root, store_dir, resume, held)
+        if session.resumed is not None:
+            _resume(session)
+            if session.step >= session.schedule.total_steps:
+                return _already_finished(session, started)
+        _open_records(session)
+        _train_loop(session, hooks, progress)
+        return _finish(session, started)
 
 
 def _set_up(config: Config, run_dir: Path, images_root: str | Path, store_dir: str | Path | None,
-            resume: bool) -> _Session:
-    """Check the folder, read and compare the checkpoint to resume from, then build what trains (nothing is written)."""
+            resume: bool, held: ExitStack) -> _Session:
+    """Check and lock the folder (held until `held` closes), read and compare the checkpoint to resume from, then
+    build what trains (nothing is written)."""
     refuse_run_inside_images(run_dir, images_root)
-    check_run_folder(run_dir, RUN_KIND)
+    check_run_folder(run_dir, RUN_KIND)  # before the lock: a folder that is not a run's gets no lock file
     context = init_distributed(config.train.device)
+    held.enter_context(run_folder_lock(run_dir, "soco pretrain", context))
+    check_run_folder(run_dir, RUN_KIND)  # again, now that no other soco process can change the folder
     checkpoint_dir = run_dir / "checkpoints"
     holds_run = (checkpoint_dir / LAST_CHECKPOINT).exists() or bool(periodic_checkpoints(checkpoint_dir))
     refuse_a_second_run(run_dir, "a run (checkpoints/)", holds_run, resume)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from soco.errors import DataError
-from soco.files import atomic_write_text
+from soco.files import atomic_write_text, folder_lock
 from soco.study.design import READINGS, SCRATCH, Budget, arms, parse_length_arm
 
 __all__ = ["StudyData", "default_data", "pretraining_folder", "run_study", "finetune_dir",
@@ -261,17 +261,9 @@ def check_study_folder(study_dir: Path, record: dict) -> None:
         atomic_write_text(marker, json.dumps(record, indent=1) + "\n")
 
 
-@contextlib.contextmanager
 def _study_lock(study_dir: Path):
-    """One call at a time in a study folder: a second one is refused in one line."""
-    import fcntl
-
-    with open(study_dir / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DataError(f"another soco study is running in {study_dir}; wait for it to end") from None
-        yield
+    """One call at a time in a study folder (`files.folder_lock`): a second one is refused in one line."""
+    return folder_lock(study_dir, "soco study", error=DataError, advice="wait for it to end, or choose another --out")
 
 
 def uses_proposals(arm_name: str, budget: Budget, device: str) -> bool:

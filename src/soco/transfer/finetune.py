@@ -13,6 +13,7 @@ import json
 import math
 import platform
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -32,7 +33,7 @@ from soco.engine.allocator import keep_freed_memory
 from soco.engine.checkpoint import compare_settings, load_checkpoint, restore_training, save_checkpoint
 from soco.engine.distributed import DistributedContext, init_distributed
 from soco.engine.rng import rng_state
-from soco.engine.run_setup import data_parallel, precision_line, refuse_a_second_run, seed_run
+from soco.engine.run_setup import data_parallel, precision_line, refuse_a_second_run, run_folder_lock, seed_run
 from soco.engine.step import resolve_precision
 from soco.errors import ConfigError, SocoError
 from soco.files import atomic_write_text
@@ -404,22 +405,27 @@ def finetune(
     """
     keep_freed_memory()  # each iteration reuses the last one's memory (see engine/allocator.py)
     started = time.perf_counter()
-    run = _set_up(config, (train_annotations, train_images, val_annotations, val_images), Path(out_dir), weights,
-                  resume, log)
-    _resume(run, resume, log)
-    _start(run, log)
-    last_epoch = config.epochs if stop_after_epochs is None else min(config.epochs, run.epoch + stop_after_epochs)
-    _train_epochs(run, last_epoch, progress, log)
-    return _finish(run, weights, progress, log, started)
+    with ExitStack() as held:  # the run folder's lock, from the set-up to the end, whatever ends the run
+        run = _set_up(config, (train_annotations, train_images, val_annotations, val_images), Path(out_dir), weights,
+                      resume, log, held)
+        _resume(run, resume, log)
+        _start(run, log)
+        last_epoch = config.epochs if stop_after_epochs is None else min(config.epochs, run.epoch + stop_after_epochs)
+        _train_epochs(run, last_epoch, progress, log)
+        return _finish(run, weights, progress, log, started)
 
 
 def _set_up(config: TransferConfig, files: tuple[str | Path, ...], out_dir: Path, weights: str | Path | None,
-            resume: bool, log: Callable[[str], None]) -> _FineTuning:
-    """Check the folder, load the data, read and compare the checkpoint to resume, build detector and optimiser."""
+            resume: bool, log: Callable[[str], None], held: ExitStack) -> _FineTuning:
+    """Check and lock the folder (held until `held` closes), load the data, read and compare the checkpoint to
+    resume, build detector and optimiser."""
     context = init_distributed(config.device, setting="transfer.device")
     checkpoint_path = out_dir / CHECKPOINT_NAME
-    refuse_a_second_run(out_dir, f"a fine-tuning run ({CHECKPOINT_NAME})", checkpoint_path.exists(), resume)
     check_run_folder(out_dir, "transfer")  # refuses a file, an image folder, another kind of run's folder
+    # The lock leaves nothing behind if the set-up fails: a new folder is claimed once the data has loaded.
+    held.enter_context(run_folder_lock(out_dir, "soco transfer", context))
+    check_run_folder(out_dir, "transfer")  # again, now that no other soco process can change the folder
+    refuse_a_second_run(out_dir, f"a fine-tuning run ({CHECKPOINT_NAME})", checkpoint_path.exists(), resume)
     data = _load_data(config, *files)
     mark_run_folder(out_dir, "transfer")  # only now: bad data leaves no folder behind
     plan = _plan(config, len(data.train_set), context.world_size)

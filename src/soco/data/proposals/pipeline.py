@@ -15,7 +15,6 @@ each holds a `flock` on a lock file in the output folder.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import multiprocessing
 import os
@@ -38,12 +37,12 @@ from soco.data.proposals.store import FAILED_LEVEL, STORE_FILES, ImageRecord, Pr
 from soco.data.proposals.store import is_folder_entry, is_store, listing_digest, no_space_error, write_store
 from soco.data.proposals.worklog import WorkLog, read_log
 from soco.errors import DataError, ImageReadError, ProposalStoreError
-from soco.files import atomic_write_text
+from soco.files import LOCK_NAME, atomic_write_text, folder_lock
 
 PARTS_DIR = "parts"
 RUN_FILE = "run.json"
 STAGED_DIR = "staged"
-LOCK_PREFIX = ".lock"
+LOCK_PREFIX = LOCK_NAME  # one lock per shard and one to finish: .lock-shard-..., .lock-finish
 SYNC_EVERY_SECONDS = 10.0
 FALLBACK_NAMES = {1: "aspect-only", 2: "size-only", 3: "whole-image"}
 
@@ -252,34 +251,12 @@ def resolve_workers(requested: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-@contextmanager
-def output_lock(store_dir: Path, name: str = LOCK_PREFIX, wait: bool = False) -> Iterator[None]:
-    """Hold an exclusive flock on STORE/name for a block; refuse (naming the holder's pid) when it is held.
+def output_lock(store_dir: Path, name: str = LOCK_PREFIX, wait: bool = False):
+    """Hold the folder lock STORE/name for a block (`files.folder_lock`); refuse, naming the holder, when it is held.
 
-    The lock goes with the process, so a killed run never leaves it behind. With `wait`, block until
-    the holder lets go instead (finishing a store, which takes seconds).
+    With `wait`, block until the holder lets go instead (finishing a store, which takes seconds).
     """
-    store_dir.mkdir(parents=True, exist_ok=True)
-    path = store_dir / name
-    with open(path, "a+", encoding="utf-8") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise ProposalStoreError(
-                f"{store_dir} is in use by another `soco proposals` run (pid {holder}, lock {path}): "
-                "wait for it to end, or stop it"
-            ) from None
-        except OSError as error:
-            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            # a file system without locks: run unguarded rather than not at all
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        yield
+    return folder_lock(store_dir, "soco proposals", name, wait=wait, error=ProposalStoreError)
 
 
 @contextmanager
