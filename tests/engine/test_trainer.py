@@ -169,9 +169,9 @@ def test_unreadable_image_during_training_is_skipped_and_counted(tiny_data, tmp_
 def test_a_folder_of_only_unreadable_images_is_refused_before_anything_is_written(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
-    for name in ("a.jpg", "b.png", "c.jpeg"):
+    for name in ("a.jpg", "b.png", "c.jpeg", "d.jpg", "e.webp"):  # enough to fill the batch of 4
         (images / name).write_bytes(b"not an image")
-    expected = rf"^no image in {re.escape(str(images))} can be read: all 3 files tried are unreadable \(e.g. a.jpg: "
+    expected = rf"^no image in {re.escape(str(images))} can be read: all 5 files tried are unreadable \(e.g. a.jpg: "
     with pytest.raises(DataError, match=expected):
         pretrain(load_config("byol_image_tiny", ["train.device=cpu"]), tmp_path / "run", images, None, progress=False)
     assert not (tmp_path / "run").exists()
@@ -181,16 +181,12 @@ def test_a_step_whose_every_image_became_unreadable_stops_without_an_update(tiny
     images, _ = tiny_data
     import soco.data.dataset as dataset_module
 
-    real_load = dataset_module.load_rgb
-    loads = {"count": 0}
+    def failing_disk(path):
+        raise ImageReadError(str(path), "cannot read file (Input/output error)")
 
-    def readable_once(path):  # the set-up's check reads one image; then the disk goes bad
-        loads["count"] += 1
-        if loads["count"] > 1:
-            raise ImageReadError(str(path), "cannot read file (Input/output error)")
-        return real_load(path)
-
-    monkeypatch.setattr(dataset_module, "load_rgb", readable_once)
+    # The images went bad after the set-up found one readable: every sample of the first step is unreadable.
+    monkeypatch.setattr(dataset_module.ImageDataset, "check_readable", lambda self: None, raising=False)
+    monkeypatch.setattr(dataset_module, "load_rgb", failing_disk)
     run = tmp_path / "run"
     with pytest.raises(EmptyStep, match=r"^no sample to train on .* at step 1 .*no checkpoint was written yet$"):
         pretrain(load_config("byol_image_tiny", ["train.device=cpu"]), run, images, None, progress=False)
