@@ -349,11 +349,26 @@ def validate_shared(config: Any) -> None:
         validate_section(getattr(config, name), name)
 
 
+def validate_method_needs(config: Any) -> None:
+    """ConfigError on train.batch_size when it is below what the method's networks train on (its smallest batch).
+
+    train.batch_size is per process and per micro-batch (train.accumulate adds micro-batches of that size), so the
+    rule holds for any number of processes and any accumulation.
+    """
+    from soco.registry import method_class  # the registry, not a method: looked up by name
+
+    fewest, why = method_class(config.method.name).smallest_batch_size(config.method)
+    if config.train.batch_size < fewest:
+        raise _with_key(ConfigError(f"train.batch_size: must be at least {fewest} for method {config.method.name}, "
+                                    f"not {config.train.batch_size}: {why}"), "train.batch_size")
+
+
 def validate(config: Any) -> None:
-    """Check every value of a pretraining Config: the shared sections, then the method's section."""
+    """Check every value of a pretraining Config: the shared sections, the method's section, what the method needs."""
     validate_shared(config)
     if config.method is not None:
         validate_section(config.method, "method")
+        validate_method_needs(config)
 
 
 # The command line's own numbers: argparse types, so that a bad value is argparse's one-line error.
