@@ -297,6 +297,13 @@ def test_a_batch_below_the_method_s_smallest_is_refused_per_micro_batch_at_loadi
     assert load_config("scrl_tiny", ["train.batch_size=1"]).train.batch_size == 1  # both views share its BatchNorm
 
 
+def test_under_torchrun_the_moco_key_sub_batches_are_the_processes_slices(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert load_config("insloc_tiny", ["train.batch_size=2"]).train.batch_size == 2
+    with pytest.raises(ConfigError, match=r"^train\.batch_size: must be at least 2 for method detco, not 1: .*slice"):
+        load_config("detco_tiny", ["train.batch_size=1"])
+
+
 def test_a_refused_value_says_where_it_came_from(tmp_path):
     from soco.transfer.finetune import TransferConfig, apply_overrides
 

@@ -57,8 +57,10 @@ class MoCoMethod(MomentumMethod):
         self.queue = KeyQueue(queues, config.model.embedding_dim, config.queue_size)
 
     @classmethod
-    def smallest_batch_size(cls, config: MoCoConfig) -> tuple[int, str]:
+    def smallest_batch_size(cls, config: MoCoConfig, world_size: int = 1) -> tuple[int, str]:
         """Two images per key sub-batch: on one process the key encoder's BatchNorm sees key_bn_splits of them."""
+        if world_size > 1:  # the processes' slices of the shuffled global batch are the sub-batches
+            return 2, "the key encoder's BatchNorm normalises each process's slice of the shuffled keys and needs two"
         splits = config.key_bn_splits
         hint = "; lower method.key_bn_splits for a smaller batch" if splits > 1 else ""
         return 2 * splits, (f"on one process the key encoder's BatchNorm sees method.key_bn_splits={splits} shuffled "
