@@ -12,11 +12,19 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from PIL import Image
 
 # (id, arguments, words the one-line message holds, outputs that must not exist afterwards)
 CASES = [
     ("pretrain-zero-batch", ["pretrain", "--out", "{tmp}/run", "train.batch_size=0"],
      ["soco: error: train.batch_size: must be at least 1, not 0"], ["run"]),
+    ("pretrain-soco-batch-of-one", ["pretrain", "--config", "byol_image_tiny", "--data", "{tmp}/photos", "--batch-size",
+                                    "1", "--steps", "1", "--device", "cpu", "--out", "{tmp}/run"],
+     ["soco: error: train.batch_size: must be at least 2 for method soco, not 1: BatchNorm in SoCo's",
+      "(set by train.batch_size=1)"], ["run"]),
+    ("pretrain-unreadable-images", ["pretrain", "--config", "byol_image_tiny", "--data", "{tmp}/unreadable", "--out",
+                                    "{tmp}/run", "--steps", "2", "--device", "cpu"],
+     ["soco: error: no image in {tmp}/unreadable can be read: all 4 files tried are unreadable"], ["run"]),
     ("pretrain-zero-steps", ["pretrain", "--steps", "0", "--out", "{tmp}/run"],
      ["soco pretrain: error: argument --steps: must be at least 1, not 0; to train by epochs use --epochs"], ["run"]),
     ("pretrain-negative-lr", ["pretrain", "--out", "{tmp}/run", "optim.base_lr=-1"],
@@ -124,6 +132,12 @@ def run_case(case_id: str, arguments: list[str], root) -> subprocess.CompletedPr
     (tmp / "empty").mkdir(parents=True)
     (tmp / "file.txt").write_text("not an image, a store, a checkpoint or a folder\n")
     (tmp / "empty.yaml").write_text("")
+    (tmp / "unreadable").mkdir()
+    for name in ("a.jpg", "b.png", "c.jpeg", "d.webp"):  # image names, garbage bytes: as many as a batch
+        (tmp / "unreadable" / name).write_bytes(b"not an image\n")
+    (tmp / "photos").mkdir()
+    for number in range(4):
+        Image.new("RGB", (64, 48), (60 * number, 90, 200 - 40 * number)).save(tmp / "photos" / f"{number}.png")
     env = {**os.environ, "SOCO_CACHE": str(tmp / "cache"), "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-m", "soco", *(a.format(tmp=tmp) for a in arguments)], check=False, cwd=tmp,
                           env=env, capture_output=True, text=True, timeout=180)

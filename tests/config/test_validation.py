@@ -280,6 +280,30 @@ def test_rule_messages():
     assert Text().problem("") is None
 
 
+def test_a_batch_below_the_method_s_smallest_is_refused_per_micro_batch_at_loading():
+    def refusal(preset, overrides) -> str:
+        with pytest.raises(ConfigError) as caught:
+            load_config(preset, overrides)
+        return str(caught.value)
+
+    needs_two = ("must be at least 2 for method soco, not 1: BatchNorm in SoCo's backbone, box head and projector "
+                 "normalises over the images of each process's micro-batch and needs two")
+    for preset in ("soco_tiny", "byol_image_tiny", "soco_r50_c4"):
+        assert refusal(preset, ["train.batch_size=1"]) == f"train.batch_size: {needs_two} (set by train.batch_size=1)"
+    # accumulating adds micro-batches of train.batch_size images: it does not make one large enough
+    assert refusal("soco_tiny", ["train.batch_size=1", "train.accumulate=4"]).startswith("train.batch_size: must be")
+    assert "method.key_bn_splits=2" in refusal("insloc_tiny", ["train.batch_size=3"])
+    assert load_config("insloc_tiny", ["train.batch_size=2", "method.key_bn_splits=1"]).train.batch_size == 2
+    assert load_config("scrl_tiny", ["train.batch_size=1"]).train.batch_size == 1  # both views share its BatchNorm
+
+
+def test_under_torchrun_the_moco_key_sub_batches_are_the_processes_slices(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert load_config("insloc_tiny", ["train.batch_size=2"]).train.batch_size == 2
+    with pytest.raises(ConfigError, match=r"^train\.batch_size: must be at least 2 for method detco, not 1: .*slice"):
+        load_config("detco_tiny", ["train.batch_size=1"])
+
+
 def test_a_refused_value_says_where_it_came_from(tmp_path):
     from soco.transfer.finetune import TransferConfig, apply_overrides
 

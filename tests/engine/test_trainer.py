@@ -13,8 +13,9 @@ import torch
 
 from soco.config.loading import load_config
 from soco.data.proposals.store import ProposalStore
+from soco.engine.step import EmptyStep
 from soco.engine.trainer import TrainingDiverged, pretrain
-from soco.errors import ImageReadError, ProposalStoreError, SocoError
+from soco.errors import DataError, ImageReadError, ProposalStoreError, SocoError
 from soco.methods.soco import SoCo
 from tests.data.proposals.conftest import make_image_folder
 
@@ -163,6 +164,34 @@ def test_unreadable_image_during_training_is_skipped_and_counted(tiny_data, tmp_
     # 12 images, batch 4: three steps see every image once, the bad one included.
     summary = pretrain(tiny("train.steps=3"), tmp_path / "run", images, store, progress=False)
     assert summary.steps == 3 and summary.skipped_images == 1
+
+
+def test_a_folder_of_only_unreadable_images_is_refused_before_anything_is_written(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.jpg", "b.png", "c.jpeg", "d.jpg", "e.webp"):  # enough to fill the batch of 4
+        (images / name).write_bytes(b"not an image")
+    expected = rf"^no image in {re.escape(str(images))} can be read: all 5 files tried are unreadable \(e.g. a.jpg: "
+    with pytest.raises(DataError, match=expected):
+        pretrain(load_config("byol_image_tiny", ["train.device=cpu"]), tmp_path / "run", images, None, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_step_whose_every_image_became_unreadable_stops_without_an_update(tiny_data, tmp_path, monkeypatch):
+    images, _ = tiny_data
+    import soco.data.dataset as dataset_module
+
+    def failing_disk(path):
+        raise ImageReadError(str(path), "cannot read file (Input/output error)")
+
+    # The images went bad after the set-up found one readable: every sample of the first step is unreadable.
+    monkeypatch.setattr(dataset_module.ImageDataset, "check_readable", lambda self: None, raising=False)
+    monkeypatch.setattr(dataset_module, "load_rgb", failing_disk)
+    run = tmp_path / "run"
+    with pytest.raises(EmptyStep, match=r"^no sample to train on .* at step 1 .*no checkpoint was written yet$"):
+        pretrain(load_config("byol_image_tiny", ["train.device=cpu"]), run, images, None, progress=False)
+    assert not (run / "checkpoints" / "last.pt").exists() and not (run / "summary.json").exists()
+    assert "no sample to train on" in (run / "train.log").read_text()
 
 
 def test_store_of_other_images_is_refused(tiny_data, tmp_path):

@@ -20,7 +20,7 @@ from soco.cli.main import main
 from soco.config.loading import load_config
 from soco.declarations import MethodPresets, StudyArm
 from soco.errors import ConfigError
-from soco.engine.trainer import pretrain
+from soco.engine.trainer import build_dataset, pretrain
 from soco.export import export_checkpoint
 from soco.export.formats import FORMAT_NAMES, UnsupportedLayoutError
 from soco.methods.base import ENCODER_PARTS, EncoderLayout, Method
@@ -95,6 +95,25 @@ def test_two_steps_resume_bitwise_after_a_kill_and_export(name, tiny_data, tmp_p
     resnet = getattr(torchvision.models, f"resnet{layout['depth']}")()
     missing, unexpected = resnet.load_state_dict(backbone, strict=False)
     assert unexpected == [] and all(key.startswith(("fc.", "layer4.")) for key in missing)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", method_names())
+def test_the_smallest_batch_a_method_declares_trains_and_one_image_fewer_is_refused_at_loading(name, tiny_data):
+    cls = method_class(name)
+    fewest, why = cls.smallest_batch_size(load_config(cls.tiny_preset).method)
+    assert fewest >= 1 and (fewest == 1 or why)
+    if fewest > 1:
+        refused = rf"^train\.batch_size: must be at least {fewest} for method {name}, not {fewest - 1}: .+ \(set by"
+        with pytest.raises(ConfigError, match=refused):
+            tiny(name, f"train.batch_size={fewest - 1}")
+    config = tiny(name, f"train.batch_size={fewest}")
+    torch.manual_seed(0)
+    method = cls(config.method).train()
+    images, store = tiny_data
+    dataset = build_dataset(method, images, store if cls.uses_proposals(config.method) else None, 0)
+    batch = dataset.collate([dataset[position] for position in range(fewest)])
+    assert torch.isfinite(method.training_step(batch)["loss"])
 
 
 def is_soco_module(dotted: str) -> bool:

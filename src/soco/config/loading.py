@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from soco.config.schema import DEFAULT_METHOD, Config
-from soco.config.validation import _shown, validate_section, validate_shared
+from soco.config.validation import _shown, validate_method_needs, validate_section, validate_shared
 from soco.errors import ConfigError
 
 PRESET_PACKAGE = "soco.config.presets"
@@ -254,6 +254,7 @@ def config_from_dict(values: dict) -> Config:
     method_class = _method_config_class({"method": method_section})
     config.method = _build(method_class, method_section or {}, "method", known_keys)
     validate_section(config.method, "method")
+    validate_method_needs(config)
     return config
 
 

@@ -172,6 +172,25 @@ class ImageDataset(Dataset):
             unreadable.append(sample)
         return unreadable[0]
 
+    def check_readable(self) -> None:
+        """DataError naming the folder unless some image can be read; reads in order up to the first that can.
+
+        Replacing unreadable images keeps batches full only while one readable image exists: without one, every
+        batch would be empty and a run would train on nothing. Stopping at the first readable image costs one
+        decode on a healthy folder, where probing every file would take minutes on ImageNet.
+        """
+        if len(self.indices) == 0:  # only with a store: every image failed when its proposals were computed
+            raise DataError(f"no image in {self.images_root} can be read: the proposal store {self._store_folder} "
+                            f"has proposals for none of its {len(self.store)} files (see {self.store.failures_file})")
+        first = None
+        for position in range(len(self.indices)):
+            loaded = self.read(position)
+            if not isinstance(loaded, SkippedSample):
+                return
+            first = first or loaded
+        raise DataError(f"no image in {self.images_root} can be read: all {len(self.indices)} files tried are "
+                        f"unreadable (e.g. {first.path}: {first.reason})")
+
     def relative_path(self, index: int) -> str:
         """The path, relative to the image folder, of store (or listing) index `index`."""
         return self._paths[index] if self._paths is not None else self.store.path(index)

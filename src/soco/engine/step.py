@@ -22,6 +22,15 @@ class TrainingDiverged(SocoError):
     """The loss or a gradient became NaN or infinite."""
 
 
+class EmptyStep(SocoError):
+    """A step's micro-batches hold no sample: every image of them was unreadable."""
+
+
+def holds_samples(batch: dict) -> bool:
+    """Whether a micro-batch has a sample to train on (the data set's batches list their images in "paths")."""
+    return bool(batch["paths"]) if "paths" in batch else True
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX), where bf16 autocast pays."""
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
@@ -112,7 +121,13 @@ class StepRunner:
         """Forward and backward every micro-batch, stop on a non-finite loss or gradient, then update.
 
         Raises TrainingDiverged naming the step; the weights are then left as they were before the step.
+        Raises EmptyStep, before anything is touched, when no micro-batch holds a sample.
         """
+        micro_batches = [batch for batch in micro_batches if holds_samples(batch)]
+        if not micro_batches:
+            # An update from nothing would still pull the targets' EMA and be logged and checkpointed as trained.
+            raise EmptyStep(f"no sample to train on (every image of the step's micro-batches was unreadable) "
+                            f"at step {step}")
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.context.device)

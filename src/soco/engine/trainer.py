@@ -50,7 +50,7 @@ from soco.engine.run_log import RunLog, plot_loss_curve
 from soco.engine.run_setup import data_parallel, precision_line, refuse_a_second_run, run_folder_lock, seed_run
 from soco.engine.sampler import RunBatchSampler, batches_per_epoch
 from soco.engine.schedules import learning_rate_at, scaled_learning_rate
-from soco.engine.step import StepResult, StepRunner, TrainingDiverged
+from soco.engine.step import EmptyStep, StepResult, StepRunner, TrainingDiverged
 from soco.errors import ConfigError, SocoError
 from soco.files import atomic_write_text
 from soco.methods.base import Method
@@ -183,9 +183,14 @@ def gather_weight_checksums(method: nn.Module, context: DistributedContext) -> l
 
 
 def build_dataset(method: Method, images_root: str | Path, store_dir: str | Path | None, seed: int) -> ImageDataset:
-    """The data set of a folder (and its proposal store, when given) through the method's sample transform."""
+    """The data set of a folder (and its proposal store, when given) through the method's sample transform.
+
+    DataError when no image of it can be read: refused here, before a run writes anything.
+    """
     store = ProposalStore(store_dir) if store_dir is not None else None
-    return ImageDataset(images_root, store, method.sample_transform(), seed=seed)
+    dataset = ImageDataset(images_root, store, method.sample_transform(), seed=seed)
+    dataset.check_readable()
+    return dataset
 
 
 def data_identity(images_root: str | Path, store_dir: str | Path | None) -> dict:
@@ -481,17 +486,17 @@ def _first_batch_records(session: _Session, micro_batches: list[dict]) -> None:
 
 
 def _run_step(session: _Session, micro_batches: list[dict], lr: float) -> StepResult:
-    """The step runner's update; a divergence is told with the step it failed in and the checkpoint to resume from."""
+    """The step runner's update; a divergence or an empty step is told with its step and the checkpoint to resume at."""
     try:
         return session.runner.run(micro_batches, session.step, session.schedule.total_steps, lr)
-    except TrainingDiverged as error:
+    except (TrainingDiverged, EmptyStep) as error:
         # The runner counts steps from 0; the logs and checkpoints name step k after k updates, so
         # the step that failed is the next one.
         problem = str(error).split(" at step ")[0]
         message = (f"{problem} at step {session.step + 1} (lr {lr:.4g}); stopped: "
                    f"{checkpoint_report(session.good_checkpoint, session.checkpoint_dir)}")
         session.log.text(message)
-        raise TrainingDiverged(message) from None
+        raise type(error)(message) from None
 
 
 def _save_checkpoints(session: _Session, loss: float) -> None:

@@ -53,6 +53,15 @@ class Method(nn.Module, metaclass=ABCMeta):
         """
         return bool(cls.transform_class(config.views).needs_proposals)
 
+    @classmethod
+    def smallest_batch_size(cls, config: Any, world_size: int = 1) -> tuple[int, str]:
+        """(the fewest images per process and micro-batch the networks train on, why), for a section and process count.
+
+        `train.batch_size` below it is refused while the configuration loads (`config.validation`), so that a
+        method's BatchNorm needs are one line before anything is written, not a traceback in the first step.
+        """
+        return 1, ""
+
     def sample_transform(self):
         """The picklable transform the data set applies to each image (see soco.data.dataset.SampleTransform)."""
         return self.transform_class(self.config.views)

@@ -56,6 +56,16 @@ class MoCoMethod(MomentumMethod):
         self.make_target("online", "target")
         self.queue = KeyQueue(queues, config.model.embedding_dim, config.queue_size)
 
+    @classmethod
+    def smallest_batch_size(cls, config: MoCoConfig, world_size: int = 1) -> tuple[int, str]:
+        """Two images per key sub-batch: on one process the key encoder's BatchNorm sees key_bn_splits of them."""
+        if world_size > 1:  # the processes' slices of the shuffled global batch are the sub-batches
+            return 2, "the key encoder's BatchNorm normalises each process's slice of the shuffled keys and needs two"
+        splits = config.key_bn_splits
+        hint = "; lower method.key_bn_splits for a smaller batch" if splits > 1 else ""
+        return 2 * splits, (f"on one process the key encoder's BatchNorm sees method.key_bn_splits={splits} shuffled "
+                            f"sub-batches of at least 2 images each{hint}")
+
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         """MoCo v2's SGD: every trainable parameter decayed, BatchNorm and biases included, as released."""
         return decay_everything(self, weight_decay)

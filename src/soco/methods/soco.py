@@ -171,6 +171,12 @@ class SoCo(MomentumMethod):
         self.make_target("online", "target")
         self.pairs = view_pairs(config.model, config.views)
 
+    @classmethod
+    def smallest_batch_size(cls, config: SoCoConfig, world_size: int = 1) -> tuple[int, str]:
+        """Two images: BatchNorm normalises over the images of a micro-batch, and one whole view is one sample."""
+        return 2, ("BatchNorm in SoCo's backbone, box head and projector normalises over the images of each "
+                   "process's micro-batch and needs two")
+
     def views_used(self) -> list[str]:
         """Names of the views this method reads from a batch."""
         return sorted({name for pair in self.pairs for name in pair})
