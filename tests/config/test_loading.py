@@ -132,3 +132,25 @@ def test_a_method_s_own_preset_folder_is_searched_after_the_package(tmp_path, mo
     assert every_preset() == [*list_presets(), "mine_small"]
     with pytest.raises(ConfigError, match=r"unknown preset 'mine_smal'; did you mean 'mine_small'"):
         load_config("mine_smal")
+
+
+def test_a_relative_base_file_is_read_from_the_folder_of_the_file_that_names_it(tmp_path, monkeypatch):
+    folder = tmp_path / "configs"
+    (folder / "shared").mkdir(parents=True)
+    (folder / "shared" / "common.yaml").write_text("base: soco_tiny\nproposals:\n  workers: 5\n")
+    (folder / "mine.yaml").write_text("base: shared/common.yaml\ntrain:\n  steps: 3\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the working folder holds no shared/common.yaml
+    config = load_config(str(folder / "mine.yaml"))
+    assert (config.proposals.workers, config.train.steps, config.method.name) == (5, 3, "soco")
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_refused_naming_both_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("base: soco_tiny\ntrain:\n  steps: 3\n  batch_size: 2\n  steps: 5\n")
+    with pytest.raises(ConfigError, match=r"twice\.yaml: not valid YAML: .*the key 'steps' is given twice "
+                                          r"\(lines 3 and 5\)"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match="the key 'a' is given twice"):
+        load_config("soco_tiny", ["train.steps={a: 1, a: 2}"])

@@ -268,3 +268,19 @@ def test_a_method_without_proposals_reads_the_folder_and_one_that_needs_them_is_
     with pytest.raises(ValueError, match="keys"):
         BatchCollate(type("Clash", (), {"collate": lambda self, s: {"paths": []}})())([dataset[0]])
     assert isinstance(SampleSource(dataset), SampleSource) and len(SampleSource(dataset)) == 4
+
+
+def test_an_image_whose_stored_boxes_are_not_finite_is_left_out_and_a_store_of_only_such_is_refused(tmp_path):
+    images = tmp_path / "images"
+    write_images(images)
+    store = build_store(images, tmp_path / "store")
+    boxes = np.load(store.folder / "boxes.npy")
+    boxes[store._box_offsets[1]] = np.nan  # one box of img_1 overwritten, as a damaged file would be
+    np.save(store.folder / "boxes.npy", boxes)
+    dataset = SoCoDataset(images, ProposalStore(store.folder), SMALL_VIEWS, check_images=False)
+    sample = dataset[1]
+    assert sample["path"] == "img_2.png" and "are not finite numbers" in sample["replaced"][0].reason
+    boxes[:] = np.inf
+    np.save(store.folder / "boxes.npy", boxes)
+    with pytest.raises(DataError, match=r"no image in .* can be read: all 4 files tried .*not finite numbers"):
+        SoCoDataset(images, ProposalStore(store.folder), SMALL_VIEWS, check_images=False).check_readable()

@@ -216,3 +216,15 @@ def test_cli_refuses_an_empty_class_list_on_one_line(tmp_path, capsys):
         assert exited.value.code == 2 and err.count("\n") == 1
         assert f"soco data voc: error: argument --classes: {message}" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_split_file_is_said_and_writes_nothing_and_only_empty_ones_are_refused(tmp_path, capsys):
+    voc = make_voc(tmp_path / "voc", {"train": ["000001", "000002"], "test": []})
+    assert main(["data", "voc", str(voc), "-o", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert f"test: {voc / 'ImageSets' / 'Main' / 'test.txt'} holds no image id; no test.json written" in out
+    assert "train: 2 images" in out and not (tmp_path / "out" / "test.json").exists()
+    empty = make_voc(tmp_path / "empty", {"train": [], "val": []})
+    with pytest.raises(DataError, match=r"Main: every split file is empty \(train.txt, val.txt\)"):
+        convert_voc(empty, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()

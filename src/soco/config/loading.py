@@ -35,11 +35,29 @@ LARGEST_EXACT_INTEGER = 2**53
 
 
 class ConfigLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading numbers as people write them: 1e-4, 1e30 and -.5 are floats.
+    """PyYAML's safe loader, reading numbers as people write them (1e-4, 1e30 and -.5 are floats), refusing duplicates.
 
     PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent (1.0e+30), so that 1e30
-    would silently be the string '1e30'.
+    would silently be the string '1e30'; and it lets a key given twice keep its last value without a word.
     """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        """A mapping whose keys are each given once; a repeated key is an error naming both lines."""
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice (lines {first.start_mark.line + 1} and "
+                    f"{key_node.start_mark.line + 1})", key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
 
 
 ConfigLoader.add_implicit_resolver(
@@ -377,8 +395,17 @@ def load_preset_values(name_or_path: str, _chain: tuple[str, ...] = ()) -> dict:
     if base is not None:
         if not isinstance(base, str) or not base:
             raise ConfigError(f"{name_or_path}: base must be a preset name or a YAML file, not {base!r}")
+        if candidate.is_file():
+            base = _beside(candidate, base)
         values = _merge(load_preset_values(base, (*_chain, name_or_path)), values)
     return values
+
+
+def _beside(config_file: Path, base: str) -> str:
+    """A relative file `base:` read from the folder of the file that names it (a preset name stays a name)."""
+    path = Path(base).expanduser()
+    names_a_file = path.suffix in (".yaml", ".yml") or len(path.parts) > 1
+    return str(config_file.parent / path) if names_a_file and not path.is_absolute() else base
 
 
 def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

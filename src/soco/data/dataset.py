@@ -215,7 +215,12 @@ class ImageDataset(Dataset):
             return SkippedSample(
                 index, relative, f"image is {rgb.shape[1]}x{rgb.shape[0]}, the proposal store says {width}x{height}"
             )
-        return rgb, store.boxes(index), index
+        boxes = store.boxes(index)
+        if not np.isfinite(boxes).all():
+            # A store written by soco holds finite boxes only: these were damaged after it was made.
+            return SkippedSample(index, relative, f"its boxes in the proposal store {store.folder} are not finite "
+                                                  "numbers (the store is damaged: compute it again with soco proposals)")
+        return rgb, boxes, index
 
     def _load(self, epoch: int, position: int) -> dict | SkippedSample:
         """The transformed sample of one image, or a SkippedSample saying why it cannot be used."""

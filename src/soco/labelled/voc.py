@@ -81,11 +81,13 @@ class VocConversion:
     difficult: int = 0
     clipped: int = 0
     dropped: int = 0
+    empty_splits: list[Path] = field(default_factory=list)  # split files with no image id: nothing written
 
     def lines(self) -> list[str]:
         """What to print: one line per split file, then the conversion's corrections."""
         out = [f"{split}: {self.images[split]} images, {self.boxes[split]} boxes -> {path}"
                for split, path in self.files.items()]
+        out.extend(f"{path.stem}: {path} holds no image id; no {path.stem}.json written" for path in self.empty_splits)
         out.append(f"{len(self.categories)} categories: {', '.join(self.categories)}")
         notes = [f"{self.difficult} difficult objects kept as iscrowd=1 (ignored by COCO AP)"]
         if self.clipped:
@@ -143,7 +145,9 @@ def read_split_files(folder: Path) -> dict[str, list[str]]:
     for path in sorted((folder / SPLITS_DIR).glob("*.txt")):
         rows = [line.split() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
         rows = [row for row in rows if row]
-        if rows and all(len(row) == 1 for row in rows):
+        if not rows:
+            splits[path.stem] = []  # an empty split: said in the summary, no file written for it
+        elif all(len(row) == 1 for row in rows):
             splits[path.stem] = [row[0] for row in rows]
         elif any(len(row) != 2 for row in rows):
             raise DataError(f"{path}: neither a split file (one image id per line) nor a per-class file "
@@ -220,6 +224,10 @@ def convert_voc(folder: str | Path, output: str | Path, classes: list[str] | Non
     if not xml_files:
         raise DataError(f"{annotations_dir}: no .xml annotation file")
     splits = read_split_files(folder) or {ALL_SPLIT: [p.stem for p in xml_files]}
+    empty_splits = [folder / SPLITS_DIR / f"{split}.txt" for split, ids in splits.items() if not ids]
+    if len(empty_splits) == len(splits):
+        raise DataError(f"{folder / SPLITS_DIR}: every split file is empty ({', '.join(p.name for p in empty_splits)})")
+    splits = {split: ids for split, ids in splits.items() if ids}
     stems = {p.stem: p for p in xml_files}
     for split, ids in splits.items():
         missing = [i for i in ids if i not in stems]
@@ -233,7 +241,7 @@ def convert_voc(folder: str | Path, output: str | Path, classes: list[str] | Non
         raise DataError(f"{annotations_dir}: no <object> in any annotation file")
     category_ids = {name: i + 1 for i, name in enumerate(names)}
 
-    result = VocConversion(categories=names)
+    result = VocConversion(categories=names, empty_splits=empty_splits)
     entries = {}
     next_annotation_id = 1
     for image_id, (xml_path, image) in enumerate(parsed, start=1):
