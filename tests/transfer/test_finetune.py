@@ -403,3 +403,32 @@ def test_a_checkpoint_write_cut_short_ends_the_run_in_one_line_and_keeps_the_las
     assert err.startswith(f"soco: error: cannot write checkpoint {out / CHECKPOINT_NAME}: the write was cut short")
     assert torch.load(out / CHECKPOINT_NAME, weights_only=True)["epoch"] == 1
     assert not [path.name for path in out.iterdir() if path.name.startswith(".")]  # no temporary file left
+
+
+@pytest.mark.slow
+def test_a_resume_after_the_annotations_change_is_refused_and_the_same_files_by_another_path_resume(
+        tmp_path, monkeypatch, capsys):
+    train_ann, train_images = make_coco_set(tmp_path / "train", count=2, size=(64, 64), seed=0)
+    val_ann, val_images = make_coco_set(tmp_path / "val", count=2, size=(64, 64), seed=1)
+    out = tmp_path / "run"
+    first = finetune(TINY, train_ann, train_images, val_ann, val_images, out, progress=False, stop_after_epochs=1,
+                     log=lambda _: None)
+    assert first["inputs"]["train_annotations"]["path"] == str(train_ann.resolve())
+    original = train_ann.read_text()
+    cut = json.loads(original)
+    cut["annotations"] = cut["annotations"][:3]  # 4 boxes cut to 3, the same images: the plan stays the same
+    train_ann.write_text(json.dumps(cut))
+    kept = {name: (out / name).read_bytes() for name in (CHECKPOINT_NAME, METRICS_NAME)}
+    status = main(["transfer", "--weights", "none", "--train", str(train_ann), "--val", str(val_ann), "--out",
+                   str(out), "--resume", "--quiet", *TINY_OVERRIDES])
+    err = capsys.readouterr().err
+    assert status != 0 and err.count("\n") == 1, err
+    assert f"the train annotations {train_ann.resolve()} changed" in err and "another --out" in err
+    assert {name: (out / name).read_bytes() for name in kept} == kept  # nothing written is lost or replaced
+    # The same files given by relative paths are the same run.
+    train_ann.write_text(original)
+    monkeypatch.chdir(tmp_path)
+    lines = []
+    resumed = finetune(TINY, "train/annotations.json", "train/images", "val/annotations.json", "val/images", "run",
+                       resume=True, progress=False, log=lines.append)
+    assert resumed["finished"] and any(line.startswith("resuming run after epoch 1") for line in lines)

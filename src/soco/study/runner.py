@@ -165,9 +165,27 @@ def _pretrain_and_export(arm_name: str, budget: Budget, images: Path, store: Pat
     return export_checkpoint(run_dir, export_format, exported / f"{export_format}.pt").output
 
 
+def _check_same_inputs(metrics: dict, metrics_path: Path, weights: Path | None, data: StudyData,
+                       log: Callable[[str], None]) -> None:
+    """DataError naming the input file that changed since a finished run's metrics.json was written."""
+    from soco.transfer.inputs import changed_input, input_fingerprint
+
+    if "inputs" not in metrics:
+        # Written before inputs were fingerprinted: refusing would make every older study unreadable.
+        log(f"{metrics_path} records no fingerprint of its input files (an older soco): reused unchecked")
+        return
+    current = input_fingerprint(data.train, data.train_images, _train_file_names(data.train), data.val,
+                                data.val_images, _train_file_names(data.val), weights)
+    change = changed_input(metrics["inputs"], current)
+    if change is not None:
+        # Reusing it would average results of two data sets into one row; redoing it would replace a result.
+        raise DataError(f"{metrics_path}: {change} since this run finished; choose another --out for the new data, "
+                        f"or delete {metrics_path.parent} to redo this run")
+
+
 def _finetune(arm_name: str, reading: str, seed: int, weights: Path | None, budget: Budget, data: StudyData,
-              study_dir: Path, device: str, progress: bool) -> dict:
-    """Fine-tune one arm with one reading and seed (or read its finished metrics)."""
+              study_dir: Path, device: str, progress: bool, log: Callable[[str], None] = print) -> dict:
+    """Fine-tune one arm with one reading and seed (or read its finished metrics, made from the same files)."""
     from soco.transfer.finetune import METRICS_NAME, TransferConfig, finetune
 
     out_dir = finetune_dir(study_dir, reading, arm_name, seed)
@@ -175,6 +193,7 @@ def _finetune(arm_name: str, reading: str, seed: int, weights: Path | None, budg
     if metrics_path.is_file():
         metrics = read_json(metrics_path)
         if metrics.get("finished") and metrics.get("bbox"):
+            _check_same_inputs(metrics, metrics_path, weights, data, log)
             return metrics
     config = replace(TransferConfig(**budget.transfer), seed=seed, device=device,
                      freeze="backbone" if reading == "frozen" else "none")
@@ -230,11 +249,19 @@ def run_study(budget: Budget, arms: list[str], seeds: list[int], readings: list[
 
 
 def study_record(budget: Budget, data: StudyData) -> dict:
-    """What a study folder is the study of: the budget and every input path (soco-study.json)."""
-    return {"budget": budget.name, "data": describe_data(data), "train": str(data.train), "val": str(data.val),
-            "train_images": str(Path(data.train_images).expanduser().resolve()),
-            "val_images": str(Path(data.val_images).expanduser().resolve()),
-            "unlabeled": [str(Path(d).expanduser().resolve()) for d in data.unlabeled]}
+    """What a study folder is the study of: the budget and every input path, resolved (soco-study.json)."""
+    return {"budget": budget.name, "data": describe_data(data), "train": _resolved(data.train),
+            "val": _resolved(data.val), "train_images": _resolved(data.train_images),
+            "val_images": _resolved(data.val_images), "unlabeled": [_resolved(d) for d in data.unlabeled]}
+
+
+def _resolved(path: str | Path) -> str:
+    """A path as the study folder's marker records it: absolute, links resolved, so one file has one name."""
+    return str(Path(path).expanduser().resolve())
+
+
+# The marker's keys that hold paths; a marker of an older soco may hold them as they were typed.
+_PATH_KEYS = ("train", "val", "train_images", "val_images")
 
 
 def read_json(path: Path) -> dict:
@@ -252,6 +279,9 @@ def check_study_folder(study_dir: Path, record: dict) -> None:
         atomic_write_text(marker, json.dumps(record, indent=1) + "\n")
         return
     earlier = read_json(marker)
+    # An older marker's relative train / val paths were typed from this folder's users' working directory, as now.
+    earlier = {key: (_resolved(value) if key in _PATH_KEYS and isinstance(value, str) else value)
+               for key, value in earlier.items()}
     # A marker of the first version lacks the image paths: those are taken as they are now.
     differ = [key for key in record if key in earlier and earlier[key] != record[key]]
     if differ:
@@ -305,7 +335,8 @@ def _run_locked(budget: Budget, arms: list[str], seeds: list[int], readings: lis
         for seed in seeds:
             for reading in readings_of(arm, budget, readings):
                 with timings.timed(f"finetune/{reading}/{arm}/seed{seed}"):
-                    metrics = _finetune(arm, reading, seed, arm_weights, budget, data, study_dir, device, progress)
+                    metrics = _finetune(arm, reading, seed, arm_weights, budget, data, study_dir, device, progress,
+                                        log)
                 bbox = metrics["bbox"]
                 log(f"[{arm}] {reading} seed {seed}: AP {100 * bbox['AP']:.2f}, AP50 {100 * bbox['AP50']:.2f}")
                 if after_each is not None:

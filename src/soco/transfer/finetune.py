@@ -43,6 +43,7 @@ from soco.transfer.architectures import ARCHITECTURES, TWO_STAGE
 from soco.labelled.coco import CocoDetection, check_same_categories, collate, has_masks, plain_target
 from soco.transfer.detector import build_detector, convert_sync_bn, describe, load_pretrained
 from soco.transfer.evaluate import coco_evaluate, detections_to_coco, summary_line
+from soco.transfer.inputs import changed_input, input_fingerprint
 from soco.transfer.weights import check_depth, detector_widths, read_weights
 
 __all__ = [
@@ -369,6 +370,7 @@ class _FineTuning:
     plan: _Plan
     settings: dict  # the config as saved in the checkpoint and metrics.json
     weights_id: str  # the absolute path of the starting weights, or "none": what a resume must start from
+    inputs: dict  # the input files' fingerprint (transfer.inputs): what a resume or a study's reuse must match
     state: dict | None  # the checkpoint resumed
     detector: _Detector
     optimizer: torch.optim.Optimizer
@@ -430,9 +432,10 @@ def _set_up(config: TransferConfig, files: tuple[str | Path, ...], out_dir: Path
     mark_run_folder(out_dir, "transfer")  # only now: bad data leaves no folder behind
     plan = _plan(config, len(data.train_set), context.world_size)
     weights_id = str(Path(weights).expanduser().resolve()) if weights is not None else "none"
+    inputs = run_inputs(files, data, weights)
     state = load_checkpoint(checkpoint_path) if resume and checkpoint_path.exists() else None
     if state is not None:
-        _check_same_run(state, checkpoint_path, config, plan, data.architecture, weights_id)
+        _check_same_run(state, checkpoint_path, config, plan, data.architecture, weights_id, inputs, log)
     detector = _build_detector(config, data, state, weights, context, log)
     optimizer = torch.optim.SGD(_param_groups(detector.model, config), lr=plan.lr, momentum=config.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -440,8 +443,15 @@ def _set_up(config: TransferConfig, files: tuple[str | Path, ...], out_dir: Path
         lambda it: lr_factor(it, plan.warmup_iters, config.warmup_factor, plan.milestones, config.gamma),
     )
     precision = resolve_precision(FINETUNE_PRECISION, context.device)
-    return _FineTuning(config, out_dir, context, data, plan, dataclasses.asdict(config), weights_id, state, detector,
-                       optimizer, scheduler, precision)
+    return _FineTuning(config, out_dir, context, data, plan, dataclasses.asdict(config), weights_id, inputs, state,
+                       detector, optimizer, scheduler, precision)
+
+
+def run_inputs(files: tuple[str | Path, ...], data: _Data, weights: str | Path | None) -> dict:
+    """The input fingerprint (`transfer.inputs`) of a run over these files, for its checkpoint and metrics.json."""
+    train_annotations, train_images, val_annotations, val_images = files
+    return input_fingerprint(train_annotations, train_images, [i["file_name"] for i in data.train_set.images],
+                             val_annotations, val_images, [i["file_name"] for i in data.val_set.images], weights)
 
 
 def _load_data(config: TransferConfig, train_annotations: str | Path, train_images: str | Path,
@@ -468,8 +478,18 @@ def _load_data(config: TransferConfig, train_annotations: str | Path, train_imag
 
 
 def _check_same_run(state: dict, checkpoint_path: Path, config: TransferConfig, plan: _Plan, architecture: str,
-                     weights_id: str) -> None:
+                     weights_id: str, inputs: dict, log: Callable[[str], None]) -> None:
     """SocoError when the checkpoint was made with other settings, data or starting weights than this call's."""
+    if state.get("weights") != weights_id:
+        # The metrics would name weights that did not start this run.
+        raise SocoError(f"{checkpoint_path} started from weights {state.get('weights')}, not {weights_id}")
+    if "inputs" not in state:
+        # Written before inputs were fingerprinted: refusing would strand every older run.
+        log(f"{checkpoint_path} records no fingerprint of its input files (an older soco): the annotations, images "
+            "and weights could not be checked against it")
+    elif (change := changed_input(state["inputs"], inputs)) is not None:
+        raise SocoError(f"{checkpoint_path} cannot be resumed: {change}; resume with the files it was made with, "
+                        "or start a new run in another --out")
     settings = dataclasses.asdict(config)
     # A key an older checkpoint lacks had its default.
     recorded = {**dataclasses.asdict(TransferConfig()), **state["config"]}
@@ -480,9 +500,6 @@ def _check_same_run(state: dict, checkpoint_path: Path, config: TransferConfig, 
     if changed or state.get("total_iters") != plan.total_iters or state.get("model_type") != architecture:
         raise SocoError(f"{checkpoint_path} was made with other settings ({', '.join(changed) or 'data size'} "
                         "differ): resume with the same data and settings")
-    if state.get("weights") != weights_id:
-        # The metrics would name weights that did not start this run.
-        raise SocoError(f"{checkpoint_path} started from weights {state.get('weights')}, not {weights_id}")
 
 
 def _build_detector(config: TransferConfig, data: _Data, state: dict | None, weights: str | Path | None,
@@ -626,7 +643,7 @@ def _checkpoint_state(run: _FineTuning) -> dict:
         "epoch": run.epoch, "model": detector.model.state_dict(), "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(), "rng": rng_state(), "history": run.history,
         "config": run.settings, "total_iters": run.plan.total_iters, "model_type": run.data.architecture,
-        "weights": run.weights_id, "weights_loaded": detector.weights_report, "detector_widths": detector.widths,
+        "weights": run.weights_id, "inputs": run.inputs, "weights_loaded": detector.weights_report, "detector_widths": detector.widths,
         "soco_version": soco.__version__,
     }
 
@@ -644,6 +661,7 @@ def _finish(run: _FineTuning, weights: str | Path | None, progress: bool, log: C
         "weights_loaded": run.detector.weights_report,
         "seed": config.seed,
         "settings": run.settings,
+        "inputs": run.inputs,
         "plan": dataclasses.asdict(run.plan),
         "train": {"annotations": str(data.train_set.annotation_file), "images": len(data.train_set),
                   "boxes": data.train_set.num_boxes()},
