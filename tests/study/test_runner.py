@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,3 +185,32 @@ def test_a_bad_arm_configuration_is_refused_before_the_study_folder_is_made(tmp_
                  str(study_dir), "--quiet"]) == 2
     assert "train.batch_size: must be at least 1, not 0" in capsys.readouterr().err
     assert not study_dir.exists()
+
+
+@pytest.mark.slow
+def test_a_finished_seed_is_not_reused_after_the_train_annotations_change(tmp_path, monkeypatch):
+    train = make_coco_set(tmp_path / "train", count=2, size=(64, 64), seed=0)
+    val = make_coco_set(tmp_path / "val", count=2, size=(64, 64), seed=1)
+    data = StudyData(*train, *val, name="tiny synthetic")
+    folder = tmp_path / "study"
+    run_study(TINY_BUDGET, ["scratch"], [0], ["full"], data, folder, device="cpu", progress=False, probe=False,
+              log=lambda _: None)
+    seed0 = finetune_dir(folder, "full", "scratch", 0) / "metrics.json"
+    kept = seed0.read_bytes()
+    # The same files given by relative paths are the same study, and its finished seed is read, not rerun.
+    monkeypatch.chdir(tmp_path)
+    relative = StudyData(Path("train/annotations.json"), Path("train/images"), Path("val/annotations.json"),
+                         Path("val/images"), name="tiny synthetic")
+    run_study(TINY_BUDGET, ["scratch"], [0], ["full"], relative, Path("study"), device="cpu", progress=False,
+              probe=False, log=lambda _: None)
+    assert seed0.read_bytes() == kept
+    cut = json.loads(train[0].read_text())
+    cut["annotations"] = cut["annotations"][:1]
+    train[0].write_text(json.dumps(cut))
+    with pytest.raises(DataError) as refused:
+        run_study(TINY_BUDGET, ["scratch"], [0, 1], ["full"], data, folder, device="cpu", progress=False,
+                  probe=False, log=lambda _: None)
+    message = str(refused.value)
+    assert "\n" not in message and f"the train annotations {train[0].resolve()} changed" in message
+    assert "another --out" in message and str(seed0.parent) in message
+    assert seed0.read_bytes() == kept and not finetune_dir(folder, "full", "scratch", 1).exists()
