@@ -432,7 +432,7 @@ def _set_up(config: TransferConfig, files: tuple[str | Path, ...], out_dir: Path
     mark_run_folder(out_dir, "transfer")  # only now: bad data leaves no folder behind
     plan = _plan(config, len(data.train_set), context.world_size)
     weights_id = str(Path(weights).expanduser().resolve()) if weights is not None else "none"
-    inputs = run_inputs(files, data, weights)
+    inputs = _run_inputs(files, data, weights)
     state = load_checkpoint(checkpoint_path) if resume and checkpoint_path.exists() else None
     if state is not None:
         _check_same_run(state, checkpoint_path, config, plan, data.architecture, weights_id, inputs, log)
@@ -447,7 +447,7 @@ def _set_up(config: TransferConfig, files: tuple[str | Path, ...], out_dir: Path
                        detector, optimizer, scheduler, precision)
 
 
-def run_inputs(files: tuple[str | Path, ...], data: _Data, weights: str | Path | None) -> dict:
+def _run_inputs(files: tuple[str | Path, ...], data: _Data, weights: str | Path | None) -> dict:
     """The input fingerprint (`transfer.inputs`) of a run over these files, for its checkpoint and metrics.json."""
     train_annotations, train_images, val_annotations, val_images = files
     return input_fingerprint(train_annotations, train_images, [i["file_name"] for i in data.train_set.images],
