@@ -13,15 +13,19 @@ from torch import nn
 from soco.engine.distributed import DistributedContext, all_reduce_sum
 from soco.errors import SocoError
 from soco.files import folder_lock
+from soco.run_folder import check_run_folder
 
 
 @contextmanager
-def run_folder_lock(out: Path, command: str, context: DistributedContext) -> Iterator[None]:
-    """Hold the run folder's lock for a run: one soco process writes a folder at a time; SocoError when another has it.
+def run_folder_lock(out: Path, kind: str, command: str, context: DistributedContext) -> Iterator[None]:
+    """Check `out` is a `kind` run's folder, hold its lock for the run and check again; SocoError otherwise.
 
+    One soco process writes a folder at a time. The first check comes before the lock, so a folder that is not a
+    run's gets no lock file; the second after it, since only then can no other soco process change the folder.
     The processes of one torchrun share the folder: the main one takes the lock (the kernel drops it when that
     process dies, SIGKILL included), and every process learns whether it could, so all of them stop together.
     """
+    check_run_folder(out, kind)
     with ExitStack() as held:
         refusal = None
         if context.is_main:
@@ -35,6 +39,7 @@ def run_folder_lock(out: Path, command: str, context: DistributedContext) -> Ite
                 refusal = SocoError(f"{out} is in use by another soco process: the main process could not lock it")
         if refusal is not None:
             raise refusal
+        check_run_folder(out, kind)
         yield
 
 

@@ -55,7 +55,7 @@ from soco.errors import ConfigError, SocoError
 from soco.files import atomic_write_text
 from soco.methods.base import Method
 from soco.registry import build_method, method_class
-from soco.run_folder import check_run_folder, describe_changes, mark_run_folder
+from soco.run_folder import describe_changes, mark_run_folder
 
 RUN_KIND = "pretrain"
 # What a resume may change: where, with how many workers, in which memory layout and whether compiled it
@@ -300,10 +300,8 @@ def _set_up(config: Config, run_dir: Path, images_root: str | Path, store_dir: s
     """Check and lock the folder (held until `held` closes), read and compare the checkpoint to resume from, then
     build what trains (nothing is written)."""
     refuse_run_inside_images(run_dir, images_root)
-    check_run_folder(run_dir, RUN_KIND)  # before the lock: a folder that is not a run's gets no lock file
     context = init_distributed(config.train.device)
-    held.enter_context(run_folder_lock(run_dir, "soco pretrain", context))
-    check_run_folder(run_dir, RUN_KIND)  # again, now that no other soco process can change the folder
+    held.enter_context(run_folder_lock(run_dir, RUN_KIND, "soco pretrain", context))
     checkpoint_dir = run_dir / "checkpoints"
     holds_run = (checkpoint_dir / LAST_CHECKPOINT).exists() or bool(periodic_checkpoints(checkpoint_dir))
     refuse_a_second_run(run_dir, "a run (checkpoints/)", holds_run, resume)

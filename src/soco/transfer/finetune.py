@@ -38,7 +38,7 @@ from soco.engine.step import resolve_precision
 from soco.errors import ConfigError, SocoError
 from soco.files import atomic_write_text
 from soco.models.backbone import RESNET_BUILDERS
-from soco.run_folder import check_run_folder, mark_run_folder
+from soco.run_folder import mark_run_folder
 from soco.transfer.architectures import ARCHITECTURES, TWO_STAGE
 from soco.labelled.coco import CocoDetection, check_same_categories, collate, has_masks, plain_target
 from soco.transfer.detector import build_detector, convert_sync_bn, describe, load_pretrained
@@ -423,10 +423,9 @@ def _set_up(config: TransferConfig, files: tuple[str | Path, ...], out_dir: Path
     resume, build detector and optimiser."""
     context = init_distributed(config.device, setting="transfer.device")
     checkpoint_path = out_dir / CHECKPOINT_NAME
-    check_run_folder(out_dir, "transfer")  # refuses a file, an image folder, another kind of run's folder
-    # The lock leaves nothing behind if the set-up fails: a new folder is claimed once the data has loaded.
-    held.enter_context(run_folder_lock(out_dir, "soco transfer", context))
-    check_run_folder(out_dir, "transfer")  # again, now that no other soco process can change the folder
+    # Refuses a file, an image folder, another kind of run's folder; the lock leaves nothing behind if the set-up
+    # fails: a new folder is claimed once the data has loaded.
+    held.enter_context(run_folder_lock(out_dir, "transfer", "soco transfer", context))
     refuse_a_second_run(out_dir, f"a fine-tuning run ({CHECKPOINT_NAME})", checkpoint_path.exists(), resume)
     data = _load_data(config, *files)
     mark_run_folder(out_dir, "transfer")  # only now: bad data leaves no folder behind
