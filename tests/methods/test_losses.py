@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from soco.methods.losses import box_pair_loss, byol_regression, symmetric_pair_loss
+from soco.methods.losses import box_pair_loss, byol_regression, matched_box_loss, symmetric_pair_loss
 
 
 def test_byol_regression_by_hand():
@@ -28,14 +28,39 @@ def test_target_gets_no_gradient():
 
 
 def test_symmetric_pair_loss_sums_both_directions_of_each_pair():
-    q = {"v1": torch.tensor([[1.0, 0.0], [0.0, 1.0]]), "v2": torch.tensor([[1.0, 0.0], [1.0, 0.0]]),
-         "v3": torch.tensor([[0.0, 1.0], [0.0, 1.0]])}
-    z = {"v1": torch.tensor([[1.0, 0.0], [1.0, 0.0]]), "v2": torch.tensor([[0.0, 1.0], [0.0, 1.0]]),
-         "v3": torch.tensor([[1.0, 0.0], [0.0, 1.0]])}
+    q = {"v1": torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]), "v2": torch.tensor([[[1.0, 0.0], [1.0, 0.0]]]),
+         "v3": torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])}
+    z = {"v1": torch.tensor([[[1.0, 0.0], [1.0, 0.0]]]), "v2": torch.tensor([[[0.0, 1.0], [0.0, 1.0]]]),
+         "v3": torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])}
+    ids = {name: torch.tensor([[4, 7]]) for name in q}  # row i is the same box in every set
     # q(v1)·z(v2): rows cos 0, 1 -> losses 2, 0 -> mean 1;  q(v2)·z(v1): cos 1, 1 -> mean 0
     # q(v1)·z(v3): cos 1, 1 -> 0;                           q(v3)·z(v1): cos 0, 0 -> 2
-    total = symmetric_pair_loss(q, z, [("v1", "v2"), ("v1", "v3")])
+    total = symmetric_pair_loss(q, z, ids, [("v1", "v2"), ("v1", "v3")])
     torch.testing.assert_close(total, torch.tensor(1.0 + 0.0 + 0.0 + 2.0))
+
+
+def test_matched_box_loss_meets_every_box_with_the_same_id():
+    """The release's correspondence loss (SoCo_FPN.py 119-128) less its constant: per image, the mean of
+    2 - 2 cos over all (prediction, target) pairs with equal ids, then the mean over images."""
+    s = math.sqrt(0.5)
+    prediction = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]],
+                               [[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]]])
+    target = torch.tensor([[[1.0, 0.0], [s, s], [0.0, -1.0]],
+                           [[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]])
+    # image 0: prediction ids 3 5 3, target ids 3 3 9: pairs (p0,t0) cos 1, (p0,t1) cos s, (p2,t0) 1, (p2,t1) s
+    # -> losses 0, 2-2s, 0, 2-2s, mean 1-s; id 5 and id 9 meet nothing
+    # image 1: ids 1 2 2 against 2 1 1: (p0,t1) cos 0, (p0,t2) cos 1, (p1,t0) 1, (p2,t0) 1 -> losses 2, 0, 0, 0 -> 0.5
+    prediction_ids = torch.tensor([[3, 5, 3], [1, 2, 2]])
+    target_ids = torch.tensor([[3, 3, 9], [2, 1, 1]])
+    loss = matched_box_loss(prediction, target, prediction_ids, target_ids)
+    torch.testing.assert_close(loss, torch.tensor(((1 - s) + 0.5) / 2))
+    # the release's own number: -2 times the mean matched cosine of each image, averaged
+    release = -2 * ((1 + s + 1 + s) / 4 + (0 + 1 + 1 + 1) / 4) / 2
+    torch.testing.assert_close(loss - 2, torch.tensor(release))
+    # with the ids of aligned rows it is the mean row loss
+    aligned = torch.arange(3).expand(2, 3)
+    torch.testing.assert_close(matched_box_loss(prediction, target, aligned, aligned),
+                               byol_regression(prediction, target).mean())
 
 
 def test_box_pair_loss_is_the_mean_over_pairs_of_both_directions():

@@ -7,6 +7,7 @@ import torch
 
 from soco.config.loading import load_config
 from soco.methods.soco import SoCo, view_pairs
+from soco.methods.soco_transform import box_set_names
 
 
 def tiny_config(*overrides):
@@ -14,28 +15,35 @@ def tiny_config(*overrides):
 
 
 def random_batch(config, batch_size=2, seed=0):
+    """(views by name, boxes by set name, ids by set name): random views, K random boxes per set, ids 0..K-1."""
     generator = torch.Generator().manual_seed(seed)
     views_config = config.method.views
     sizes = {"v1": views_config.v1_size, "v2": views_config.v2_size, "v3": views_config.v3_size}
-    views, boxes = {}, {}
+    views, boxes, ids = {}, {}, {}
     k = views_config.proposals_per_image
     for name, size in sizes.items():
         views[name] = torch.randn(batch_size, 3, size, size, generator=generator)
+    for set_name in box_set_names(views_config):
+        size = sizes[set_name.split(":")[0]]
         corner = torch.rand(batch_size, k, 2, generator=generator) * size * 0.5
         extent = 4 + torch.rand(batch_size, k, 2, generator=generator) * size * 0.5
-        boxes[name] = torch.cat([corner, (corner + extent).clamp(max=size)], dim=-1)
-    return views, boxes
+        boxes[set_name] = torch.cat([corner, (corner + extent).clamp(max=size)], dim=-1)
+        ids[set_name] = torch.arange(k).expand(batch_size, k)
+    return views, boxes, ids
 
 
 def test_view_pairs_of_each_preset():
     paper = load_config("soco_r50_fpn").method
-    assert view_pairs(paper.model, paper.views) == [("v1", "v2"), ("v1", "v3")]
+    assert view_pairs(paper.model, paper.views) == [("v1:v2", "v2"), ("v1:v3", "v3")]
+    # the release's SoCo*: a V2 resized to 112 that shares V2's pair sets (here v3) and its own 192 crop (v4)
     star = load_config("soco_star_r50_fpn").method
-    assert view_pairs(star.model, star.views) == [("v1", "v2"), ("v1", "v3"), ("v1", "v4")]
+    assert view_pairs(star.model, star.views) == [("v1:v2", "v2"), ("v1:v2", "v3"), ("v1:v4", "v4")]
     c4 = load_config("soco_r50_c4").method
-    assert view_pairs(c4.model, c4.views) == [("v1", "v2")]
+    assert view_pairs(c4.model, c4.views) == [("v1:v2", "v2")]
     no_v3 = tiny_config("method.views.use_v3=false").method
-    assert view_pairs(no_v3.model, no_v3.views) == [("v1", "v2")]
+    assert view_pairs(no_v3.model, no_v3.views) == [("v1:v2", "v2")]
+    shared = tiny_config("method.views.box_sets=shared").method
+    assert view_pairs(shared.model, shared.views) == [("v1:v2", "v2"), ("v1:v2", "v3")]
 
 
 def test_target_starts_equal_and_follows_by_ema():
@@ -58,8 +66,8 @@ def test_loss_is_sum_of_four_directional_terms_in_range():
     config = tiny_config()
     torch.manual_seed(0)
     model = SoCo(config.method)
-    views, boxes = random_batch(config)
-    loss = model.training_step({"views": views, "boxes": boxes})["loss"]
+    views, boxes, ids = random_batch(config)
+    loss = model.training_step({"views": views, "boxes": boxes, "box_ids": ids})["loss"]
     assert loss.shape == () and 0.0 <= loss.item() <= 16.0  # four terms, each within [0, 4]
     loss.backward()
     assert all(p.grad is not None for p in model.online.parameters())
@@ -74,12 +82,13 @@ def test_per_level_loss_equals_all_level_masked_loss_in_eval_mode():
     all_level = SoCo(all_level_config.method)
     all_level.load_state_dict(per_level.state_dict())
     per_level.eval(), all_level.eval()
-    views, boxes = random_batch(per_level_config, seed=3)
+    views, boxes, ids = random_batch(per_level_config, seed=3)
     # boxes on both sides of the 48 px threshold, so that P2 and P3 are both used in 64 px views
     big = torch.tensor([[0.0, 0.0, 20.0, 20.0], [0.0, 0.0, 60.0, 60.0], [2.0, 2.0, 64.0, 64.0], [0.0, 0.0, 30.0, 40.0]])
-    for name in ("v1", "v2"):
+    for name in ("v1:v2", "v2"):
         boxes[name] = big.expand(2, 4, 4).clone()
-    torch.testing.assert_close(per_level.loss(views, boxes), all_level.loss(views, boxes), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(per_level.loss(views, boxes, ids), all_level.loss(views, boxes, ids), rtol=1e-5,
+                               atol=1e-6)
 
 
 def flat(config) -> dict:
@@ -174,4 +183,4 @@ def test_image_level_baseline_is_global_average_pooling_of_c5_at_224():
     c5 = method.online.backbone(images)["0"]
     pooled = method.online.representations(images, whole)
     torch.testing.assert_close(pooled, c5.mean(dim=(2, 3)), rtol=1e-5, atol=1e-6)
-    assert method.pairs == [("v1", "v2")] and method.encoder_layout().parts == ("backbone",)
+    assert method.pairs == [("v1:v2", "v2")] and method.encoder_layout().parts == ("backbone",)

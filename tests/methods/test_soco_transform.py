@@ -18,7 +18,7 @@ from soco.data.views import (
 )
 from soco.config.validation import validate_section
 from soco.errors import ConfigError
-from soco.methods.soco_transform import RANDOM_CANDIDATES, SoCoTransform, make_views
+from soco.methods.soco_transform import RANDOM_CANDIDATES, SoCoTransform, box_set_names, make_views
 from soco.methods.soco_transform import SoCoViewsConfig as ViewsConfig
 
 WIDTH, HEIGHT = 200, 100
@@ -52,6 +52,12 @@ def expected_box(box, params) -> list[float]:
     return out
 
 
+def sets_with_params(out) -> list[tuple[str, torch.Tensor, object]]:
+    """(set name, its boxes, the ViewParams of the view it lies in) for every box set of make_views' output."""
+    params = {p.name: p for p in out["params"]}
+    return [(name, boxes, params[name.split(":")[0]]) for name, boxes in out["boxes"].items()]
+
+
 def bright_extent(view: torch.Tensor) -> list[float]:
     """x1 y1 x2 y2 (pixel edges) of the pixels brighter than mid-grey in a normalised view."""
     bright = denormalize(view).mean(0) > 0.5
@@ -67,8 +73,12 @@ def test_every_view_box_lands_on_the_bright_rectangle():
     for seed in range(12):
         out = make_views(image, proposal, config, generator(seed), color_augment=False)
         assert out["view_names"] == ["v1", "v2", "v3", "v4"]
-        assert out["proposal_ids"].tolist() == [0, 0]  # one proposal, padded to K=2 by repeating it
-        for view, boxes, params in zip(out["views"], out["boxes"], out["params"]):
+        assert list(out["boxes"]) == ["v1:v2", "v2", "v1:v3", "v3", "v1:v4", "v4"]
+        # one proposal, padded to K=2 by repeating it
+        assert all(ids.tolist() == [0, 0] for ids in out["box_ids"].values())
+        views = dict(zip(out["view_names"], out["views"]))
+        for set_name, boxes, params in sets_with_params(out):
+            view = views[params.name]
             assert view.shape == (3, params.size, params.size)
             assert boxes.shape == (2, 4)
             torch.testing.assert_close(boxes[0], torch.tensor(expected_box(RECT, params)), atol=1e-3, rtol=0)
@@ -90,56 +100,80 @@ def test_v1_box_by_hand_with_and_without_flip():
     out = make_views(image, proposal, ViewsConfig(box_jitter=False, flip_prob=0.0), generator(0), color_augment=False)
     x1, y1, x2, y2 = RECT
     expected = [x1 * 224 / 200, y1 * 224 / 100, x2 * 224 / 200, y2 * 224 / 100]
-    torch.testing.assert_close(out["boxes"][0][0], torch.tensor(expected), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out["boxes"]["v1:v2"][0], torch.tensor(expected), atol=1e-4, rtol=0)
     out = make_views(image, proposal, ViewsConfig(box_jitter=False, flip_prob=1.0), generator(0), color_augment=False)
     flipped = [224 - expected[2], expected[1], 224 - expected[0], expected[3]]
-    torch.testing.assert_close(out["boxes"][0][0], torch.tensor(flipped), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out["boxes"]["v1:v2"][0], torch.tensor(flipped), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out["boxes"]["v1:v3"][0], torch.tensor(flipped), atol=1e-4, rtol=0)
     assert all(params.flip for params in out["params"])
 
 
 def test_v3_downsample_is_v2_scaled_exactly_with_its_own_flip():
     image = bright_rectangle_image()
     proposals = torch.tensor([RECT, [10, 10, 90, 60], [120, 30, 190, 95]], dtype=torch.float32)
-    config = ViewsConfig(box_jitter=False, proposals_per_image=3)
+    config = ViewsConfig(box_jitter=False, proposals_per_image=3, v3_mode="downsample")
     seen = set()
     for seed in range(16):
         out = make_views(image, proposals, config, generator(seed), color_augment=False)
         v2, v3 = out["params"][1], out["params"][2]
         assert (v3.top, v3.left, v3.height, v3.width) == (v2.top, v2.left, v2.height, v2.width)
-        expected = out["boxes"][1] * (112 / 224)
+        assert "v1:v3" not in out["boxes"] and torch.equal(out["box_ids"]["v3"], out["box_ids"]["v2"])
+        expected = out["boxes"]["v2"] * (112 / 224)
         v2_small = torch.nn.functional.avg_pool2d(denormalize(out["views"][1])[None], 2)[0]
         if v3.flip != v2.flip:  # mirrored: x1' = 112 - x2, x2' = 112 - x1
             expected = torch.stack([112 - expected[:, 2], expected[:, 1], 112 - expected[:, 0], expected[:, 3]], 1)
             v2_small = v2_small.flip(-1)
-        assert torch.equal(out["boxes"][2], expected)
+        assert torch.equal(out["boxes"]["v3"], expected)
         # The picture is V2's too: V2 averaged over 2x2 blocks is V3 up to uint8 rounding.
         assert (v2_small - denormalize(out["views"][2])).abs().mean() < 0.02
         seen.add((v2.flip, v3.flip))
     assert seen == {(False, False), (False, True), (True, False), (True, True)}
-    odd = ViewsConfig(box_jitter=False, v3_size=100, proposals_per_image=3, flip_prob=0.0)
+    odd = ViewsConfig(box_jitter=False, v3_size=100, proposals_per_image=3, flip_prob=0.0, v3_mode="downsample")
     out = make_views(image, proposals, odd, generator(3), color_augment=False)
-    torch.testing.assert_close(out["boxes"][2], out["boxes"][1] * (100 / 224), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out["boxes"]["v3"], out["boxes"]["v2"] * (100 / 224), atol=1e-4, rtol=0)
 
 
-def test_independent_v3_and_v4_have_their_own_crops_and_every_chosen_box_meets_every_crop():
+def test_independent_v3_and_v4_have_their_own_crops_and_each_pair_s_boxes_meet_its_crop():
     image = bright_rectangle_image(width=300, height=300)
     # A grid of small proposals: many miss any one crop of scale [0.3, 0.5].
     proposals = torch.tensor(
         [[x, y, x + 30, y + 30] for x in range(0, 300, 40) for y in range(0, 300, 40)], dtype=torch.float32
     )
-    config = ViewsConfig(
-        v3_mode="independent", use_v4=True, box_jitter=False, crop_scale=[0.3, 0.5], proposals_per_image=4
-    )
+    config = ViewsConfig(use_v4=True, box_jitter=False, crop_scale=[0.3, 0.5], proposals_per_image=4)
+    assert config.v3_mode == "independent"  # the release's own 112 crop is the default
     for seed in range(10):
         out = make_views(image, proposals, config, generator(seed), color_augment=False)
-        v2, v3, v4 = out["params"][1:]
+        params = {p.name: p for p in out["params"]}
+        v2, v3, v4 = params["v2"], params["v3"], params["v4"]
         assert (v3.top, v3.left, v3.height, v3.width) != (v2.top, v2.left, v2.height, v2.width)
         assert [v3.size, v4.size] == [112, 192]
-        for row, proposal_id in enumerate(out["proposal_ids"].tolist()):
+        for view in ("v2", "v3", "v4"):
+            for set_name, where in ((view, params[view]), (f"v1:{view}", params["v1"])):
+                for box, proposal_id in zip(out["boxes"][set_name], out["box_ids"][set_name].tolist()):
+                    assert proposal_id >= 0
+                    # the pair's proposals overlap the pair's crop: a box with area in that view
+                    assert (box[2] - box[0]) > 0 and (box[3] - box[1]) > 0
+                    expected = torch.tensor(expected_box(proposals[proposal_id], where))
+                    torch.testing.assert_close(box, expected, atol=1e-3, rtol=0)
+
+
+def test_shared_box_sets_meet_every_crop_row_for_row():
+    """box_sets "shared", the earlier design: one K-set for all views, each of its boxes overlapping every crop."""
+    image = bright_rectangle_image(width=300, height=300)
+    proposals = torch.tensor(
+        [[x, y, x + 30, y + 30] for x in range(0, 300, 40) for y in range(0, 300, 40)], dtype=torch.float32
+    )
+    config = ViewsConfig(box_sets="shared", use_v4=True, box_jitter=False, crop_scale=[0.3, 0.5], proposals_per_image=4)
+    for seed in range(10):
+        out = make_views(image, proposals, config, generator(seed), color_augment=False)
+        assert list(out["boxes"]) == ["v1:v2", "v2", "v3", "v4"]
+        ids = out["box_ids"]["v2"]
+        assert all(torch.equal(other, ids) for other in out["box_ids"].values())
+        for row, proposal_id in enumerate(ids.tolist()):
             if proposal_id < 0:
                 continue
-            for view_boxes, params in zip(out["boxes"], out["params"]):
-                box = view_boxes[row]
+            for set_name, boxes, params in sets_with_params(out):
+                box = boxes[row]
                 assert (box[2] - box[0]) > 0 and (box[3] - box[1]) > 0  # overlaps this view's crop
                 expected = torch.tensor(expected_box(proposals[proposal_id], params))
                 torch.testing.assert_close(box, expected, atol=1e-3, rtol=0)
@@ -150,7 +184,7 @@ def test_view_sizes_are_configurable_and_boxes_follow():
     proposal = torch.tensor([RECT], dtype=torch.float32)
     out = make_views(bright_rectangle_image(), proposal, config, generator(1))
     assert [tuple(v.shape) for v in out["views"]] == [(3, 64, 64), (3, 48, 48), (3, 20, 20), (3, 40, 40)]
-    for boxes, params in zip(out["boxes"], out["params"]):
+    for set_name, boxes, params in sets_with_params(out):
         assert boxes.min() >= 0 and boxes.max() <= params.size
         torch.testing.assert_close(boxes[0], torch.tensor(expected_box(RECT, params)), atol=1e-3, rtol=0)
 
@@ -163,50 +197,163 @@ def test_proposals_outside_the_crop_are_never_chosen():
     dropped_some = False
     for seed in range(20):
         out = make_views(bright_rectangle_image(), proposals, config, generator(seed), color_augment=False)
-        left, top, right, bottom = out["params"][1].region
-        overlapping = {
-            i for i, (x1, y1, x2, y2) in enumerate(proposals.tolist())
-            if min(x2, right) > max(x1, left) and min(y2, bottom) > max(y1, top)
-        }
-        chosen = set(out["proposal_ids"].tolist())
-        assert chosen <= overlapping
-        dropped_some |= len(overlapping) < len(proposals)
-        # Enough candidates: K distinct picks, none repeated.
-        if len(overlapping) >= 4:
-            assert len(chosen) == 4
+        for view, params in zip(out["view_names"][1:], out["params"][1:]):
+            left, top, right, bottom = params.region
+            overlapping = {
+                i for i, (x1, y1, x2, y2) in enumerate(proposals.tolist())
+                if min(x2, right) > max(x1, left) and min(y2, bottom) > max(y1, top)
+            }
+            for set_name in (view, f"v1:{view}"):
+                chosen = set(out["box_ids"][set_name].tolist())
+                assert chosen <= overlapping
+                # Enough candidates: K distinct picks, none repeated.
+                if len(overlapping) >= 4:
+                    assert len(chosen) == 4
+            dropped_some |= len(overlapping) < len(proposals)
     assert dropped_some
 
 
-def test_sampling_is_without_replacement_and_padding_cycles_the_picks():
+def test_sampling_is_without_replacement_and_every_proposal_can_be_drawn():
     image = bright_rectangle_image()
     many = torch.tensor([[i, 0, WIDTH - i, HEIGHT] for i in range(10)], dtype=torch.float32)
     config = ViewsConfig(proposals_per_image=4, box_jitter=False)
     picks = set()
     for seed in range(30):
-        ids = make_views(image, many, config, generator(seed), color_augment=False)["proposal_ids"].tolist()
-        assert len(set(ids)) == 4
-        picks.update(ids)
-    assert picks == set(range(10))  # every proposal can be drawn
+        out = make_views(image, many, config, generator(seed), color_augment=False)
+        for set_name, ids in out["box_ids"].items():
+            assert len(set(ids.tolist())) == 4, set_name
+            picks.update(ids.tolist())
+    assert picks == set(range(10))
+
+
+def test_padding_draws_each_copy_of_a_pair_with_replacement_from_its_own_boxes():
+    """The release pads V1's copy and the other view's copy separately, by draws with replacement (bboxs_utils.py
+    255-259): with 2 proposals and K=5, each set holds both once, then 3 random repeats of its own."""
+    image = bright_rectangle_image()
     two = torch.tensor([[0, 0, WIDTH, HEIGHT], [10, 10, 150, 90]], dtype=torch.float32)
-    five = ViewsConfig(proposals_per_image=5, box_jitter=False)
+    config = ViewsConfig(proposals_per_image=5, box_jitter=False)
+    differ, patterns = 0, set()
+    for seed in range(40):
+        out = make_views(image, two, config, generator(seed), color_augment=False)
+        v1_ids, v2_ids = out["box_ids"]["v1:v2"].tolist(), out["box_ids"]["v2"].tolist()
+        for ids in (v1_ids, v2_ids):
+            assert sorted(ids[:2]) == [0, 1] and set(ids[2:]) <= {0, 1}
+            patterns.add(tuple(ids))
+        assert sorted(v1_ids[:2]) == sorted(v2_ids[:2])
+        differ += v1_ids[2:] != v2_ids[2:]
+        for set_name, boxes, params in sets_with_params(out):
+            for box, proposal_id in zip(boxes, out["box_ids"][set_name].tolist()):
+                torch.testing.assert_close(box, torch.tensor(expected_box(two[proposal_id], params)), atol=1e-3,
+                                           rtol=0)
+    # independent draws: the copies' repeats differ in most samples, and not one cycling pattern
+    assert differ > 20 and len(patterns) > 4
+
+
+def test_shared_box_sets_pad_by_cycling_the_picks():
+    image = bright_rectangle_image()
+    two = torch.tensor([[0, 0, WIDTH, HEIGHT], [10, 10, 150, 90]], dtype=torch.float32)
+    five = ViewsConfig(proposals_per_image=5, box_jitter=False, box_sets="shared")
     out = make_views(image, two, five, generator(0), color_augment=False)
-    ids = out["proposal_ids"].tolist()
+    ids = out["box_ids"]["v2"].tolist()
     assert sorted(set(ids)) == [0, 1] and ids == [ids[0], ids[1]] * 2 + [ids[0]]
-    for view_boxes, params in zip(out["boxes"], out["params"]):
+    for set_name, view_boxes, params in sets_with_params(out):
         assert view_boxes.shape == (5, 4)
         for row, proposal_id in enumerate(ids):  # row i is the same proposal in every view
             expected = torch.tensor(expected_box(two[proposal_id], params))
             torch.testing.assert_close(view_boxes[row], expected, atol=1e-3, rtol=0)
 
 
-def test_no_proposal_falls_back_to_the_crop_region():
+def test_the_box_sets_of_the_two_pairs_differ():
+    """Issue 28's check: with 30 proposals and K=4 the (V1, V2) and (V1, V3) sets differ in most of 100 samples."""
+    proposals = torch.tensor([[x, y, x + 40, y + 30] for x in range(0, 160, 27) for y in range(0, 70, 14)],
+                             dtype=torch.float32)[:30]
+    assert len(proposals) == 30
+    image = bright_rectangle_image()
+    config = ViewsConfig(proposals_per_image=4)
+    differ = sum(
+        set(out["box_ids"]["v1:v2"].tolist()) != set(out["box_ids"]["v1:v3"].tolist())
+        for out in (make_views(image, proposals, config, generator(seed), color_augment=False) for seed in range(100))
+    )
+    assert differ > 80
+    shared = ViewsConfig(proposals_per_image=4, box_sets="shared")
+    out = make_views(image, proposals, shared, generator(0), color_augment=False)
+    assert torch.equal(out["box_ids"]["v2"], out["box_ids"]["v3"])
+
+
+def test_v1_is_jittered_separately_for_each_pair():
+    proposals = torch.tensor([RECT], dtype=torch.float32)
+    config = ViewsConfig(proposals_per_image=1, jitter_prob=1.0, flip_prob=0.0)
+    out = make_views(bright_rectangle_image(), proposals, config, generator(0), color_augment=False)
+    assert out["box_ids"]["v1:v2"].tolist() == out["box_ids"]["v1:v3"].tolist() == [0]
+    assert not torch.equal(out["boxes"]["v1:v2"], out["boxes"]["v1:v3"])
+
+
+def test_crops_are_drawn_again_until_each_pair_has_half_of_k_then_fewer():
+    """The release's tries (dataset.py 689-709): a pair needs max(K // 2, 1) boxes, then half as many each try."""
+    import soco.methods.soco_transform as soco_transform
+
+    image = bright_rectangle_image(width=400, height=100)
+    proposals = torch.tensor([[0, 0, 40, 40], [60, 0, 100, 40], [120, 0, 160, 40], [300, 60, 340, 100]],
+                             dtype=torch.float32)
+    one_box = (0, 0, 40, 40)      # top, left, h, w: overlaps proposal 0 only
+    three_boxes = (0, 0, 40, 140)  # overlaps proposals 0, 1, 2
+
+    def run(crops, k=4, retries=4):
+        sequence = iter(crops)
+        original = soco_transform.random_resized_crop
+        soco_transform.random_resized_crop = lambda *args: next(sequence)
+        try:
+            config = ViewsConfig(proposals_per_image=k, box_jitter=False, use_v3=False, crop_retries=retries)
+            return make_views(image, proposals, config, generator(0), color_augment=False)
+        finally:
+            soco_transform.random_resized_crop = original
+
+    # K=4 needs 2: the one-box crop is refused once; the three-box crop of the second try stands
+    out = run([one_box, three_boxes, one_box])
+    assert out["params"][1].width == 140 and set(out["box_ids"]["v2"].tolist()) == {0, 1, 2}
+    # after one refusal the need is 1: the second one-box crop stands (a third draw would raise StopIteration)
+    out = run([one_box, one_box])
+    assert out["params"][1].width == 40 and set(out["box_ids"]["v2"].tolist()) == {0}
+    # no retries: the first draw stands whatever it holds
+    out = run([one_box], retries=0)
+    assert set(out["box_ids"]["v2"].tolist()) == {0}
+
+
+def test_an_image_without_proposals_has_the_whole_image_as_its_one_proposal():
+    """The release's rule (dataset.py 681-682)."""
     config = ViewsConfig(proposals_per_image=3, box_jitter=False)
     out = make_views(bright_rectangle_image(), torch.zeros((0, 4)), config, generator(0), color_augment=False)
-    assert out["proposal_ids"].tolist() == [-1, -1, -1]
+    assert all(ids.tolist() == [0, 0, 0] for ids in out["box_ids"].values())
+    torch.testing.assert_close(out["boxes"]["v1:v2"], torch.tensor([[0.0, 0.0, 224.0, 224.0]] * 3))
+    torch.testing.assert_close(out["boxes"]["v2"], torch.tensor([[0.0, 0.0, 224.0, 224.0]] * 3))
+    torch.testing.assert_close(out["boxes"]["v3"], torch.tensor([[0.0, 0.0, 112.0, 112.0]] * 3))
+
+
+def test_a_pair_no_proposal_overlaps_contrasts_its_whole_frames():
+    """After the last try a pair without a box takes each view's whole frame under one id (bboxs_utils.py 67)."""
+    corner = torch.tensor([[0, 0, 10, 10]], dtype=torch.float32)
+    config = ViewsConfig(proposals_per_image=2, box_jitter=False, crop_scale=[0.1, 0.15], crop_retries=0, use_v3=False)
+    missed = 0
+    for seed in range(20):
+        out = make_views(bright_rectangle_image(), corner, config, generator(seed), color_augment=False)
+        if out["box_ids"]["v2"][0] >= 0:
+            continue
+        missed += 1
+        assert out["box_ids"]["v1:v2"].tolist() == out["box_ids"]["v2"].tolist() == [-1, -1]
+        torch.testing.assert_close(out["boxes"]["v1:v2"], torch.tensor([[0.0, 0.0, 224.0, 224.0]] * 2))
+        torch.testing.assert_close(out["boxes"]["v2"], torch.tensor([[0.0, 0.0, 224.0, 224.0]] * 2))
+    assert missed > 5
+
+
+def test_shared_box_sets_fall_back_to_the_crop_region():
+    config = ViewsConfig(proposals_per_image=3, box_jitter=False, box_sets="shared", v3_mode="downsample")
+    out = make_views(bright_rectangle_image(), torch.zeros((0, 4)), config, generator(0), color_augment=False)
+    assert out["box_ids"]["v2"].tolist() == [-1, -1, -1]
     v1, v2, v3 = out["params"]
-    torch.testing.assert_close(out["boxes"][1], torch.tensor([[0.0, 0.0, 224.0, 224.0]] * 3))
-    torch.testing.assert_close(out["boxes"][2], torch.tensor([[0.0, 0.0, 112.0, 112.0]] * 3))
-    torch.testing.assert_close(out["boxes"][0][0], torch.tensor(expected_box(v2.region, v1)), atol=1e-3, rtol=0)
+    torch.testing.assert_close(out["boxes"]["v2"], torch.tensor([[0.0, 0.0, 224.0, 224.0]] * 3))
+    torch.testing.assert_close(out["boxes"]["v3"], torch.tensor([[0.0, 0.0, 112.0, 112.0]] * 3))
+    torch.testing.assert_close(out["boxes"]["v1:v2"][0], torch.tensor(expected_box(v2.region, v1)), atol=1e-3,
+                               rtol=0)
 
 
 def test_crop_retries_make_a_missed_proposal_rare():
@@ -215,9 +362,10 @@ def test_crop_retries_make_a_missed_proposal_rare():
     image = bright_rectangle_image()
 
     def misses(retries: int) -> int:
-        config = ViewsConfig(crop_scale=[0.2, 0.3], crop_retries=retries, box_jitter=False, proposals_per_image=1)
+        config = ViewsConfig(crop_scale=[0.2, 0.3], crop_retries=retries, box_jitter=False, proposals_per_image=1,
+                             use_v3=False)
         return sum(
-            make_views(image, corner, config, generator(seed), color_augment=False)["proposal_ids"].item() < 0
+            make_views(image, corner, config, generator(seed), color_augment=False)["box_ids"]["v2"].item() < 0
             for seed in range(40)
         )
 
@@ -256,17 +404,19 @@ def test_jitter_applies_to_v1_only_and_off_means_exact_resize():
     jittered = ViewsConfig(box_jitter=True, jitter_prob=1.0, jitter_ratio=0.1, flip_prob=0.0, proposals_per_image=2)
     for seed in range(5):
         off = make_views(image, proposals, plain, generator(seed), color_augment=False)
-        assert torch.equal(off["boxes"][0], proposals[off["proposal_ids"]] * scale)
+        for pair in ("v1:v2", "v1:v3"):
+            assert torch.equal(off["boxes"][pair], proposals[off["box_ids"][pair]] * scale)
         on = make_views(image, proposals, jittered, generator(seed), color_augment=False)
-        assert torch.equal(on["proposal_ids"], off["proposal_ids"])
-        assert torch.equal(on["boxes"][1], off["boxes"][1]) and torch.equal(on["boxes"][2], off["boxes"][2])
-        original = proposals[on["proposal_ids"]]
-        width = original[:, 2] - original[:, 0]
-        v1_in_original = on["boxes"][0] / scale
-        assert ((v1_in_original[:, 0] - original[:, 0]).abs() <= 0.1 * width + 1e-3).all()
-        width_ratio = (v1_in_original[:, 2] - v1_in_original[:, 0]) / width
-        assert ((width_ratio >= 0.9 - 1e-4) & (width_ratio <= 1.1 + 1e-4)).all()
-        assert not torch.equal(on["boxes"][0], off["boxes"][0])
+        assert all(torch.equal(on["box_ids"][name], off["box_ids"][name]) for name in off["box_ids"])
+        assert torch.equal(on["boxes"]["v2"], off["boxes"]["v2"]) and torch.equal(on["boxes"]["v3"], off["boxes"]["v3"])
+        for pair in ("v1:v2", "v1:v3"):
+            original = proposals[on["box_ids"][pair]]
+            width = original[:, 2] - original[:, 0]
+            v1_in_original = on["boxes"][pair] / scale
+            assert ((v1_in_original[:, 0] - original[:, 0]).abs() <= 0.1 * width + 1e-3).all()
+            width_ratio = (v1_in_original[:, 2] - v1_in_original[:, 0]) / width
+            assert ((width_ratio >= 0.9 - 1e-4) & (width_ratio <= 1.1 + 1e-4)).all()
+            assert not torch.equal(on["boxes"][pair], off["boxes"][pair])
 
 
 def test_same_seed_is_bitwise_identical_and_another_seed_differs():
@@ -278,7 +428,7 @@ def test_same_seed_is_bitwise_identical_and_another_seed_differs():
     assert torch.equal(torch.get_rng_state(), global_state)  # nothing drawn from the global RNG
     again = make_views(image, proposals, config, generator(11))
     other = make_views(image, proposals, config, generator(12))
-    for a, b in zip(first["views"] + first["boxes"], again["views"] + again["boxes"]):
+    for a, b in zip(first["views"] + list(first["boxes"].values()), again["views"] + list(again["boxes"].values())):
         assert torch.equal(a, b)
     assert any(not torch.equal(a, b) for a, b in zip(first["views"], other["views"]))
     # A generator resumed from a saved state continues bitwise the same.
@@ -293,7 +443,7 @@ def test_same_seed_is_bitwise_identical_and_another_seed_differs():
     # Colour is drawn after the geometry, so switching it off keeps each seed's crops and boxes.
     grey = make_views(image, proposals, config, generator(11), color_augment=False)
     assert grey["params"] == first["params"]
-    assert all(torch.equal(a, b) for a, b in zip(grey["boxes"], first["boxes"]))
+    assert all(torch.equal(grey["boxes"][name], first["boxes"][name]) for name in first["boxes"])
 
 
 def test_colour_pipeline_changes_pixels_and_output_is_normalised():
@@ -329,8 +479,9 @@ def test_blur_kernel_covers_three_sigma_whatever_the_view_size():
 def test_whole_image_gives_one_box_equal_to_each_full_view():
     config = ViewsConfig(box_source="whole_image", proposals_per_image=4, use_v4=True, v4_size=96)
     out = make_views(bright_rectangle_image(), torch.tensor([RECT], dtype=torch.float32), config, generator(0))
-    assert out["proposal_ids"].tolist() == [-1]
-    for boxes, params in zip(out["boxes"], out["params"]):
+    assert list(out["boxes"]) == ["v1:v2", "v2", "v1:v3", "v3", "v1:v4", "v4"]
+    assert all(ids.tolist() == [0] for ids in out["box_ids"].values())
+    for set_name, boxes, params in sets_with_params(out):
         assert torch.equal(boxes, torch.tensor([[0.0, 0.0, float(params.size), float(params.size)]]))
 
 
@@ -338,10 +489,10 @@ def test_random_boxes_are_k_boxes_within_every_view():
     config = ViewsConfig(box_source="random", proposals_per_image=6, box_jitter=False, use_v4=True)
     for seed in range(5):
         out = make_views(bright_rectangle_image(), torch.zeros((0, 4)), config, generator(seed), color_augment=False)
-        ids = out["proposal_ids"].tolist()
-        # chosen among the random candidates exactly as proposals are: without replacement, then cycled
-        assert all(0 <= i < RANDOM_CANDIDATES for i in ids) and len(ids) == 6
-        for boxes, params in zip(out["boxes"], out["params"]):
+        for ids in out["box_ids"].values():
+            # chosen among the random candidates exactly as proposals are
+            assert all(0 <= i < RANDOM_CANDIDATES for i in ids.tolist()) and len(ids) == 6
+        for set_name, boxes, params in sets_with_params(out):
             assert boxes.shape == (6, 4)
             assert boxes.min() >= 0 and boxes.max() <= params.size
             assert ((boxes[:, 2] - boxes[:, 0]) > 0).all() and ((boxes[:, 3] - boxes[:, 1]) > 0).all()
@@ -382,10 +533,10 @@ def test_random_box_candidates_are_drawn_before_the_crops_and_chosen_like_propos
         candidates = random_image_boxes(RANDOM_CANDIDATES, WIDTH, HEIGHT, replay)
         out = make_views(image, torch.zeros((0, 4)), config, generator(seed), color_augment=False)
         v1 = out["params"][0]
-        chosen = candidates[out["proposal_ids"]]
+        chosen = candidates[out["box_ids"]["v1:v2"]]
         # V1 is the whole image without flip: its boxes are the chosen candidates scaled to the view
         scale = torch.tensor([v1.size / WIDTH, v1.size / HEIGHT] * 2)
-        torch.testing.assert_close(out["boxes"][0], chosen * scale, atol=1e-3, rtol=0)
+        torch.testing.assert_close(out["boxes"]["v1:v2"], chosen * scale, atol=1e-3, rtol=0)
         v2_region = out["params"][1].region
         assert all(b[0] < v2_region[2] and b[2] > v2_region[0] and b[1] < v2_region[3] and b[3] > v2_region[1]
                    for b in chosen.tolist())
@@ -419,9 +570,10 @@ def test_transform_gives_views_and_boxes_by_name_and_collates_them():
     samples = [transform(bright_rectangle_image().permute(1, 2, 0).numpy(), proposals, generator(s)) for s in (0, 1)]
     batch = transform.collate(samples)
     assert list(batch["views"]) == ["v1", "v2", "v3"]
-    assert batch["views"]["v3"].shape == (2, 3, 16, 16) and batch["boxes"]["v1"].shape == (2, 2, 4)
+    assert list(batch["boxes"]) == list(batch["box_ids"]) == ["v1:v2", "v2", "v1:v3", "v3"]
+    assert batch["views"]["v3"].shape == (2, 3, 16, 16) and batch["boxes"]["v1:v3"].shape == (2, 2, 4)
     assert torch.equal(batch["boxes"]["v2"][1], samples[1]["boxes"]["v2"])
-    assert batch["proposal_ids"].shape == (2, 2)
+    assert batch["box_ids"]["v1:v2"].shape == (2, 2) and batch["box_ids"]["v3"].dtype == torch.int64
 
 
 def test_crop_parameters_respect_scale_and_ratio():
@@ -440,12 +592,15 @@ def test_bad_configuration_values_are_refused():
         validate_section(ViewsConfig(v3_mode="half"), "method.views")
     with pytest.raises(ConfigError, match="proposals_per_image"):
         validate_section(ViewsConfig(proposals_per_image=0), "method.views")
+    with pytest.raises(ConfigError, match="box_sets"):
+        validate_section(ViewsConfig(box_sets="one"), "method.views")
 
 
 def test_without_v3_there_are_two_views():
     proposal = torch.tensor([RECT], dtype=torch.float32)
     out = make_views(bright_rectangle_image(), proposal, ViewsConfig(use_v3=False), generator(0))
     assert out["view_names"] == ["v1", "v2"] and len(out["views"]) == len(out["boxes"]) == 2
+    assert box_set_names(ViewsConfig(use_v3=False)) == ["v1:v2", "v2"]
 
 
 def test_the_c4_preset_has_no_box_jitter_as_the_release_s_c4_data_set():
@@ -462,7 +617,7 @@ def test_the_c4_preset_has_no_box_jitter_as_the_release_s_c4_data_set():
         out = make_views(image, proposals, views, generator(seed), color_augment=False)
         size = views.v1_size
         scale = torch.tensor([size / WIDTH, size / HEIGHT, size / WIDTH, size / HEIGHT])
-        return torch.equal(out["boxes"][0], proposals[out["proposal_ids"]] * scale)
+        return torch.equal(out["boxes"]["v1:v2"], proposals[out["box_ids"]["v1:v2"]] * scale)
 
     assert all(v1_equals_the_resized_proposals("soco_r50_c4", seed) for seed in range(10))
     assert not all(v1_equals_the_resized_proposals("soco_r50_fpn", seed) for seed in range(10))

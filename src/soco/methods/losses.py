@@ -18,19 +18,39 @@ def byol_regression(prediction: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return 2.0 - 2.0 * (prediction * target).sum(dim=-1)
 
 
+def matched_box_loss(prediction: torch.Tensor, target: torch.Tensor, prediction_ids: torch.Tensor,
+                     target_ids: torch.Tensor) -> torch.Tensor:
+    """Mean over images of the mean 2 - 2 cos over every (prediction box, target box) pair with the same id.
+
+    prediction (B, K, D) and target (B, K', D) are one view pair's box vectors, ids (B, K) and (B, K'). The ids
+    say which proposal each box came from, and a padded set repeats some, so box i of one view meets every box
+    of the other view with its id: the release's correspondence matrix and its loss (`SoCo_FPN.py` 119-128,
+    -2 times the matched mean cosine, which is this less 2). An image without a matched pair adds 0.
+    """
+    prediction = F.normalize(at_least_float32(prediction), dim=-1)
+    target = F.normalize(at_least_float32(target.detach()), dim=-1)
+    cosines = torch.bmm(prediction, target.transpose(1, 2))
+    matches = (prediction_ids[:, :, None] == target_ids[:, None, :]).to(cosines.dtype)
+    count = matches.sum(dim=(1, 2))
+    per_image = (matches * (2.0 - 2.0 * cosines)).sum(dim=(1, 2)) / count.clamp(min=1)
+    return per_image.mean()
+
+
 def symmetric_pair_loss(
     online_predictions: dict[str, torch.Tensor],
     target_projections: dict[str, torch.Tensor],
+    box_ids: dict[str, torch.Tensor],
     pairs: list[tuple[str, str]],
 ) -> torch.Tensor:
-    """Sum over view pairs (a, b) of mean box loss in both directions: q(a) vs z(b) and q(b) vs z(a).
+    """Sum over view pairs (a, b) of the matched box loss in both directions: q(a) vs z(b) and q(b) vs z(a).
 
-    Tensors are (boxes, dim), rows aligned so that row i is the same object in every view.
+    Tensors are keyed by box set name ((B, K, D) vectors, (B, K) ids); a pair names its two sets.
     """
     total = online_predictions[pairs[0][0]].new_zeros((), dtype=torch.float32)
-    for view_a, view_b in pairs:
-        total = total + byol_regression(online_predictions[view_a], target_projections[view_b]).mean()
-        total = total + byol_regression(online_predictions[view_b], target_projections[view_a]).mean()
+    for set_a, set_b in pairs:
+        ids_a, ids_b = box_ids[set_a], box_ids[set_b]
+        total = total + matched_box_loss(online_predictions[set_a], target_projections[set_b], ids_a, ids_b)
+        total = total + matched_box_loss(online_predictions[set_b], target_projections[set_a], ids_b, ids_a)
     return total
 
 

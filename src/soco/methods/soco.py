@@ -21,7 +21,7 @@ from soco.errors import ConfigError
 from soco.methods.base import EncoderLayout
 from soco.methods.losses import symmetric_pair_loss
 from soco.methods.momentum import MomentumMethod
-from soco.methods.soco_transform import SoCoTransform, SoCoViewsConfig
+from soco.methods.soco_transform import SoCoTransform, SoCoViewsConfig, pair_box_sets
 from soco.models.backbone import FPN_LEVEL_NAMES, FPN_STRIDES, RESNET_BUILDERS, ResNetBody, build_resnet
 from soco.models.backbone import build_resnet_fpn, c4_channels, c5_channels
 from soco.models.encoder import ObjectEncoder
@@ -136,15 +136,12 @@ def build_encoder(model: SoCoModelConfig, thresholds: tuple[float, ...]) -> Obje
 
 
 def view_pairs(model: SoCoModelConfig, views: SoCoViewsConfig) -> list[tuple[str, str]]:
-    """The view pairs contrasted: (V1,V2), (V1,V3) and SoCo*'s (V1,V4); C4 keeps (V1,V2) only."""
-    pairs = [("v1", "v2")]
-    if model.variant == "c4":
-        return pairs
-    if views.use_v3:
-        pairs.append(("v1", "v3"))
-    if views.use_v4:
-        pairs.append(("v1", "v4"))
-    return pairs
+    """The box sets contrasted, as (V1's set, the other view's set): V1 with V2, V3 and SoCo*'s V4; C4 with V2 only.
+
+    Each pair names its own V1 box set ("v1:v2", "v1:v3", ...), see `soco_transform.pair_box_sets`.
+    """
+    pairs = pair_box_sets(views)
+    return pairs[:1] if model.variant == "c4" else pairs
 
 
 @register_method
@@ -177,24 +174,38 @@ class SoCo(MomentumMethod):
         return 2, ("BatchNorm in SoCo's backbone, box head and projector normalises over the images of each "
                    "process's micro-batch and needs two")
 
-    def views_used(self) -> list[str]:
-        """Names of the views this method reads from a batch."""
-        return sorted({name for pair in self.pairs for name in pair})
+    def sets_by_view(self) -> dict[str, list[str]]:
+        """{view name: the box sets of that view this method reads}, V1's sets in pair order."""
+        by_view: dict[str, list[str]] = {}
+        for pair in self.pairs:
+            for set_name in pair:
+                sets = by_view.setdefault(set_name.split(":")[0], [])
+                if set_name not in sets:
+                    sets.append(set_name)
+        return by_view
 
-    def loss(self, views: dict[str, torch.Tensor], boxes: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The symmetrised SoCo loss: views (B,3,S,S) and boxes (B, proposals_per_image, 4) per view name."""
+    def loss(self, views: dict[str, torch.Tensor], boxes: dict[str, torch.Tensor],
+             box_ids: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The symmetrised SoCo loss: views (B,3,S,S) by view name, boxes (B, K, 4) and ids (B, K) by box set name.
+
+        Each view runs through the backbone once and through the head once per box set it carries; boxes of a
+        pair meet by id (`losses.matched_box_loss`).
+        """
         predictions, targets = {}, {}
-        for name in self.views_used():
-            predictions[name] = self.predictor(self.online(views[name], boxes[name]))
+        for view, set_names in self.sets_by_view().items():
+            box_sets = [boxes[name] for name in set_names]
+            batch, count = box_sets[0].shape[:2]
+            online = self.online(views[view], box_sets, predictor=self.predictor)
             with torch.no_grad():
-                targets[name] = self.target(views[name], boxes[name])
-        return symmetric_pair_loss(predictions, targets, self.pairs)
+                target = self.target(views[view], box_sets)
+            for name, online_set, target_set in zip(set_names, online, target):
+                predictions[name] = online_set.reshape(batch, count, -1)
+                targets[name] = target_set.reshape(batch, count, -1)
+        return symmetric_pair_loss(predictions, targets, box_ids, self.pairs)
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
-        """{"loss": the symmetrised BYOL loss over every box of every view pair}."""
-        return {"loss": self.loss(batch["views"], batch["boxes"])}
-
-
+        """{"loss": the symmetrised BYOL loss over every matched box pair of every view pair}."""
+        return {"loss": self.loss(batch["views"], batch["boxes"], batch["box_ids"])}
 
     def encoder_layout(self) -> EncoderLayout:
         """Which detector parts the encoder holds, under which key prefixes, and how boxes were pooled."""
@@ -216,5 +227,6 @@ class SoCo(MomentumMethod):
         )
 
     def draw_batch(self, batch: dict, path: Path) -> Path:
-        """A grid of the batch's views with their boxes (box k in colour k in every view)."""
-        return draw_views(batch["views"], batch["boxes"], path, batch.get("paths"))
+        """A grid of the batch's box sets on their views (V1 once per set; box k in colour k in every column)."""
+        columns = {name: batch["views"][name.split(":")[0]] for name in batch["boxes"]}
+        return draw_views(columns, batch["boxes"], path, batch.get("paths"))

@@ -60,25 +60,41 @@ class ObjectEncoder(nn.Module):
 
     def representations(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """(B*N, D) object features before the projector: what the detector's box head computes."""
-        if boxes.ndim != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != images.shape[0]:
-            raise ValueError(f"boxes must be (B, N, 4) for {images.shape[0]} images, got {tuple(boxes.shape)}")
-        features = self.feature_maps(images)
+        return self._encode(self.feature_maps(images), boxes, lambda vectors: vectors)
+
+    def _encode(self, features: list[torch.Tensor], boxes: torch.Tensor, tail) -> torch.Tensor:
+        """(B*N, ...) `tail` of the box head's output for one (B, N, 4) box set pooled on `features`."""
+        if boxes.ndim != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != features[0].shape[0]:
+            raise ValueError(f"boxes must be (B, N, 4) for {features[0].shape[0]} images, got {tuple(boxes.shape)}")
         if not self.pool_all_levels:
-            # One head call over all boxes of the view, each pooled on its own level: a detector's box head.
-            return self.box_head(self.pooler(features, boxes))
-        # The release's way: one head call per level over every box, then each box keeps its own level's output.
-        # The pooled features and the weights are the same, so in eval mode the result equals the per-level
-        # path. In training mode the head's BatchNorm normalises each call with that call's batch statistics:
-        # here over all B*N boxes pooled at one level (three quarters of them at a level they do not belong
-        # to), there over the B*N boxes each at its own level. The outputs, and the running statistics the
-        # detector inherits, therefore differ slightly between the two ways.
+            # One head call over all boxes of the set, each pooled on its own level: a detector's box head.
+            return tail(self.box_head(self.pooler(features, boxes)))
+        # The release's way (SoCo_FPN.py 157-167): every box pooled on every level, the head, projector (and
+        # predictor) called once per level, and each box keeps its own level's output. The pooled features and the
+        # weights are the same, so in eval mode the result equals the per-level path. In training mode BatchNorm
+        # normalises each call with that call's batch statistics: here over all B*N boxes pooled at one level
+        # (three quarters of them at a level they do not belong to), there over the B*N boxes each at its own
+        # level. The outputs, and the running statistics the detector inherits, therefore differ slightly.
         pooled_all, levels = self.pooler.pool_every_level(features, boxes)
-        per_level = torch.stack([self.box_head(pooled_level) for pooled_level in pooled_all])
+        per_level = torch.stack([tail(self.box_head(pooled_level)) for pooled_level in pooled_all])
         return per_level[levels, torch.arange(levels.numel(), device=levels.device)]
 
-    def forward(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """(B*N, projection_dim) projected object vectors."""
-        return self.projector(self.representations(images, boxes))
+    def forward(self, images: torch.Tensor, boxes: torch.Tensor | list[torch.Tensor],
+                predictor: nn.Module | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """(B*N, projection_dim) projected object vectors, passed through `predictor` too when one is given.
+
+        `boxes` is one (B, N, 4) set, or a list of sets: the backbone then runs once and the head once per set
+        (as the release does for V1, which carries one box set per view pair), and a list comes back.
+        """
+        features = self.feature_maps(images)
+
+        def tail(vectors: torch.Tensor) -> torch.Tensor:
+            projected = self.projector(vectors)
+            return projected if predictor is None else predictor(projected)
+
+        if isinstance(boxes, torch.Tensor):
+            return self._encode(features, boxes, tail)
+        return [self._encode(features, box_set, tail) for box_set in boxes]
 
 
 class BoxListEncoder(nn.Module):
