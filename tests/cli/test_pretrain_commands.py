@@ -61,11 +61,11 @@ def test_bench_times_the_step_and_a_compared_configuration(tiny_data, tmp_path, 
     output = tmp_path / "bench.json"
     argv = ["bench", "--config", "soco_tiny", "--data", str(images), "--proposals", str(store), "--steps", "1",
             "--warmup", "0", "--data-batches", "1", "--device", "cpu", "--workers", "0",
-            "--compare", "method.model.pool_all_levels=true", "-o", str(output)]
+            "--compare", "method.model.pool_all_levels=false", "-o", str(output)]
     assert main(argv) == 0
     result = json.loads(output.read_text())
     assert result["method"]["name"] == "soco" and result["model_step"]["batch_size"] == 4
-    assert result["compared"]["change"] == "method.model.pool_all_levels=true"
+    assert result["compared"]["change"] == "method.model.pool_all_levels=false"
     assert result["speedup_of_configured_over_compared"] > 0
 
 

@@ -80,7 +80,9 @@ def assert_same_batches(first: list[dict], second: list[dict]) -> None:
     assert len(first) == len(second)
     for a, b in zip(first, second):
         assert a["paths"] == b["paths"] and a["skipped"] == b["skipped"]
-        assert torch.equal(a["indices"], b["indices"]) and torch.equal(a["proposal_ids"], b["proposal_ids"])
+        assert torch.equal(a["indices"], b["indices"])
+        assert list(a["box_ids"]) == list(b["box_ids"]) and all(torch.equal(a["box_ids"][k], b["box_ids"][k])
+                                                                for k in a["box_ids"])
         for x, y in zip([*a["views"].values(), *a["boxes"].values()], [*b["views"].values(), *b["boxes"].values()]):
             assert torch.equal(x, y)
 
@@ -95,7 +97,8 @@ def test_batches_are_identical_with_zero_and_two_workers(folder_and_store):
     assert_same_batches(in_process, with_workers)
     batch = in_process[0]
     assert [tuple(v.shape) for v in batch["views"].values()] == [(2, 3, 48, 48), (2, 3, 48, 48), (2, 3, 24, 24)]
-    assert [tuple(b.shape) for b in batch["boxes"].values()] == [(2, 3, 4)] * 3
+    assert list(batch["boxes"]) == ["v1:v2", "v2", "v1:v3", "v3"]
+    assert [tuple(b.shape) for b in batch["boxes"].values()] == [(2, 3, 4)] * 4
     assert list(batch["views"]) == ["v1", "v2", "v3"] and batch["skipped"] == 0
     # A sample does not depend on its batch or on the order of access.
     single = dataset[1]
@@ -120,7 +123,7 @@ def test_epoch_and_seed_change_the_views_and_return_to_them(folder_and_store):
 def test_boxes_lie_within_each_view(folder_and_store):
     images, store = folder_and_store
     batch = batches(SoCoDataset(images, store, SMALL_VIEWS), workers=0, batch_size=4)[0]
-    for boxes, side in zip(batch["boxes"].values(), (48, 48, 24)):
+    for boxes, side in zip(batch["boxes"].values(), (48, 48, 48, 24)):
         assert boxes.min() >= 0 and boxes.max() <= side
         assert ((boxes[..., 2] - boxes[..., 0]) > 0).all()
 
@@ -195,7 +198,8 @@ def test_dataset_pickles_without_the_store_arrays(folder_and_store):
 def test_draw_batch_views_writes_a_grid(folder_and_store, tmp_path):
     images, store = folder_and_store
     batch = batches(SoCoDataset(images, store, SMALL_VIEWS), workers=0, batch_size=4)[0]
-    path = draw_views(batch["views"], batch["boxes"], tmp_path / "out" / "views.png", batch["paths"], max_images=2)
+    boxes = {name: batch["boxes"][name] for name in ("v2", "v3")} | {"v1": batch["boxes"]["v1:v2"]}
+    path = draw_views(batch["views"], boxes, tmp_path / "out" / "views.png", batch["paths"], max_images=2)
     with Image.open(path) as picture:
         width, height = picture.size
         kind = picture.format

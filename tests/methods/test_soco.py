@@ -75,7 +75,7 @@ def test_loss_is_sum_of_four_directional_terms_in_range():
 
 
 def test_per_level_loss_equals_all_level_masked_loss_in_eval_mode():
-    per_level_config = tiny_config("method.model.level_thresholds=[48,96,192]")
+    per_level_config = tiny_config("method.model.pool_all_levels=false", "method.model.level_thresholds=[48,96,192]")
     all_level_config = tiny_config("method.model.pool_all_levels=true", "method.model.level_thresholds=[48,96,192]")
     torch.manual_seed(0)
     per_level = SoCo(per_level_config.method)

@@ -33,9 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     compare = parser.add_mutually_exclusive_group()
     compare.add_argument("--compare", default=None, metavar="KEY=VALUE",
                         help="also time the step with this override and report the speed-up, "
-                             "e.g. method.model.pool_all_levels=true")
+                             "e.g. method.model.pool_all_levels=false")
     compare.add_argument("--compare-pooling", action="store_true",
-                        help="shorthand for --compare method.model.pool_all_levels=true (SoCo)")
+                        help="shorthand for --compare method.model.pool_all_levels=false (SoCo: each box on its "
+                             "own level against the release's all-level pooling)")
     parser.add_argument("-o", "--output", default=None, help="also write the JSON to this file")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
 
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     ])
     preset = preset_for(args)
     config = load_config(preset, overrides)
-    change = "method.model.pool_all_levels=true" if args.compare_pooling else args.compare
+    change = "method.model.pool_all_levels=false" if args.compare_pooling else args.compare
     compare = (change, load_config(preset, [*overrides, change])) if change else None
     # imported once the configuration is checked: it imports torch
     from soco.engine.bench import run_bench

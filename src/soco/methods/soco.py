@@ -54,7 +54,10 @@ class SoCoModelConfig:
     # sqrt(area) boundaries P2|P3|P4|P5 in view pixels; empty: the paper's 48/96/192 scaled by v1_size/224
     level_thresholds: list[float] = field(default_factory=list)
     fixed_level: int = 5  # pyramid level (2..5) used when scale_aware is off
-    pool_all_levels: bool = False  # the release's way: pool on every level and mask (for comparison)
+    # The release's way (SoCo_FPN.py 157-167): every box pooled on all four levels, the head, projector and predictor
+    # run once per level, each box keeping its own level's output. False: each box pooled on its own level only, one
+    # head call per box set (a detector's box head; a quarter of the head's work, BatchNorm over the real boxes).
+    pool_all_levels: bool = True
     fpn_channels: int = 256
     head_convs: int = 4
     head_conv_channels: int = 256  # the head's conv width (torchvision's and Detectron2's 4conv1fc: 256)

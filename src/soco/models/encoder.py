@@ -37,7 +37,8 @@ class ObjectEncoder(nn.Module):
         self.pooler = pooler
         self.box_head = box_head
         self.projector = projector
-        self.pool_all_levels = pool_all_levels and len(self.feature_names) > 1
+        # Only a scale-aware pyramid has levels to choose from; a fixed level keeps one call's output either way.
+        self.pool_all_levels = pool_all_levels and len(self.feature_names) > 1 and pooler.thresholds is not None
 
     @property
     def representation_dim(self) -> int:
