@@ -72,7 +72,8 @@ def test_bench_times_the_step_and_a_compared_configuration(tiny_data, tmp_path, 
 def test_methods_lists_every_method_with_its_presets(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("detco: DetCo: contrastive learning at every ResNet stage")
+    assert out.startswith("byol: BYOL: bootstrap your own latent, as DeepMind released it")
+    assert "\ndetco: DetCo: contrastive learning at every ResNet stage" in out and "byol_r50_100ep" in out
     assert "\ninsloc: InsLoc: instance localization" in out
     assert "\nscrl: SCRL: spatially consistent representation learning" in out
     assert "\nsoco: SoCo: object-level BYOL" in out and "insloc_r50_fpn_200ep" in out

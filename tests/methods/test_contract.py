@@ -168,7 +168,7 @@ def methods_defined_in_files() -> dict[str, type]:
 
 def test_every_method_file_is_found_and_a_name_is_taken_once():
     defined = methods_defined_in_files()
-    assert {"soco", "scrl", "insloc", "detco"} <= set(defined)
+    assert {"soco", "byol", "scrl", "insloc", "detco"} <= set(defined)
     for name, cls in defined.items():
         assert method_class(name) is cls, f"{cls.__module__}.{cls.__qualname__} is not registered"
     assert set(method_names()) == set(defined)  # and the registry holds no method of no file
@@ -196,7 +196,7 @@ def test_an_arm_name_is_taken_once_and_scratch_is_the_study_s():
         StudyArm("mine", "not a format the study reads", exports="detectron2")
     # the study's arms are the methods' declared ones, in their order, after scratch
     assert list(arms()) == ["scratch", *(arm.name for arm in study_arms())]
-    assert list(arms()) == ["scratch", "byol_image", "soco", "scrl", "insloc", "detco"]
+    assert list(arms()) == ["scratch", "byol_image", "byol", "soco", "scrl", "insloc", "detco"]
     assert arms()["insloc"].overrides_for("cpu") == ("method.queue_size=256",) == arms()["detco"].overrides_for("cpu")
     assert arms()["soco"].overrides_for("cpu") == () and arms()["insloc"].overrides_for("gpu") == ()
     assert arms()["byol_image"].presets.for_size("small") == "byol_image_small"
@@ -359,7 +359,7 @@ def test_a_method_in_its_own_files_is_everywhere_with_no_other_edit(toy_method, 
             "exports torchvision; fine-tuned full, frozen") in plan
     with pytest.raises(SystemExit):
         main(["study", "--help"])
-    assert "scratch byol_image soco scrl insloc detco toy," in " ".join(capsys.readouterr().out.split())
+    assert "scratch byol_image byol soco scrl insloc detco toy," in " ".join(capsys.readouterr().out.split())
 
 
 def test_the_toy_method_is_gone_after_its_test():

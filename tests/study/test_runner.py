@@ -112,8 +112,8 @@ def test_a_later_call_adds_seeds_without_redoing_finished_runs(study, tmp_path):
 
 
 def test_arm_names_and_command_errors(tmp_path, capsys):
-    assert select_arms(None, BUDGETS["cpu"]) == ["scratch", "byol_image", "soco", "scrl", "insloc", "detco",
-                                                 "soco@75", "soco@150"]
+    assert select_arms(None, BUDGETS["cpu"]) == ["scratch", "byol_image", "byol", "soco", "scrl", "insloc",
+                                                 "detco", "soco@75", "soco@150"]
     assert select_arms(["soco@20", "scratch", "soco@20"], BUDGETS["cpu"]) == ["soco@20", "scratch"]
     assert select_arms(["soco@300", "soco"], BUDGETS["cpu"]) == ["soco"]  # the budget's own length
     assert parse_length_arm("insloc@40") == ("insloc", 40) and parse_length_arm("soco") == ("soco", None)
@@ -131,7 +131,8 @@ def test_each_arm_pretrains_with_its_method_s_preset_and_overrides(capsys):
     shared = [*cpu.pretrain_overrides, "train.steps=300", "train.device=cpu"]
     heads = list(cpu.head_overrides)
     queue = ["method.queue_size=256"]  # the cpu budget's MoCo queues, shorter than an epoch of its data
-    expected = {"byol_image": ("byol_image_small", shared), "soco": ("soco_small", [*shared, *heads]),
+    expected = {"byol_image": ("byol_image_small", shared), "byol": ("byol_small", shared),
+                "soco": ("soco_small", [*shared, *heads]),
                 "scrl": ("scrl_small", shared), "insloc": ("insloc_small", [*shared, *heads, *queue]),
                 "detco": ("detco_small", [*shared, *queue])}
     for arm, (preset, overrides) in expected.items():
@@ -139,7 +140,7 @@ def test_each_arm_pretrains_with_its_method_s_preset_and_overrides(capsys):
     assert pretraining_settings("soco@75", cpu, "cpu")[1][3] == "train.steps=75"
     r50 = {arm: pretraining_settings(arm, gpu, "cuda") for arm in expected}
     assert {arm: preset for arm, (preset, _) in r50.items()} == {
-        "byol_image": "byol_image_r50", "soco": "soco_r50_fpn", "scrl": "scrl_r50_200ep",
+        "byol_image": "byol_image_r50", "byol": "byol_r50_100ep", "soco": "soco_r50_fpn", "scrl": "scrl_r50_200ep",
         "insloc": "insloc_r50_fpn_200ep", "detco": "detco_r50_200ep"}
     assert all(overrides == [*gpu.pretrain_overrides, "train.steps=3000", "train.device=cuda"]
                for _, overrides in r50.values())

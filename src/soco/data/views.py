@@ -28,6 +28,7 @@ __all__ = [
     "uniform",
     "bernoulli",
     "random_resized_crop",
+    "clamped_resized_crop",
     "crop_region",
     "overlaps",
     "intersection",
@@ -142,6 +143,27 @@ def random_resized_crop(
         crop_w, crop_h = width, height
     crop_w, crop_h = max(1, min(crop_w, width)), max(1, min(crop_h, height))
     return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
+
+
+def clamped_resized_crop(
+    height: int, width: int, scale: list[float], ratio: list[float], generator: torch.Generator
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w) drawn once and clamped to the image, as BYOL's release crops (its utils/dataset.py:206-233).
+
+    Area fraction U(scale) and log aspect U(log ratio), w = round(sqrt(area * aspect)), h = round(sqrt(area /
+    aspect)), each side clamped to the image's (no retries, no central fallback: a clamped crop keeps the side
+    it could not fit, so its aspect may leave `ratio`), then the left and the top offsets uniform over the
+    places the crop fits (the release draws the horizontal offset first). A side is at least one pixel (the
+    release's would be 0 on an image of a few pixels, where decoding the crop fails).
+    """
+    area = height * width
+    target_area = area * uniform(generator, scale[0], scale[1])
+    aspect = math.exp(uniform(generator, math.log(ratio[0]), math.log(ratio[1])))
+    crop_w = max(1, min(int(round(math.sqrt(target_area * aspect))), width))
+    crop_h = max(1, min(int(round(math.sqrt(target_area / aspect))), height))
+    left = int(torch.randint(0, width - crop_w + 1, (1,), generator=generator)[0])
+    top = int(torch.randint(0, height - crop_h + 1, (1,), generator=generator)[0])
+    return top, left, crop_h, crop_w
 
 
 def overlaps(boxes: torch.Tensor, region: tuple[float, float, float, float]) -> torch.Tensor:

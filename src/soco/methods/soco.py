@@ -2,8 +2,9 @@
 
 What SoCo adds to the shared plumbing: its views (V1-V4 with proposal boxes, `soco_transform`), a
 detector-aligned encoder (ResNet + FPN + scale-aware RoIAlign + 4conv1fc head, or C4 with res5), a
-predictor, and the BYOL loss summed over the view pairs. The image-level BYOL baseline and every row
-of the paper's Table 4 are this method with parts turned off (presets `table4_*`).
+predictor, and the BYOL loss summed over the view pairs. The image-level BYOL baseline of the paper's
+Table 4 (row 1, the `byol_image` arm) and every other row are this method with parts turned off (presets
+`byol_image_*`, `table4_*`); BYOL as DeepMind released it is its own method, `byol` (methods/byol.py).
 """
 
 from __future__ import annotations
@@ -155,8 +156,10 @@ class SoCo(MomentumMethod):
     config_class = SoCoConfig
     presets = MethodPresets(tiny="soco_tiny", small="soco_small", r50="soco_r50_fpn")
     study_arms = (
-        # the paper's image-level baseline (Table 4, row 1): SoCo's configuration on two whole views
-        StudyArm("byol_image", "image-level BYOL: backbone only (global pooling of two whole views)", order=10,
+        # SoCo's Table 4, row 1: image-level BYOL in SoCo's own settings (V1 the whole image, V2 a crop of area
+        # 0.5-1, SoCo's lr and weight decay), not BYOL as released (that is the method `byol`, methods/byol.py)
+        StudyArm("byol_image", "SoCo's Table 4 row 1, image-level BYOL in SoCo's settings: backbone only (global "
+                 "pooling of the whole image and a 0.5-1 crop)", order=10,
                  presets=MethodPresets(tiny="byol_image_tiny", small="byol_image_small", r50="byol_image_r50")),
         StudyArm("soco", "SoCo: backbone, FPN and box head", pretrains_fpn_and_head=True, order=20),
     )
