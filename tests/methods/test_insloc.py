@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -98,6 +99,24 @@ def test_the_head_runs_once_over_the_boxes_of_all_levels_stacked_as_released():
     assert torch.equal(method.queue.keys[:, 4:], queue_before[:, 4:])
 
 
+def test_fpn_convs_and_head_fcs_start_xavier_uniform_with_zero_bias_as_released():
+    # release: necks/fpn.py:159-162 (every FPN conv), convfc_bbox_inscls_head.py:97-104 (the two fcs; the last std 0.01)
+    torch.manual_seed(0)
+    encoder = InsLoc(tiny().method).online  # R18, FPN 32 wide, head convs 256, fcs 12544 -> 64 -> 64 -> 16
+    fpn_convs = [m for m in encoder.backbone.fpn.modules() if isinstance(m, nn.Conv2d)]
+    fcs = [encoder.box_head[5], encoder.embed.fc]
+    assert len(fpn_convs) == 8 and [fc.in_features for fc in fcs] == [256 * 49, 64]
+    for layer in fpn_convs + fcs:
+        fan_out, fan_in = layer.weight.shape[:2]
+        receptive = layer.weight[0, 0].numel()
+        bound = (6 / (fan_in * receptive + fan_out * receptive)) ** 0.5
+        # uniform in +-bound: the largest of >= 2,048 draws lies within 5% of it (torchvision's bounds are lower:
+        # sqrt(3 / fan_in) for the 1x1 laterals 64..512 -> 32, 1 / sqrt(fan_in) for the fcs)
+        assert 0.95 * bound < layer.weight.abs().max() <= bound, layer
+        assert layer.bias is None or torch.equal(layer.bias, torch.zeros_like(layer.bias))
+    assert encoder.embed.projection.weight.std().item() == pytest.approx(0.01, rel=0.1)
+
+
 def test_the_query_p5_uses_the_augmented_box_and_the_other_levels_the_true_box():
     torch.manual_seed(0)
     method = InsLoc(tiny().method).eval()
@@ -176,8 +195,6 @@ def test_export_takes_backbone_fpn_convs_and_first_fc_and_reports_the_rest(tmp_p
 
 
 def test_a_batch_too_small_for_the_key_sub_batches_is_a_config_error():
-    import pytest
-
     from soco.errors import ConfigError
 
     with pytest.raises(ConfigError, match="key_bn_splits"):

@@ -59,6 +59,13 @@ class InsLocConfig(MoCoConfig):
     level_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])  # P2..P5
 
 
+def xavier_init(layer: nn.Module) -> None:
+    """Xavier-uniform weights (gain 1) and zero bias, as mmcv's xavier_init of the release."""
+    nn.init.xavier_uniform_(layer.weight)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
 class InstanceEncoder(nn.Module):
     """ResNet-FPN, each image's one box pooled on every level, the shared head once over all: (levels, B, D)."""
 
@@ -70,6 +77,13 @@ class InstanceEncoder(nn.Module):
         self.embed = nn.Sequential(OrderedDict(
             fc=nn.Linear(model.head_fc_dim, model.head_fc_dim), relu=nn.ReLU(inplace=True),
             projection=nn.Linear(model.head_fc_dim, model.embedding_dim)))
+        # The release's initialisation where torchvision's differs: xavier-uniform FPN convs (mmdet's FPN.init_weights,
+        # necks/fpn.py:159-162; torchvision: kaiming-uniform a=1, the same bound only where fan-in = fan-out) and
+        # xavier-uniform fcs with zero biases (convfc_bbox_inscls_head.py:97-104; torchvision: PyTorch's default).
+        for conv in (m for m in self.backbone.fpn.modules() if isinstance(m, nn.Conv2d)):
+            xavier_init(conv)
+        for fc in [m for m in self.box_head.modules() if isinstance(m, nn.Linear)] + [self.embed.fc]:
+            xavier_init(fc)
         nn.init.normal_(self.embed.projection.weight, std=0.01)
         nn.init.zeros_(self.embed.projection.bias)
 
