@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -9,6 +10,7 @@ from soco.config.loading import load_config
 from soco.methods.insloc import InsLoc
 from soco.methods.losses import info_nce
 from soco.methods.shuffle_bn import shuffled_forward
+from soco.models.roi_pooling import pool_rois
 
 
 def tiny(*overrides):
@@ -46,6 +48,73 @@ def test_loss_is_the_weighted_sum_of_infonce_per_level_and_the_keys_are_queued()
     # the four queues got this step's keys at slots 0-3, the pointer moved on by the batch
     torch.testing.assert_close(method.queue.keys[:, :4], keys)
     assert torch.equal(method.queue.keys[:, 4:], queue_before[:, 4:]) and int(method.queue.pointer) == 4
+
+
+def stacked_by_hand(encoder, images, boxes_per_level):
+    """The release's way: the four levels' pooled boxes stacked box-major and the head run once on the 4B rows."""
+    maps = encoder.backbone(images)
+    index = torch.arange(len(images))
+    pooled = [pool_rois(maps[name], boxes, index, stride, 7, aligned=True)
+              for name, stride, boxes in zip(("0", "1", "2", "3"), (4, 8, 16, 32), boxes_per_level)]
+    rows = torch.stack(pooled, dim=1).reshape(4 * len(images), *pooled[0].shape[1:])  # box 0's P2..P5, box 1's, ...
+    vectors = nn.functional.normalize(encoder.embed(encoder.box_head(rows)), dim=-1)
+    return torch.stack([vectors[level::4] for level in range(4)]), pooled
+
+
+def per_level_by_hand(encoder, pooled):
+    """The old way: one head call per level, so BatchNorm normalised each level's B boxes on their own."""
+    return torch.stack([nn.functional.normalize(encoder.embed(encoder.box_head(p)), dim=-1) for p in pooled])
+
+
+def test_the_head_runs_once_over_the_boxes_of_all_levels_stacked_as_released():
+    # release: moco_standard_roi_head.py:83-101 stacks the levels and calls the head once; insloc_fpn.py:292, 333
+    torch.manual_seed(0)
+    method = InsLoc(tiny().method)  # training mode: the head's BatchNorm uses the statistics of the batch it sees
+    assert method.online.training and method.target.training
+    batch = make_batch(batch_size=4, size=32, seed=3)
+    query_boxes = [batch["query_box"]] * 3 + [batch["query_box_p5"]]
+    with torch.no_grad():
+        queries = method.online(batch["query"], query_boxes)
+        stacked, pooled = stacked_by_hand(method.online, batch["query"], query_boxes)
+        per_level = per_level_by_hand(method.online, pooled)
+    assert queries.shape == (4, 4, 16)
+    torch.testing.assert_close(queries, stacked, rtol=1e-5, atol=1e-6)
+    # per-level calls give other vectors: the BatchNorm statistics were those of one level's 4 boxes
+    assert (queries - per_level).abs().max() > 1e-2
+    # the key encoder: each shuffled sub-batch of 2 images runs the head once over its 2 x 4 rows
+    queue_before = method.queue.keys.clone()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        method.training_step(batch)
+    torch.manual_seed(5)
+    order = torch.randperm(4)
+    keys, keys_per_level = torch.empty(4, 4, 16), torch.empty(4, 4, 16)
+    with torch.no_grad():
+        for part in torch.tensor_split(order, 2):
+            images, boxes = batch["key"][part], batch["key_box"][part]
+            keys[:, part], pooled = stacked_by_hand(method.target, images, [boxes] * 4)
+            keys_per_level[:, part] = per_level_by_hand(method.target, pooled)
+    torch.testing.assert_close(method.queue.keys[:, :4], keys, rtol=1e-5, atol=1e-6)
+    assert (method.queue.keys[:, :4] - keys_per_level).abs().max() > 1e-2
+    assert torch.equal(method.queue.keys[:, 4:], queue_before[:, 4:])
+
+
+def test_fpn_convs_and_head_fcs_start_xavier_uniform_with_zero_bias_as_released():
+    # release: necks/fpn.py:159-162 (every FPN conv), convfc_bbox_inscls_head.py:97-104 (the two fcs; the last std 0.01)
+    torch.manual_seed(0)
+    encoder = InsLoc(tiny().method).online  # R18, FPN 32 wide, head convs 256, fcs 12544 -> 64 -> 64 -> 16
+    fpn_convs = [m for m in encoder.backbone.fpn.modules() if isinstance(m, nn.Conv2d)]
+    fcs = [encoder.box_head[5], encoder.embed.fc]
+    assert len(fpn_convs) == 8 and [fc.in_features for fc in fcs] == [256 * 49, 64]
+    for layer in fpn_convs + fcs:
+        fan_out, fan_in = layer.weight.shape[:2]
+        receptive = layer.weight[0, 0].numel()
+        bound = (6 / (fan_in * receptive + fan_out * receptive)) ** 0.5
+        # uniform in +-bound: the largest of >= 2,048 draws lies within 5% of it (torchvision's bounds are lower:
+        # sqrt(3 / fan_in) for the 1x1 laterals 64..512 -> 32, 1 / sqrt(fan_in) for the fcs)
+        assert 0.95 * bound < layer.weight.abs().max() <= bound, layer
+        assert layer.bias is None or torch.equal(layer.bias, torch.zeros_like(layer.bias))
+    assert encoder.embed.projection.weight.std().item() == pytest.approx(0.01, rel=0.1)
 
 
 def test_the_query_p5_uses_the_augmented_box_and_the_other_levels_the_true_box():
@@ -126,8 +195,6 @@ def test_export_takes_backbone_fpn_convs_and_first_fc_and_reports_the_rest(tmp_p
 
 
 def test_a_batch_too_small_for_the_key_sub_batches_is_a_config_error():
-    import pytest
-
     from soco.errors import ConfigError
 
     with pytest.raises(ConfigError, match="key_bn_splits"):

@@ -105,3 +105,53 @@ def test_bad_values_are_refused():
         validate_section(InsLocViewsConfig(canvas_size=64, paste_size=[32, 100]), "method.views")
     with pytest.raises(ConfigError, match="blur_prob"):
         validate_section(InsLocViewsConfig(blur_prob=2.0), "method.views")
+
+
+def test_the_paste_never_touches_the_far_edges_as_released():
+    # release: copy_and_paste.py:75-76 draws the corner with np.random.randint(0, canvas - side), the end excluded
+    config = InsLocViewsConfig(canvas_size=42, paste_size=[40, 40], color_augment=False, flip_prob=0.0,
+                               box_augment=False)
+    transform = InsLocTransform(config)
+    foreground = np.full((50, 50, 3), RED, dtype=np.uint8)  # every paste has a long side of 40
+    far_edges = []
+    for seed in range(30):
+        sample = transform(foreground, np.zeros((0, 4), np.float32), generator(seed), Backgrounds())
+        for box in (sample["query_box"], sample["key_box"]):
+            x1, y1, x2, y2 = (int(v) for v in box.tolist())
+            assert x1 >= 0 and y1 >= 0 and x2 <= 41 and y2 <= 41, (seed, box)
+            far_edges += [x2, y2]
+    assert 41 in far_edges  # the last position allowed is drawn too
+
+
+class NoiseBackgrounds:
+    """A data set of one random-noise image, larger than the canvas."""
+
+    def __init__(self, image):
+        self.image = image
+
+    def draw(self, gen):
+        return self.image, np.zeros((0, 4), np.float32), 0
+
+
+def test_every_resize_is_bilinear_without_antialiasing_as_opencvs_in_the_release():
+    # release: mmcv.imresize of the backgrounds (copy_and_paste.py:109-110), mmcv.imrescale of the crops (184-185),
+    # both cv2.INTER_LINEAR; downscaling noise tells it from an antialiased resize (which differs by tens of levels)
+    cv2 = pytest.importorskip("cv2")
+    from soco.data.views import random_resized_crop
+
+    noise = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    config = InsLocViewsConfig(canvas_size=96, paste_size=[40, 90], color_augment=False, flip_prob=0.0,
+                               box_augment=False)
+    transform = InsLocTransform(config)
+    background = transform.background(NoiseBackgrounds(noise), generator(0))
+    expected = cv2.resize(noise, (96, 96), interpolation=cv2.INTER_LINEAR)
+    assert np.abs(background.permute(1, 2, 0).numpy().astype(int) - expected.astype(int)).max() <= 1
+    foreground = torch.from_numpy(noise).permute(2, 0, 1).contiguous()
+    composite, box = transform.composite(foreground, torch.zeros(3, 96, 96, dtype=torch.uint8), generator(1))
+    g = generator(1)  # the same draws replayed: the crop, then the target size
+    top, left, crop_h, crop_w = random_resized_crop(300, 400, config.crop_scale, config.crop_ratio, g)
+    x1, y1, x2, y2 = (int(v) for v in box.tolist())
+    patch = cv2.resize(noise[top:top + crop_h, left:left + crop_w], (x2 - x1, y2 - y1), interpolation=cv2.INTER_LINEAR)
+    pasted = composite[:, y1:y2, x1:x2].permute(1, 2, 0).numpy().astype(int)
+    assert max(crop_w / (x2 - x1), crop_h / (y2 - y1)) > 1.5  # a real downscale, where antialiasing would show
+    assert np.abs(pasted - patch.astype(int)).max() <= 1

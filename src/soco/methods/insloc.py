@@ -4,8 +4,9 @@ A crop of an image is pasted onto two other images (`insloc_transform`); the net
 pasted instance from its box alone, pooled on every FPN level, against a MoCo queue of other instances.
 What InsLoc adds to the shared plumbing: the composites, a ResNet-FPN whose P2-P5 each pool the box
 (RoIAlign 7x7, aligned), one head shared by the levels (4 conv with BN, fc 1024, fc 1024, linear 128,
-L2-normalised), a key encoder by constant-momentum EMA (0.999) run with shuffle-BN, one queue of keys
-per level (`queue.KeyQueue`) and InfoNCE at temperature 0.2 per level, summed.
+L2-normalised) and run once over the boxes of all levels stacked, as released, so that its BatchNorm
+sees 4B boxes; a key encoder by constant-momentum EMA (0.999) run with shuffle-BN, one queue of keys per
+level (`queue.KeyQueue`) and InfoNCE at temperature 0.2 per level, summed.
 
 The detector receives the backbone, the FPN and the head's 4 convs and first fc (as a 4conv1fc box
 head); the second fc and the 128-d layer are left out.
@@ -58,8 +59,15 @@ class InsLocConfig(MoCoConfig):
     level_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])  # P2..P5
 
 
+def xavier_init(layer: nn.Module) -> None:
+    """Xavier-uniform weights (gain 1) and zero bias, as mmcv's xavier_init of the release."""
+    nn.init.xavier_uniform_(layer.weight)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
 class InstanceEncoder(nn.Module):
-    """ResNet-FPN, each image's one box pooled on every level, the shared head: -> (levels, B, embedding_dim)."""
+    """ResNet-FPN, each image's one box pooled on every level, the shared head once over all: (levels, B, D)."""
 
     def __init__(self, model: InsLocModelConfig):
         super().__init__()
@@ -69,18 +77,29 @@ class InstanceEncoder(nn.Module):
         self.embed = nn.Sequential(OrderedDict(
             fc=nn.Linear(model.head_fc_dim, model.head_fc_dim), relu=nn.ReLU(inplace=True),
             projection=nn.Linear(model.head_fc_dim, model.embedding_dim)))
+        # The release's initialisation where torchvision's differs: xavier-uniform FPN convs (mmdet's FPN.init_weights,
+        # necks/fpn.py:159-162; torchvision: kaiming-uniform a=1, the same bound only where fan-in = fan-out) and
+        # xavier-uniform fcs with zero biases (convfc_bbox_inscls_head.py:97-104; torchvision: PyTorch's default).
+        for conv in (m for m in self.backbone.fpn.modules() if isinstance(m, nn.Conv2d)):
+            xavier_init(conv)
+        for fc in [m for m in self.box_head.modules() if isinstance(m, nn.Linear)] + [self.embed.fc]:
+            xavier_init(fc)
         nn.init.normal_(self.embed.projection.weight, std=0.01)
         nn.init.zeros_(self.embed.projection.bias)
 
     def forward(self, images: torch.Tensor, boxes_per_level: list[torch.Tensor]) -> torch.Tensor:
         """Unit vectors (levels, B, D) of each image's box (B, 4), one box tensor per level (P2..P5)."""
         outputs = self.backbone(images)
-        image_index = torch.arange(images.shape[0], device=images.device)
-        vectors = []
-        for name, stride, boxes in zip(FPN_LEVEL_NAMES, FPN_STRIDES, boxes_per_level):
-            pooled = pool_rois(outputs[name], boxes, image_index, stride, POOLED_SIZE, aligned=True)
-            vectors.append(F.normalize(self.embed(self.box_head(pooled)), dim=-1))
-        return torch.stack(vectors)
+        batch = images.shape[0]
+        image_index = torch.arange(batch, device=images.device)
+        pooled = torch.stack([pool_rois(outputs[name], boxes, image_index, stride, POOLED_SIZE, aligned=True)
+                              for name, stride, boxes in zip(FPN_LEVEL_NAMES, FPN_STRIDES, boxes_per_level)], dim=1)
+        # One head call over the B x levels rows, box-major (box 0's P2..P5, then box 1's), so the head's
+        # BatchNorm normalises the boxes of every level together, as released (MomentumRoIPool._bbox_forward,
+        # mmdet/models/roi_heads/moco_standard_roi_head.py:92-101, and InsLocFPN.forward_train's
+        # view(batch, levels, -1), mmdet/models/detectors/insloc_fpn.py:292 and 333).
+        rows = self.embed(self.box_head(pooled.flatten(0, 1)))
+        return F.normalize(rows, dim=-1).view(batch, len(boxes_per_level), -1).transpose(0, 1)
 
 
 @register_method

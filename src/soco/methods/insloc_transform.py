@@ -4,12 +4,14 @@ The data-set item is the foreground. Two backgrounds are drawn from the whole da
 replacement, so the foreground itself may come up) and resized to canvas x canvas, aspect not kept.
 Two foreground crops (area 0.2-1, aspect 1/2-2) are rescaled with their aspect kept to fit a random
 w x h (each in `paste_size`: the long side fits the larger, the short side the smaller), then pasted
-at a uniform position: crop 1 on background 1 is the query composite, crop 2 on background 2 the key.
-The paste rectangle is the box. Each composite gets MoCo v2's colour jitter (0.4, 0.4, 0.4, 0.1),
-grayscale, a Gaussian blur (p 0.5) and a flip that carries its box. For the query, a second box for
-P5 is drawn by the release's bounding-box augmentation: fixed anchors on the stride-16 grid (sizes
-32-256 at a 256 canvas, five aspect ratios), those with IoU > 0.5 with the true box (else the 4000
-closest) thinned by NMS at 0.7 on random scores, one survivor picked at random.
+at a uniform position whose right and bottom edges stop a pixel short of the canvas's (before the
+flip), as released: crop 1 on background 1 is the query composite, crop 2 on background 2 the key.
+Every resize is bilinear without antialiasing, OpenCV's in the release. The paste rectangle is the
+box. Each composite gets MoCo v2's colour jitter (0.4, 0.4, 0.4, 0.1), grayscale, a Gaussian blur
+(p 0.5) and a flip that carries its box. For the query, a second box for P5 is drawn by the release's
+bounding-box augmentation: fixed anchors on the stride-16 grid (sizes 32-256 at a 256 canvas, five
+aspect ratios), those with IoU > 0.5 with the true box (else the 4000 closest) thinned by NMS at 0.7
+on random scores, one survivor picked at random.
 """
 
 from __future__ import annotations
@@ -101,7 +103,8 @@ class InsLocTransform(MoCoTransform):
         """A random image of the data set, resized to the canvas (aspect not kept), uint8 3xSxS."""
         image, _, _ = source.draw(generator)
         size = [self.config.canvas_size] * 2
-        return F.resize(as_image(image), size, antialias=True).as_subclass(torch.Tensor)
+        # bilinear without antialiasing: the release's mmcv.imresize, OpenCV's INTER_LINEAR (copy_and_paste.py:109)
+        return F.resize(as_image(image), size, antialias=False).as_subclass(torch.Tensor)
 
     def composite(self, foreground: torch.Tensor, background: torch.Tensor,
                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,9 +116,12 @@ class InsLocTransform(MoCoTransform):
         target_w = int(torch.randint(low, high + 1, (1,), generator=generator)[0])
         target_h = int(torch.randint(low, high + 1, (1,), generator=generator)[0])
         paste_w, paste_h = fitted_size(crop_w, crop_h, target_w, target_h)
-        patch = F.resized_crop(foreground, top, left, crop_h, crop_w, [paste_h, paste_w], antialias=True)
-        x = int(torch.randint(0, config.canvas_size - paste_w + 1, (1,), generator=generator)[0])
-        y = int(torch.randint(0, config.canvas_size - paste_h + 1, (1,), generator=generator)[0])
+        # bilinear without antialiasing, as the release's mmcv.imrescale (copy_and_paste.py:184)
+        patch = F.resized_crop(foreground, top, left, crop_h, crop_w, [paste_h, paste_w], antialias=False)
+        # the release draws the corner with np.random.randint(0, canvas - side), upper end excluded
+        # (copy_and_paste.py:75-76): the paste never touches the far edges; a paste as wide as the canvas sits at 0
+        x = int(torch.randint(0, max(1, config.canvas_size - paste_w), (1,), generator=generator)[0])
+        y = int(torch.randint(0, max(1, config.canvas_size - paste_h), (1,), generator=generator)[0])
         composite = background.clone()
         composite[:, y:y + paste_h, x:x + paste_w] = patch
         return composite, torch.tensor([x, y, x + paste_w, y + paste_h], dtype=torch.float32)
