@@ -39,7 +39,7 @@ from soco.data.batch_drawing import draw_views
 from soco.declarations import MethodPresets, StudyArm
 from soco.methods.base import EncoderLayout, backbone_only_layout
 from soco.methods.byol_transform import VIEWS, BYOLTransform, BYOLViewsConfig
-from soco.methods.losses import symmetric_pair_loss
+from soco.methods.losses import box_pair_loss
 from soco.methods.momentum import MomentumMethod
 from soco.models.backbone import RESNET_BUILDERS, ResNetBody, build_resnet
 from soco.models.heads import MLP
@@ -125,7 +125,9 @@ class BYOL(MomentumMethod):
             predictions[name] = self.predictor(self.online(views[name]))
             with torch.no_grad():
                 targets[name] = self.target(views[name])
-        return {"loss": symmetric_pair_loss(predictions, targets, [VIEWS])}
+        first, second = VIEWS
+        loss = box_pair_loss((predictions[first], predictions[second]), (targets[first], targets[second]))
+        return {"loss": loss}
 
     def encoder_layout(self) -> EncoderLayout:
         """BYOL pretrains the backbone only (C5, pooled globally)."""
