@@ -35,6 +35,25 @@ def test_lars_step_by_hand():
     torch.testing.assert_close(bias.detach(), torch.tensor([0.0 - 0.5 * (0.9 * 2.0 + 1.0)]))
 
 
+def test_torchlars_denominator_and_eps_by_hand():
+    """SCRL's torchlars: trust = c |p| / (|g| + wd |p| + eps), applied to g + wd p; SoCo's lars.py adds eps 1e-8."""
+    weight = nn.Parameter(torch.tensor([3.0, 4.0]))  # norm 5
+    optimizer = LARS([{"params": [weight], "weight_decay": 0.1, "lars": True}], lr=0.5, momentum=0.9,
+                     trust_coefficient=0.001, denominator="sum", eps=0.25)
+    weight.grad = torch.tensor([0.0, 2.0])  # norm 2
+    optimizer.step()
+    update = torch.tensor([0.3, 2.4])
+    trust = 0.001 * 5.0 / (2.0 + 0.1 * 5.0 + 0.25)  # not |update| = 2.4187
+    torch.testing.assert_close(weight.detach(), torch.tensor([3.0, 4.0]) - 0.5 * trust * update)
+    other = nn.Parameter(torch.tensor([3.0, 4.0]))
+    update_rule = LARS([{"params": [other], "weight_decay": 0.1, "lars": True}], lr=0.5, momentum=0.9,
+                       trust_coefficient=0.001, denominator="update", eps=0.25)
+    other.grad = torch.tensor([0.0, 2.0])
+    update_rule.step()
+    trust = 0.001 * 5.0 / (torch.linalg.vector_norm(update) + 0.25)
+    torch.testing.assert_close(other.detach(), torch.tensor([3.0, 4.0]) - 0.5 * trust * update)
+
+
 def test_zero_weight_uses_trust_one():
     weight = nn.Parameter(torch.zeros(3))
     optimizer = LARS([{"params": [weight], "weight_decay": 0.0, "lars": True}], lr=1.0, momentum=0.0)

@@ -185,3 +185,18 @@ def test_bad_values_are_refused():
                 dict(max_overlap=1.5)):
         with pytest.raises(ConfigError, match="method.views"):
             validate_section(SCRLViewsConfig(**bad), "method.views")
+
+
+def test_a_box_gets_fifty_draws_at_most_as_released(monkeypatch):
+    """models/box_generator.py 76: `for _ in range(50)` per box; a box that always overlaps is drawn 50 times."""
+    import soco.methods.scrl_transform as scrl_transform
+
+    draws = []
+
+    def same_box(width, height, config, generator):
+        draws.append(1)
+        return torch.tensor([0.0, 0.0, 40.0, 40.0])
+
+    monkeypatch.setattr(scrl_transform, "sample_box", same_box)
+    boxes = scrl_transform.sample_boxes(224.0, 224.0, SCRLViewsConfig(boxes_per_image=2), generator(0))
+    assert len(boxes) == 2 and len(draws) == 1 + 50

@@ -184,3 +184,28 @@ def test_image_level_baseline_is_global_average_pooling_of_c5_at_224():
     pooled = method.online.representations(images, whole)
     torch.testing.assert_close(pooled, c5.mean(dim=(2, 3)), rtol=1e-5, atol=1e-6)
     assert method.pairs == [("v1:v2", "v2")] and method.encoder_layout().parts == ("backbone",)
+
+
+def test_fpn_and_head_start_from_the_release_s_weights():
+    """The release's FPN convs are mmcv ConvModules (kaiming-normal, fan-out) and its head is plain PyTorch layers
+    (kaiming-uniform a=sqrt(5)): at 256 channels the std of a 3x3 conv is sqrt(2 / 2304) and 1 / sqrt(3 * 2304)."""
+    import math
+
+    def weights(init):
+        torch.manual_seed(0)
+        model = SoCo(load_config("soco_small", [f"method.model.init={init}", "method.model.projector_hidden=64"]).method)
+        fpn_conv = model.online.backbone.fpn.layer_blocks[0][0].weight
+        head_conv = model.online.box_head[0][0].weight
+        head_fc = [m for m in model.online.box_head.modules() if isinstance(m, torch.nn.Linear)][0]
+        return fpn_conv, head_conv, head_fc
+
+    fpn_conv, head_conv, head_fc = weights("release")
+    assert fpn_conv.shape == head_conv.shape == (256, 256, 3, 3)
+    assert fpn_conv.std().item() == pytest.approx(math.sqrt(2 / 2304), rel=0.02)
+    assert fpn_conv.abs().max().item() > 4 * fpn_conv.std().item()  # normal, not uniform (max = 1.73 std)
+    assert head_conv.std().item() == pytest.approx(1 / math.sqrt(3 * 2304), rel=0.02)
+    assert head_conv.abs().max().item() <= 1.0001 / math.sqrt(2304)  # uniform within PyTorch's bound
+    assert head_fc.weight.abs().max().item() <= 1.0001 / math.sqrt(256 * 49)
+    fpn_conv, head_conv, _ = weights("torchvision")
+    assert fpn_conv.std().item() == pytest.approx(1 / math.sqrt(2304), rel=0.02)  # kaiming-uniform a=1
+    assert head_conv.std().item() == pytest.approx(math.sqrt(2 / 2304), rel=0.02)  # kaiming-normal fan-out

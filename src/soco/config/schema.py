@@ -19,6 +19,9 @@ from soco.errors import ConfigError
 PROPOSAL_ALGORITHMS = ("release", "package", "rich", "repaired")
 OPTIMIZERS = ("lars", "sgd")
 COSINE_PER = ("step", "epoch")
+# LARS's trust ratio denominator: |grad + wd * p| (BYOL's optax LARS, SoCo's lars.py) or |grad| + wd * |p| (torchlars,
+# which SCRL's release uses)
+LARS_DENOMINATORS = ("update", "sum")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -57,7 +60,7 @@ class ProposalsConfig:
 @config_rules(
     name=one_of(*OPTIMIZERS), base_lr=POSITIVE, weight_decay=at_least(0.0), momentum=Range(0.0, 1.0, high_open=True),
     trust_coefficient=POSITIVE, warmup_epochs=at_least(0.0), warmup_start_factor=PROBABILITY, final_lr=at_least(0.0),
-    cosine_per=one_of(*COSINE_PER),
+    cosine_per=one_of(*COSINE_PER), lars_denominator=one_of(*LARS_DENOMINATORS), lars_eps=at_least(0.0),
 )
 @dataclass
 class OptimConfig:
@@ -69,6 +72,8 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False  # SGD only
     trust_coefficient: float = 0.001  # LARS only
+    lars_denominator: str = "update"  # LARS only: the trust ratio's |grad + wd * p| ("update") or |grad| + wd * |p| ("sum")
+    lars_eps: float = 0.0  # LARS only: added to the trust ratio's denominator (SoCo's and torchlars' 1e-8)
     warmup_epochs: float = 10.0
     warmup_start_factor: float = 0.01  # warm-up starts at lr / 100
     final_lr: float = 1e-6

@@ -17,7 +17,7 @@ def build_optimizer(optim: OptimConfig, parameter_groups: list[dict], lr: float)
         if optim.nesterov:
             raise ConfigError("optim.nesterov applies to optim.name=sgd only")
         return LARS(parameter_groups, lr=lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
-                    trust_coefficient=optim.trust_coefficient)
+                    trust_coefficient=optim.trust_coefficient, denominator=optim.lars_denominator, eps=optim.lars_eps)
     if optim.name == "sgd":
         return torch.optim.SGD(parameter_groups, lr=lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
                                nesterov=optim.nesterov)

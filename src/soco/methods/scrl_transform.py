@@ -55,7 +55,7 @@ class SCRLViewsConfig:
     min_box_size: float = 32.0  # in working units (the views' pixels where the region looks smaller)
     box_sampling: str = "grid"  # "grid" (the release's multi-scale cells) or "plain"
     max_overlap: float = 0.5  # a box is redrawn while its IoU with an earlier box of the image reaches this
-    overlap_retries: int = 50
+    overlap_retries: int = 49  # re-draws after the first: 50 draws in all, as models/box_generator.py 76 tries
     box_jitter: bool = False  # the release's option (off in both its configs): moves the view-2 box only
     jitter_range: float = 0.1  # u ~ U(1 - r, 1 + r)
 

@@ -31,6 +31,7 @@ from soco.models.roi_pooling import ADAPTIVE_SAMPLING, BoxPooler
 from soco.registry import register_method
 
 VARIANTS = ("fpn", "c4")
+INITS = ("release", "torchvision")
 FPN_POOLED_SIZE = 7
 C4_POOLED_SIZE = 14  # res5 halves it to 7x7, as in Detectron2's C4 RoI head
 # The paper's level thresholds (sqrt box area, pixels) for 224-pixel views: <= 48 P2, <= 96 P3, <= 192 P4.
@@ -41,7 +42,7 @@ PAPER_VIEW_SIZE = 224
 @config_rules(
     variant=one_of(*VARIANTS), depth=one_of(*sorted(RESNET_BUILDERS)), level_thresholds=each(POSITIVE),
     fixed_level=between(2, 5), fpn_channels=at_least(1), head_convs=at_least(0), head_conv_channels=at_least(1),
-    head_fc_dim=at_least(1), projector_hidden=at_least(1), projection_dim=at_least(1),
+    head_fc_dim=at_least(1), projector_hidden=at_least(1), projection_dim=at_least(1), init=one_of(*INITS),
 )
 @dataclass
 class SoCoModelConfig:
@@ -65,6 +66,11 @@ class SoCoModelConfig:
     head_fc_dim: int = 1024
     projector_hidden: int = 4096
     projection_dim: int = 256
+    # The FPN's and box head's first weights. "release": mmcv's ConvModule init of the release's FPN convs (kaiming
+    # normal, fan-out; contrast/models/fpn.py 73-89, its xavier init_weights never called) and PyTorch's defaults in
+    # its own 4conv1fc head (fast_rcnn_conv_fc_head.py 12-32). "torchvision": those modules' own init
+    # (FPN kaiming-uniform a=1, head convs kaiming-normal), as detectors built from them start.
+    init: str = "release"
 
     def check_values(self) -> None:
         """The level thresholds: none (the scaled defaults) or three, increasing (each one's range is a rule)."""
@@ -104,6 +110,19 @@ def encoder_kind(model: SoCoModelConfig) -> str:
     return "fpn" if model.fpn else "c5"
 
 
+def release_init(fpn_backbone: nn.Module | None, box_head: nn.Module | None) -> None:
+    """The release's first weights of the FPN convs (kaiming-normal fan-out, zero bias) and of the 4conv1fc head
+    (PyTorch's default of every conv and linear layer); the ResNet's init is torchvision's, as the release's."""
+    if fpn_backbone is not None:
+        for conv in (m for m in fpn_backbone.fpn.modules() if isinstance(m, nn.Conv2d)):
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+    if box_head is not None:
+        for layer in (m for m in box_head.modules() if isinstance(m, (nn.Conv2d, nn.Linear))):
+            layer.reset_parameters()
+
+
 def build_encoder(model: SoCoModelConfig, thresholds: tuple[float, ...]) -> ObjectEncoder:
     """SoCo's online encoder from its parts; the construction order fixes the random initialisation."""
     kind = encoder_kind(model)
@@ -136,6 +155,8 @@ def build_encoder(model: SoCoModelConfig, thresholds: tuple[float, ...]) -> Obje
                                   model.head_conv_channels)
         representation_dim = model.head_fc_dim
     projector = MLP(representation_dim, model.projector_hidden, model.projection_dim)
+    if model.init == "release":
+        release_init(backbone if kind == "fpn" else None, box_head if model.head and kind != "c4" else None)
     return ObjectEncoder(backbone, feature_names, pooler, box_head, projector, model.pool_all_levels)
 
 

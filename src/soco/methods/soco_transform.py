@@ -15,7 +15,7 @@ fewer), jittered for V1's copy, each copy padded to K by drawing with replacemen
 (`bboxs_utils.py` 255-259). So V1 carries one box set per pair ("v1:v2", "v1:v3", ...), and every box
 carries the id of the proposal it came from: the loss matches boxes by id, not by row. A V3 that is V2
 downsampled shares V2's pair sets (the release's SoCo* does so for its V2-resized view, dataset.py
-870-873). box_sets "shared" is this project's earlier design: one K-set overlapping every crop, shared
+895-898). box_sets "shared" is this project's earlier design: one K-set overlapping every crop, shared
 by all views row for row, padded by cycling.
 
 Every random number comes from the generator handed in, drawn in a fixed order (random candidate
@@ -85,7 +85,7 @@ class SoCoViewsConfig:
     blur_kernel: str = "sigma"  # "sigma": covers +-3 sigma; "tenth": 10% of the view side (SimCLR, BYOL)
     # The cut-out inside boxes on V2/V3 of the release's 100-epoch script (ImageAsymBboxAwareMultiJitter1Cutout).
     # Off: as released it stops at its first cut (random.randint on float corners, transform_ops.py 357, raises
-    # ValueError), and the 400-epoch scripts do not use it.
+    # ValueError); the FPN 400-epoch scripts do not use it, and the C4 scripts that do fail before (TypeError).
     box_cutout: bool = False
     cutout_prob: float = 0.5  # per box
     cutout_area: list[float] = field(default_factory=lambda: [0.1, 0.3])  # share of the box area erased
