@@ -9,7 +9,7 @@ pretrained; a detector's FPN and heads start from random weights.
 
 Where this differs from the release, on purpose: the target starts as a copy of the online network
 (BYOL; the release initialises it from its own random weights), and LARS excludes biases and every
-norm parameter by module type (the release's name filter misses the downsample and MLP BatchNorms and
+norm parameter by module type (the release's name filter misses the stem, downsample and MLP BatchNorms and
 squares the learning rate of the ones it catches).
 """
 
