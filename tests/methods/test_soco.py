@@ -209,3 +209,25 @@ def test_fpn_and_head_start_from_the_release_s_weights():
     fpn_conv, head_conv, _ = weights("torchvision")
     assert fpn_conv.std().item() == pytest.approx(1 / math.sqrt(2304), rel=0.02)  # kaiming-uniform a=1
     assert head_conv.std().item() == pytest.approx(math.sqrt(2 / 2304), rel=0.02)  # kaiming-normal fan-out
+
+
+def test_the_paper_s_presets_run_head_projector_and_predictor_once_per_level_as_released():
+    """SoCo_FPN.py 157-167: every box set goes through the head, projector and predictor on each of the 4 levels."""
+    assert load_config("soco_r50_fpn").method.model.pool_all_levels is True
+    assert load_config("soco_star_r50_fpn").method.model.pool_all_levels is True
+    assert load_config("soco_small").method.model.pool_all_levels is False  # the CPU presets, with evidence
+
+    def calls(pool_all_levels: str) -> dict[str, int]:
+        config = tiny_config(f"method.model.pool_all_levels={pool_all_levels}")
+        torch.manual_seed(0)
+        model = SoCo(config.method)
+        counted = {"head": 0, "predictor": 0}
+        model.online.box_head.register_forward_hook(lambda *args: counted.__setitem__("head", counted["head"] + 1))
+        model.predictor.register_forward_hook(lambda *args: counted.__setitem__("predictor", counted["predictor"] + 1))
+        views, boxes, ids = random_batch(config)
+        model.training_step({"views": views, "boxes": boxes, "box_ids": ids})
+        return counted
+
+    # 4 box sets (v1:v2, v2, v1:v3, v3) through the online network
+    assert calls("true") == {"head": 16, "predictor": 16}
+    assert calls("false") == {"head": 4, "predictor": 4}

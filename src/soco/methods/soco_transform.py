@@ -58,7 +58,7 @@ RANDOM_CANDIDATES = 32
 )
 @dataclass
 class SoCoViewsConfig:
-    """How SoCo's views and their boxes are made (sizes in pixels; the paper's by default)."""
+    """How SoCo's views and their boxes are made (sizes in pixels; the release's by default)."""
 
     v1_size: int = 224  # V1: the whole image, resized (aspect not preserved, as in the release)
     v2_size: int = 224  # V2: random resized crop
