@@ -94,3 +94,15 @@ def test_info_nce_by_hand():
     k = key.clone().requires_grad_(True)
     info_nce(q, k, negatives, t).backward()
     assert q.grad is not None and k.grad is None
+
+
+def test_matched_box_loss_stays_float32_under_bf16_autocast():
+    generator = torch.Generator().manual_seed(0)
+    prediction = torch.randn(4, 4, 256, generator=generator)
+    target = prediction + 0.05 * torch.randn(4, 4, 256, generator=generator)
+    ids = torch.arange(4).expand(4, 4)
+    exact = matched_box_loss(prediction, target, ids, ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = matched_box_loss(prediction, target, ids, ids)
+    assert under_autocast.dtype == torch.float32 and 0.002 < exact.item() < 0.004  # 2 - 2 cos for a 5% change
+    torch.testing.assert_close(under_autocast, exact)

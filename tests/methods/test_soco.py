@@ -231,3 +231,22 @@ def test_the_paper_s_presets_run_head_projector_and_predictor_once_per_level_as_
     # 4 box sets (v1:v2, v2, v1:v3, v3) through the online network
     assert calls("true") == {"head": 16, "predictor": 16}
     assert calls("false") == {"head": 4, "predictor": 4}
+
+
+def test_shared_box_sets_contrast_row_with_row_as_the_earlier_design():
+    """Cycled padding repeats ids ([a, b, c, a]): the shared design contrasts rows, not ids, so a weighs 2 of 4 rows."""
+    config = tiny_config("method.views.box_sets=shared")
+    torch.manual_seed(0)
+    model = SoCo(config.method)
+    views, boxes, _ = random_batch(config)
+    cycled = torch.tensor([[5, 7, 9, 5]]).expand(2, 4)
+    rows = torch.arange(4).expand(2, 4)
+    loss = model.loss(views, boxes, {name: cycled for name in boxes})
+    torch.testing.assert_close(loss, model.loss(views, boxes, {name: rows for name in boxes}))
+
+
+def test_the_c4_variant_refuses_a_third_view():
+    from soco.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="use_v3"):
+        load_config("soco_r50_c4", ["method.views.use_v3=true"])

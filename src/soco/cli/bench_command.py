@@ -8,6 +8,7 @@ import json
 from soco.cli.pretrain_command import preset_for, resolve_data
 from soco.config.loading import load_config, with_flags
 from soco.config.validation import count_argument
+from soco.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time the step with this override and report the speed-up, "
                              "e.g. method.model.pool_all_levels=false")
     compare.add_argument("--compare-pooling", action="store_true",
-                        help="shorthand for --compare method.model.pool_all_levels=false (SoCo: each box on its "
-                             "own level against the release's all-level pooling)")
+                        help="SoCo: also time the other pooling (each box on its own level against the release's "
+                             "all-level pooling), the opposite of the configured method.model.pool_all_levels")
     parser.add_argument("-o", "--output", default=None, help="also write the JSON to this file")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
 
@@ -50,7 +51,12 @@ def run(args: argparse.Namespace) -> int:
     ])
     preset = preset_for(args)
     config = load_config(preset, overrides)
-    change = "method.model.pool_all_levels=false" if args.compare_pooling else args.compare
+    change = args.compare
+    if args.compare_pooling:
+        pooling = getattr(getattr(config.method, "model", None), "pool_all_levels", None)
+        if pooling is None:
+            raise ConfigError(f"--compare-pooling: applies to SoCo, not method {config.method.name!r}")
+        change = f"method.model.pool_all_levels={str(not pooling).lower()}"
     compare = (change, load_config(preset, [*overrides, change])) if change else None
     # imported once the configuration is checked: it imports torch
     from soco.engine.bench import run_bench

@@ -27,13 +27,15 @@ def matched_box_loss(prediction: torch.Tensor, target: torch.Tensor, prediction_
     of the other view with its id: the release's correspondence matrix and its loss (`SoCo_FPN.py` 119-128,
     -2 times the matched mean cosine, which is this less 2). An image without a matched pair adds 0.
     """
-    prediction = F.normalize(at_least_float32(prediction), dim=-1)
-    target = F.normalize(at_least_float32(target.detach()), dim=-1)
-    cosines = torch.bmm(prediction, target.transpose(1, 2))
-    matches = (prediction_ids[:, :, None] == target_ids[:, None, :]).to(cosines.dtype)
-    count = matches.sum(dim=(1, 2))
-    per_image = (matches * (2.0 - 2.0 * cosines)).sum(dim=(1, 2)) / count.clamp(min=1)
-    return per_image.mean()
+    # autocast would run the batched product in bf16/fp16 even on fp32 inputs: cosines near 1 need fp32
+    with torch.autocast(prediction.device.type, enabled=False):
+        prediction = F.normalize(at_least_float32(prediction), dim=-1)
+        target = F.normalize(at_least_float32(target.detach()), dim=-1)
+        cosines = torch.bmm(prediction, target.transpose(1, 2))
+        matches = (prediction_ids[:, :, None] == target_ids[:, None, :]).to(cosines.dtype)
+        count = matches.sum(dim=(1, 2))
+        per_image = (matches * (2.0 - 2.0 * cosines)).sum(dim=(1, 2)) / count.clamp(min=1)
+        return per_image.mean()
 
 
 def symmetric_pair_loss(

@@ -91,6 +91,13 @@ class SoCoConfig:
     model: SoCoModelConfig = field(default_factory=SoCoModelConfig)
     ema_base: float = 0.99  # target momentum, raised to 1 by a cosine schedule
 
+    def check_values(self) -> None:
+        """The C4 variant contrasts (V1, V2) only, as the release's SoCo_C4 and its two-view data set do."""
+        if self.model.variant == "c4" and (self.views.use_v3 or self.views.use_v4):
+            extra = "use_v3" if self.views.use_v3 else "use_v4"
+            raise ConfigError(f"method.views.{extra}: the C4 variant contrasts V1 and V2 only (the release's "
+                              f"SoCo_C4); set method.views.{extra}=false")
+
 
 def level_thresholds(model: SoCoModelConfig, views: SoCoViewsConfig) -> tuple[float, ...]:
     """The level thresholds in use: the configured ones, or the paper's scaled to the V1 size.
@@ -228,6 +235,9 @@ class SoCo(MomentumMethod):
             for name, online_set, target_set in zip(set_names, online, target):
                 predictions[name] = online_set.reshape(batch, count, -1)
                 targets[name] = target_set.reshape(batch, count, -1)
+        if self.config.views.box_sets == "shared":
+            # The earlier design contrasts row i with row i (its padding cycles the picks, so ids repeat).
+            box_ids = {name: torch.arange(ids.shape[1], device=ids.device).expand_as(ids) for name, ids in box_ids.items()}
         return symmetric_pair_loss(predictions, targets, box_ids, self.pairs)
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -254,6 +264,7 @@ class SoCo(MomentumMethod):
         )
 
     def draw_batch(self, batch: dict, path: Path) -> Path:
-        """A grid of the batch's box sets on their views (V1 once per set; box k in colour k in every column)."""
+        """A grid of the batch's box sets on their views (V1 once per set; box k in colour k, the same proposal in
+        both sets of a pair up to the padding, which each copy draws on its own)."""
         columns = {name: batch["views"][name.split(":")[0]] for name in batch["boxes"]}
         return draw_views(columns, batch["boxes"], path, batch.get("paths"))
