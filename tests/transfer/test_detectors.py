@@ -70,7 +70,7 @@ def runs(tmp_path_factory):
     """soco_tiny pretrained as FPN and as C4, each exported where `soco export` puts it without -o."""
     root = tmp_path_factory.mktemp("pretrain")
     fpn_run, fpn_method = _pretraining_run(root / "fpn")
-    c4_run, c4_method = _pretraining_run(root / "c4", ["method.model.variant=c4"])
+    c4_run, c4_method = _pretraining_run(root / "c4", ["method.model.variant=c4", "method.views.use_v3=false"])
     return {
         "fpn": SimpleNamespace(run=fpn_run, method=fpn_method,
                                file=export_checkpoint(fpn_run, "torchvision").output),
