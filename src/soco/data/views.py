@@ -10,6 +10,7 @@ torchvision v2 kernels, so a box follows its pixels.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -164,6 +165,16 @@ def clamped_resized_crop(
     left = int(torch.randint(0, width - crop_w + 1, (1,), generator=generator)[0])
     top = int(torch.randint(0, height - crop_h + 1, (1,), generator=generator)[0])
     return top, left, crop_h, crop_w
+
+
+def draw_cropped_views(names: Sequence[str], height: int, width: int, crop, flip_prob: float, size: int,
+                       generator: torch.Generator) -> list[ViewParams]:
+    """One ViewParams per name, each drawing its crop `crop(height, width, generator)` and then its flip."""
+    drawn = []
+    for name in names:
+        top, left, crop_h, crop_w = crop(height, width, generator)
+        drawn.append(ViewParams(name, top, left, crop_h, crop_w, bernoulli(generator, flip_prob), size))
+    return drawn
 
 
 def overlaps(boxes: torch.Tensor, region: tuple[float, float, float, float]) -> torch.Tensor:

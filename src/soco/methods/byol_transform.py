@@ -26,7 +26,8 @@ from torchvision.transforms.v2 import functional as F
 
 from soco.config.validation import FRACTION, POSITIVE, PROBABILITY, at_least, config_rules, each, interval, one_of
 from soco.data.color import apply_byol_release_color_hwc, byol_release_blur_kernel_size
-from soco.data.views import ViewParams, apply_color, as_image, bernoulli, clamped_resized_crop, draw_color_params
+from soco.data.views import ViewParams, apply_color, as_image, clamped_resized_crop, draw_color_params
+from soco.data.views import draw_cropped_views
 from soco.data.views import normalize, random_resized_crop
 
 VIEWS = ("v1", "v2")
@@ -79,12 +80,9 @@ class BYOLTransform:
     def crops(self, height: int, width: int, generator: torch.Generator) -> tuple[ViewParams, ViewParams]:
         """Both views' crops and flips, view 1's first (dataset.py:109-110, augmentations.py:101-103)."""
         config = self.config
-        drawn = []
-        for name in VIEWS:
-            top, left, crop_h, crop_w = view_crop(height, width, config, generator)
-            flip = bernoulli(generator, config.flip_prob)
-            drawn.append(ViewParams(name, top, left, crop_h, crop_w, flip, config.size))
-        return drawn[0], drawn[1]
+        crop = lambda h, w, g: view_crop(h, w, config, g)  # noqa: E731
+        first, second = draw_cropped_views(VIEWS, height, width, crop, config.flip_prob, config.size, generator)
+        return first, second
 
     def geometric_view(self, image: torch.Tensor, crop: ViewParams) -> torch.Tensor:
         """Float [0, 1] 3xSxS: the crop resized bicubic from float pixels and clipped (dataset.py:197-202), flipped."""

@@ -24,7 +24,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from soco.config.validation import FRACTION, POSITIVE, PROBABILITY, Range, at_least, config_rules, interval, one_of
-from soco.data.views import ViewParams, apply_color, as_image, bernoulli, draw_color_params, normalize
+from soco.data.views import ViewParams, apply_color, as_image, draw_color_params, draw_cropped_views, normalize
 from soco.data.views import random_resized_crop, uniform
 from soco.errors import ConfigError
 
@@ -162,13 +162,9 @@ class SCRLTransform:
     def crops(self, height: int, width: int, generator: torch.Generator) -> tuple[ViewParams, ViewParams]:
         """Both views' crops and flips, drawn in that order."""
         config = self.config
-        drawn = []
-        for _ in range(2):
-            top, left, crop_h, crop_w = random_resized_crop(height, width, config.crop_scale, config.crop_ratio,
-                                                            generator)
-            flip = bernoulli(generator, config.flip_prob)
-            drawn.append(ViewParams(f"v{len(drawn) + 1}", top, left, crop_h, crop_w, flip, config.size))
-        return drawn[0], drawn[1]
+        crop = lambda h, w, g: random_resized_crop(h, w, config.crop_scale, config.crop_ratio, g)  # noqa: E731
+        first, second = draw_cropped_views(("v1", "v2"), height, width, crop, config.flip_prob, config.size, generator)
+        return first, second
 
     def view(self, image: torch.Tensor, crop: ViewParams, number: int, generator: torch.Generator) -> torch.Tensor:
         """One normalised view: crop, bicubic resize, flip, then the colour pipeline of view `number`."""

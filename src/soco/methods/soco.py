@@ -201,6 +201,7 @@ class SoCo(MomentumMethod):
         self.predictor = MLP(dim, config.model.projector_hidden, dim)
         self.make_target("online", "target")
         self.pairs = view_pairs(config.model, config.views)
+        self.view_sets = self.sets_by_view()  # fixed by the configuration: not rebuilt every step
 
     @classmethod
     def smallest_batch_size(cls, config: SoCoConfig, world_size: int = 1) -> tuple[int, str]:
@@ -226,7 +227,7 @@ class SoCo(MomentumMethod):
         pair meet by id (`losses.matched_box_loss`).
         """
         predictions, targets = {}, {}
-        for view, set_names in self.sets_by_view().items():
+        for view, set_names in self.view_sets.items():
             box_sets = [boxes[name] for name in set_names]
             batch, count = box_sets[0].shape[:2]
             online = self.online(views[view], box_sets, predictor=self.predictor)
