@@ -98,7 +98,40 @@ def test_rejects_what_it_cannot_segment():
         felzenszwalb(np.zeros((4, 4, 3)), 500.0, 0.9, 10)
     with pytest.raises(ValueError, match="at most 4 channels"):
         felzenszwalb(np.zeros((4, 4, 5), dtype=np.uint8), 500.0, 0.9, 10)
-    # 2**30 pixels would overflow the 32-bit edge ids; a broadcast view costs no memory.
-    huge = np.broadcast_to(np.zeros((1, 1, 3), dtype=np.uint8), (32768, 32768, 3))
-    with pytest.raises(ValueError, match="under 2\\*\\*30 pixels"):
+    # From 2**29 pixels the edge ids would leave the 64-bit sort key under 33 cost bits; a broadcast view costs no memory.
+    huge = np.broadcast_to(np.zeros((1, 1, 3), dtype=np.uint8), (16384, 32768, 3))
+    with pytest.raises(ValueError, match="under 2\\*\\*29 pixels"):
         felzenszwalb(huge, 500.0, 0.9, 10)
+
+
+def test_edges_whose_kept_cost_bits_tie_are_put_in_float64_order():
+    from soco.data.proposals.felzenszwalb import _order_equal_keys
+
+    id_bits = 4  # edge ids 0..15; the key keeps the cost's leading 60 bits, so costs 1 ulp apart tie in it
+    cut, shift = np.uint64(id_bits - 1), np.uint64(id_bits)
+    one = 1.0 + 2.0**-50
+    costs = np.full((4, 4), np.inf)  # (direction, pixel), edge id = 4 * pixel + direction
+    by_edge = {1: np.nextafter(one, 2.0), 4: one, 6: 0.0, 9: one, 14: 0.0, 3: 0.5}
+    for edge, cost in by_edge.items():
+        costs[edge & 3, edge >> 2] = cost
+    keys = np.array([((np.array(cost).view(np.uint64) >> cut) << shift) | np.uint64(edge)
+                     for edge, cost in by_edge.items()], dtype=np.uint64)
+    keys.sort()
+    kept = keys >> shift
+    assert kept[-1] == kept[-2] == kept[-3]  # 1 + 2**-50 and its neighbour agree in the kept bits
+    _order_equal_keys(keys, costs, id_bits)
+    # by float64 cost, then by edge id: zeros 6, 14; 0.5 (edge 3); `one` at 4 and 9; the next float at 1
+    assert [int(k & np.uint64(15)) for k in keys] == [6, 14, 3, 4, 9, 1]
+
+
+def test_only_a_zero_cost_has_a_zero_key():
+    from soco.data.proposals.felzenszwalb import _edge_costs
+
+    planes = np.zeros((1, 1, 3))
+    planes[0, 0, 1] = 5e-324  # the smallest step there is: its square underflows, its cost is 0
+    planes[0, 0, 2] = 5e-324 + 2.0**-537
+    costs, keys = _edge_costs(planes, 31)  # the most bits the key ever cuts
+    right = costs[0, :2]
+    assert right[0] == 0.0 and right[1] > 1e-162
+    kept = keys[:2] >> np.uint64(31)  # the right-hand edges of pixels 0 and 1 come first
+    assert kept[0] == 0 and kept[1] > 0

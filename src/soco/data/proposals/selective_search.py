@@ -400,26 +400,37 @@ def _lbp_codes(channel: np.ndarray) -> np.ndarray:
             down[i, row] = (row + row_offset) - (row + upper[i])
         for column in range(width):
             across[i, column] = (column + column_offset) - (column + left[i])
-    # Row by row and neighbour by neighbour, each over the row's columns without a branch, so that the compiler
-    # vectorises the loops (the same comparisons in the same arithmetic, 2-3 times faster than pixel by pixel).
+    # Row by row, all eight neighbours of a pixel in one pass over the row's columns without a branch, so that
+    # the compiler vectorises the loop (the same comparisons in the same arithmetic; twice as fast as a pass per
+    # neighbour over the row). Diagonal 1 (up-right) interpolates rows above/centre at columns c, c + 1; 3 (up-left)
+    # above/centre at c - 1, c; 5 (down-left) centre/below at c - 1, c; 7 (down-right) centre/below at c, c + 1.
+    across1, across3, across5, across7 = across[0], across[1], across[2], across[3]
     values = channel.astype(np.float64)
     for row in range(1, height - 1):
-        centre = values[row]
+        above, centre, below = values[row - 1], values[row], values[row + 1]
+        down1, down3, down5, down7 = down[0, row], down[1, row], down[2, row], down[3, row]
+        out = codes[row]
         for column in range(1, width - 1):
-            codes[row, column] = ((values[row, column + 1] >= centre[column]) * 1
-                                  + (values[row - 1, column] >= centre[column]) * 4
-                                  + (values[row, column - 1] >= centre[column]) * 16
-                                  + (values[row + 1, column] >= centre[column]) * 64)
-        for i in range(4):
-            bit = np.uint8(1 << (2 * i + 1))
-            top_row, bottom_row = values[row + upper[i]], values[row + upper[i] + 1]
-            d = down[i, row]
-            for column in range(1, width - 1):
-                left_column = column + left[i]
-                a = across[i, column]
-                top = (1 - a) * top_row[left_column] + a * top_row[left_column + 1]
-                bottom = (1 - a) * bottom_row[left_column] + a * bottom_row[left_column + 1]
-                codes[row, column] |= bit * np.uint8((1 - d) * top + d * bottom - centre[column] >= 0)
+            value = centre[column]
+            code = ((centre[column + 1] >= value) * 1 + (above[column] >= value) * 4
+                    + (centre[column - 1] >= value) * 16 + (below[column] >= value) * 64)
+            a = across1[column]
+            top = (1 - a) * above[column] + a * above[column + 1]
+            bottom = (1 - a) * centre[column] + a * centre[column + 1]
+            code += ((1 - down1) * top + down1 * bottom - value >= 0) * 2
+            a = across3[column]
+            top = (1 - a) * above[column - 1] + a * above[column]
+            bottom = (1 - a) * centre[column - 1] + a * centre[column]
+            code += ((1 - down3) * top + down3 * bottom - value >= 0) * 8
+            a = across5[column]
+            top = (1 - a) * centre[column - 1] + a * centre[column]
+            bottom = (1 - a) * below[column - 1] + a * below[column]
+            code += ((1 - down5) * top + down5 * bottom - value >= 0) * 32
+            a = across7[column]
+            top = (1 - a) * centre[column] + a * centre[column + 1]
+            bottom = (1 - a) * below[column] + a * below[column + 1]
+            code += ((1 - down7) * top + down7 * bottom - value >= 0) * 128
+            out[column] = code
     return codes
 
 
