@@ -5,7 +5,9 @@ import statistics
 
 import pytest
 
-from soco.study.report import ArmSummary, Gap, collect_runs, gap, markdown_table, plot_study, summarise
+from soco.errors import ConfigError
+from soco.study.report import (ArmSummary, Gap, collect_runs, comparison_table, gap, markdown_table, plot_study,
+                               summaries_from_report, summarise)
 
 
 def _write_run(study, reading, arm, seed, ap, curve=((2, 0.01),), finished=True):
@@ -86,3 +88,54 @@ def test_report_only_rewrites_the_report_naming_the_command_that_ran_the_study(t
     assert "`soco study --out study --seeds 0`" in markdown and "--report-only" not in markdown
     assert "| scratch | 1 | 5.00 ± — |" in markdown
     assert json.loads((reports / "study_cpu.json").read_text())["command"] == "soco study --out study --seeds 0"
+
+
+def test_comparison_table_gives_each_arm_then_and_now_and_judges_the_change():
+    before = [ArmSummary("scratch", "full", [0, 1, 2], [2.0, 2.5, 3.0], [9.0, 9.0, 9.0]),
+              ArmSummary("soco", "full", [0, 1, 2], [4.0, 4.5, 5.0], [9.0, 9.0, 9.0])]
+    after = [ArmSummary("scratch", "full", [0, 1, 2], [2.0, 2.5, 3.0], [9.0, 9.0, 9.0]),
+             ArmSummary("soco", "full", [0, 1, 2], [6.0, 6.5, 7.0], [9.0, 9.0, 9.0]),
+             ArmSummary("byol", "full", [0, 1, 2], [3.0, 3.0, 3.0], [9.0, 9.0, 9.0])]
+    table = comparison_table(before, after, "old")
+    lines = table.splitlines()
+    assert lines[0] == "**full** fine-tuning: old against now"
+    assert "| scratch | 2.50 ± 0.50 | 2.50 ± 0.50 | +0.00 (within 2σ = 1.00) |" in lines
+    # soco moved by 2.0 against twice the larger spread (0.5 both times): a real change
+    assert "| soco | 4.50 ± 0.50 | 6.50 ± 0.50 | +2.00 (> 2σ = 1.00) |" in lines
+    assert "| byol | — | 3.00 ± 0.00 |  |" in lines  # a new arm: nothing to compare
+    # arms in the design's order (byol, the new arm, ranks before soco)
+    arms = [line.split(" | ")[0][2:] for line in lines if line.startswith("| ") and "---" not in line][1:]
+    assert arms.index("scratch") < arms.index("byol") < arms.index("soco")
+
+
+def test_summaries_from_report_reads_a_report_and_names_a_wrong_file():
+    report = {"rows": [{"arm": "soco", "reading": "frozen", "seeds": [0, 1], "ap_per_seed": [1.0, 3.0],
+                        "ap50_per_seed": [2.0, 4.0], "ap_mean": 2.0, "ap_std": 1.4}]}
+    (summary,) = summaries_from_report(report)
+    assert (summary.arm, summary.reading, summary.ap_mean, summary.ap50_mean) == ("soco", "frozen", 2.0, 3.0)
+    with pytest.raises(ConfigError, match="old.json: not a study report"):
+        summaries_from_report({"budget": "cpu"}, "old.json")
+    with pytest.raises(ConfigError, match="old.json: a row lacks 'seeds'"):
+        summaries_from_report({"rows": [{"arm": "soco", "reading": "full", "ap_per_seed": [1.0]}]}, "old.json")
+
+
+def test_report_compares_with_an_earlier_study(tmp_path, capsys):
+    from soco.cli.main import main
+
+    study, reports = tmp_path / "study", tmp_path / "reports"
+    for seed, ap in enumerate((0.05, 0.06)):
+        _write_run(study, "full", "scratch", seed, ap)
+    (study / "soco-study.json").write_text(json.dumps({"data": "tiles"}))
+    earlier = tmp_path / "study_cpu_before.json"
+    earlier.write_text(json.dumps({"rows": [{"arm": "scratch", "reading": "full", "seeds": [0, 1],
+                                             "ap_per_seed": [1.0, 2.0], "ap50_per_seed": [2.0, 4.0]}]}))
+    assert main(["study", "--out", str(study), "--report", str(reports), "--report-only",
+                 "--compare-to", str(earlier)]) == 0
+    markdown = (reports / "study_cpu.md").read_text()
+    assert "## Against an earlier study: `study_cpu_before.json`" in markdown
+    # 5.5 now against 1.5 then; spreads 0.707 both: the change exceeds 2σ = 1.41
+    assert "| scratch | 1.50 ± 0.71 | 5.50 ± 0.71 | +4.00 (> 2σ = 1.41) |" in markdown
+    capsys.readouterr()
+    assert main(["study", "--out", str(study), "--report-only", "--compare-to", str(tmp_path / "missing.json")]) != 0
+    error = capsys.readouterr().err
+    assert "--compare-to: " in error and "missing.json is not a file" in error

@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", default=None, metavar="DIR",
                         help="where study_BUDGET.md, .json and .png go (default: the study folder)")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
+    parser.add_argument("--compare-to", default=None, metavar="EARLIER.json",
+                        help="an earlier study's report (.json): the report adds each arm's AP then and now, and "
+                             "whether the change exceeds twice the seed spread")
     parser.add_argument("--no-probe", action="store_true", help="skip the box-feature probe of the pretrained arms")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -88,10 +91,29 @@ def report_stem(budget) -> str:
     return f"{REPORT_STEM}_{budget.name}"
 
 
-def write_report(study_dir: Path, report_dir: Path, budget, data_name: str, command: str) -> Path:
-    """study.md, study.json and study.png from every finished run of the study folder; returns the .md path."""
+def read_earlier_report(path: Path) -> list:
+    """The arm summaries of an earlier study's report (.json) for --compare-to; ConfigError naming the file."""
+    from soco.errors import ConfigError
+    from soco.study.report import summaries_from_report
+
+    if not path.is_file():
+        raise ConfigError(f"--compare-to: {path} is not a file (an earlier study_<budget>.json is expected)")
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--compare-to: {path} is not a readable study report ({error})") from None
+    return summaries_from_report(earlier, str(path))
+
+
+def write_report(study_dir: Path, report_dir: Path, budget, data_name: str, command: str,
+                 compared: tuple[str, list] | None = None) -> Path:
+    """study.md, study.json and study.png from every finished run of the study folder; returns the .md path.
+
+    With ``compared`` (an earlier report's file name and its arm summaries), the .md adds each arm's AP then
+    and now.
+    """
     from soco.files import atomic_write_text
-    from soco.study.report import collect_runs, markdown_table, plot_study, summarise
+    from soco.study.report import collect_runs, comparison_table, markdown_table, plot_study, summarise
     from soco.study.runner import PROBE_NAME, TIMINGS_NAME
 
     runs = collect_runs(study_dir)
@@ -126,6 +148,12 @@ def write_report(study_dir: Path, report_dir: Path, budget, data_name: str, comm
                 lines.append(f"| {stage} | {name} | {100 * score['knn']:.1f}% | {100 * score['linear']:.1f}% | "
                              f"{100 * score['majority']:.1f}% |")
         lines.append("")
+    if compared is not None:
+        earlier_name, before = compared
+        lines += [f"## Against an earlier study: `{earlier_name}`", "",
+                  "The change of an arm's mean AP is judged as a gap between arms is: real when it exceeds twice "
+                  "the larger seed standard deviation of the two studies' runs.", "",
+                  comparison_table(before, summaries, Path(earlier_name).stem)]
     if picture:
         lines += [f"![learning curves]({picture.name})", ""]
     markdown = report_dir / f"{stem}.md"
@@ -202,6 +230,11 @@ def run(args: argparse.Namespace) -> int:
         check_pretraining_configs(arms, budget, args.device)  # every arm's, before soco-study.json is written
     study_dir = Path(args.out).expanduser()
     report_dir = Path(args.report).expanduser() if args.report else study_dir
+    # Read once, before any run starts: a bad file is refused now, not at the first report hours later.
+    compared = None
+    if args.compare_to:
+        compare_to = Path(args.compare_to).expanduser()
+        compared = (compare_to.name, read_earlier_report(compare_to))
     command = "soco study " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else "soco study"
     started = time.perf_counter()
     if args.report_only:
@@ -218,12 +251,12 @@ def run(args: argparse.Namespace) -> int:
         data_name = describe_data(data)
 
         def report() -> None:
-            write_report(study_dir, report_dir, budget, data_name, command)
+            write_report(study_dir, report_dir, budget, data_name, command, compared)
 
         _stop_cleanly_on_signals()
         run_study(budget, arms, seeds, args.readings, data, study_dir, device=args.device,
                   progress=False if args.quiet else None, probe=not args.no_probe, after_each=report)
-    markdown = write_report(study_dir, report_dir, budget, data_name, command)
+    markdown = write_report(study_dir, report_dir, budget, data_name, command, compared)
     print(markdown.read_text())
     print(f"study: {time.perf_counter() - started:.0f} s this call; report in {markdown}")
     return 0

@@ -15,7 +15,7 @@ from pathlib import Path
 from soco.study.design import BASELINE, READINGS, SCRATCH, parse_length_arm
 
 __all__ = ["RunResult", "ArmSummary", "Gap", "collect_runs", "summarise", "gap", "markdown_table",
-           "plot_study", "SPREAD_FACTOR"]
+           "summaries_from_report", "comparison_table", "plot_study", "SPREAD_FACTOR"]
 
 SPREAD_FACTOR = 2.0  # a gap is real when it exceeds this many seed standard deviations
 
@@ -125,13 +125,18 @@ def _arm_order(arm: str) -> tuple:
     return (names.index(base) if base in names else len(names), steps or 0, arm)
 
 
+def _reading_arm_order(key: tuple[str, str]) -> tuple:
+    """Sort key of a (reading, arm) pair: readings in READINGS order, then arms in the design's order."""
+    reading, arm = key
+    return (READINGS.index(reading) if reading in READINGS else len(READINGS), _arm_order(arm))
+
+
 def summarise(runs: list[RunResult]) -> list[ArmSummary]:
     """One summary per (reading, arm), readings in READINGS order and arms in the design's order."""
     groups: dict[tuple[str, str], list[RunResult]] = {}
     for run in runs:
         groups.setdefault((run.reading, run.arm), []).append(run)
-    reading_rank = {name: index for index, name in enumerate(READINGS)}
-    keys = sorted(groups, key=lambda key: (reading_rank.get(key[0], len(READINGS)), _arm_order(key[1])))
+    keys = sorted(groups, key=_reading_arm_order)
     summaries = []
     for reading, arm in keys:
         group = sorted(groups[(reading, arm)], key=lambda run: run.seed)
@@ -184,6 +189,42 @@ def markdown_table(summaries: list[ArmSummary]) -> str:
             per_seed = ", ".join(f"{v:.1f}" for v in row.ap_per_seed)
             lines.append(f"| {row.arm} | {len(row.seeds)} | {row.ap_mean:.2f} ± {_spread(row.ap_std)} | "
                          f"{row.ap50_mean:.2f} ± {_spread(row.ap50_std)} | {per_seed} | {versus[0]} | {versus[1]} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def summaries_from_report(report: dict, source: str = "report") -> list[ArmSummary]:
+    """The arm summaries stored in a study report's .json ("rows"), for comparing a rerun with it."""
+    from soco.errors import ConfigError
+
+    rows = report.get("rows")
+    if not isinstance(rows, list):
+        raise ConfigError(f"{source}: not a study report (no 'rows' list; expected a study_<budget>.json)")
+    try:
+        return [ArmSummary(row["arm"], row["reading"], list(row["seeds"]), list(row["ap_per_seed"]),
+                           list(row.get("ap50_per_seed", row["ap_per_seed"]))) for row in rows]
+    except (KeyError, TypeError) as error:
+        raise ConfigError(f"{source}: a row lacks {error} (expected arm, reading, seeds, ap_per_seed)") from None
+
+
+def comparison_table(before: list[ArmSummary], after: list[ArmSummary], before_name: str = "before") -> str:
+    """A table per reading: each arm's AP in an earlier study and now, the change, and whether it exceeds 2σ.
+
+    The change is judged as a gap between arms is (``gap``: twice the larger seed spread of the two, on the seeds
+    both have); an arm present on one side only gets a dash on the other.
+    """
+    lines = []
+    earlier = {(s.reading, s.arm): s for s in before}
+    now = {(s.reading, s.arm): s for s in after}
+    keys = sorted(set(earlier) | set(now), key=_reading_arm_order)
+    for reading in dict.fromkeys(key[0] for key in keys):
+        lines += [f"**{reading}** fine-tuning: {before_name} against now", "",
+                  f"| arm | AP {before_name} | AP now | change |", "| --- | --- | --- | --- |"]
+        for key in (k for k in keys if k[0] == reading):
+            old, new = earlier.get(key), now.get(key)
+            cells = [f"{s.ap_mean:.2f} ± {_spread(s.ap_std)}" if s else "—" for s in (old, new)]
+            change = gap(new, old).text() if old and new else ""
+            lines.append(f"| {key[1]} | {cells[0]} | {cells[1]} | {change} |")
         lines.append("")
     return "\n".join(lines)
 
