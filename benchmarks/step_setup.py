@@ -48,7 +48,7 @@ def build_step(args: argparse.Namespace) -> Step:
     method = build_model(config, context)
     method.train()
     optimizer = build_optimizer(config.optim, method.parameter_groups(config.optim.weight_decay), lr=0.01)
-    runner = StepRunner(method, method, optimizer, context, config.train.precision, 1, config.train.channels_last)
+    runner = StepRunner(method, method, optimizer, context, config.train.precision, config.train.channels_last)
     precision = resolve_precision(config.train.precision, device, smallest_view_side(batch))
     return Step(config, runner, batch, precision)
 

@@ -42,3 +42,25 @@ def test_a_step_without_a_sample_is_refused_before_the_optimiser_or_the_ema_move
     # an empty micro-batch beside one with samples is left out, and the step is taken
     runner.run([{"x": torch.ones(2, 2), "paths": ["b.jpg", "c.jpg"]}, empty], 3, 10, lr=0.1)
     assert optimizer_steps == [1] and method.after_steps == 1
+
+
+def test_a_left_out_micro_batch_does_not_shrink_the_steps_gradient():
+    x = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+    empty = {"indices": torch.zeros(0, dtype=torch.int64), "paths": [], "skipped": 2, "skipped_paths": {}}
+    updated = []
+    for micro_batches in ([{"x": x, "paths": ["a", "b"]}], [{"x": x, "paths": ["a", "b"]}, empty],
+                          [{"x": x, "paths": ["a", "b"]}, {"x": x, "paths": ["a", "b"]}]):
+        torch.manual_seed(0)
+        method = CountingMethod()
+        start = method.linear.weight.detach().clone()
+        optimizer = torch.optim.SGD(method.parameters(), lr=1.0)
+        StepRunner(method, method, optimizer, DistributedContext()).run(micro_batches, 1, 1, 1.0)
+        updated.append(start - method.linear.weight.detach())
+    # d/dw mean((w x + b)^2) = 2 mean((w x + b) x): the same with one micro-batch, one of two left out, or twice x
+    with torch.no_grad():
+        torch.manual_seed(0)
+        reference = CountingMethod()
+        residual = reference.linear(x)
+        expected = 2 * (residual * x).mean(dim=0, keepdim=True)
+    for update in updated:
+        torch.testing.assert_close(update, expected)

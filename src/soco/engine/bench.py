@@ -51,7 +51,7 @@ def time_model_steps(config: Config, batch: dict, steps: int, warmup: int, devic
     method = build_model(config, context)
     method.train()
     optimizer = build_optimizer(config.optim, method.parameter_groups(config.optim.weight_decay), lr=0.01)
-    runner = StepRunner(method, method, optimizer, context, config.train.precision, 1, config.train.channels_last)
+    runner = StepRunner(method, method, optimizer, context, config.train.precision, config.train.channels_last)
     images = len(batch["paths"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -104,7 +104,6 @@ class StepRunner:
     optimizer: torch.optim.Optimizer
     context: DistributedContext
     precision: str = "fp32"
-    accumulate: int = 1
     channels_last: bool = False  # views go NHWC, as the networks' weights do (trainer.build_model)
 
     def __post_init__(self):
@@ -143,7 +142,9 @@ class StepRunner:
             with sync:
                 with autocast:
                     outputs = self.trained(batch)
-                    loss = outputs["loss"] / self.accumulate
+                    # the mean over the micro-batches that hold samples: an unreadable one left out of a step
+                    # does not shrink its gradient (only a single process leaves one out: trainer)
+                    loss = outputs["loss"] / len(micro_batches)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += loss.detach()
             for key, value in outputs.items():

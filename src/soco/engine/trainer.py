@@ -316,7 +316,7 @@ def _set_up(config: Config, run_dir: Path, images_root: str | Path, store_dir: s
     schedule = make_schedule(config, len(dataset), context.world_size)
     optimizer = build_optimizer(config.optim, method.parameter_groups(config.optim.weight_decay), schedule.peak_lr)
     runner = StepRunner(method, data_parallel(method, context), optimizer, context, config.train.precision,
-                        config.train.accumulate, config.train.channels_last)
+                        config.train.channels_last)
     return _Session(config, run_dir, context, data, resumed, notes, method, dataset, schedule, optimizer, runner)
 
 
