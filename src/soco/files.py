@@ -127,6 +127,18 @@ LOCK_NAME = ".lock"
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
+@contextmanager
+def build_lock(dest: Path, command: str) -> Iterator[None]:
+    """Hold dest's build lock (a lock file beside it) for a block, waiting while another process builds dest.
+
+    Two processes preparing the same data set would otherwise share `folder_build`'s folder, the second removing
+    the first's half-made build; the second should check again, once it holds the lock, whether the first
+    finished the build it wants.
+    """
+    with folder_lock(Path(dest).parent, command, name=f"{LOCK_NAME}-{Path(dest).name}", wait=True):
+        yield
+
+
 def is_lock_file(path: Path) -> bool:
     """Whether a folder entry is one of `folder_lock`'s files (a folder holding only those is empty)."""
     return path.name == LOCK_NAME or path.name.startswith(f"{LOCK_NAME}-")

