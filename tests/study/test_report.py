@@ -82,10 +82,13 @@ def test_report_only_rewrites_the_report_naming_the_command_that_ran_the_study(t
     _write_run(study, "full", "scratch", 0, 0.05)
     (study / "soco-study.json").write_text(json.dumps({"data": "tiles"}))
     reports.mkdir()
-    (reports / "study_cpu.json").write_text(json.dumps({"command": "soco study --out study --seeds 0"}))
+    (reports / "study_cpu.json").write_text(json.dumps({"command": "soco study --out study --seeds 0",
+                                                        "revision": "abc1234", "machine": "9 CPU cores (z80)"}))
     assert main(["study", "--out", str(study), "--report", str(reports), "--report-only"]) == 0
     markdown = (reports / "study_cpu.md").read_text()
     assert "`soco study --out study --seeds 0`" in markdown and "--report-only" not in markdown
+    # the commit and machine of the call that ran the runs, not of this one
+    assert "soco abc1234." in markdown and "on 9 CPU cores (z80);" in markdown
     assert "| scratch | 1 | 5.00 ± — |" in markdown
     assert json.loads((reports / "study_cpu.json").read_text())["command"] == "soco study --out study --seeds 0"
 

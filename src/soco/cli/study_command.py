@@ -61,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare-to", default=None, metavar="EARLIER.json",
                         help="an earlier study's report (.json): the report adds each arm's AP then and now, and "
                              "whether the change exceeds twice the seed spread")
+    parser.add_argument("--merge", nargs="+", default=[], metavar="PART.json",
+                        help="reports (.json) of earlier parts of this study, run in other folders or on other "
+                             "machines: each arm this folder has no finished run of is taken from them (refused "
+                             "when a part's budget settings or data differ)")
     parser.add_argument("--no-probe", action="store_true", help="skip the box-feature probe of the pretrained arms")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -105,33 +109,65 @@ def read_earlier_report(path: Path) -> list:
     return summaries_from_report(earlier, str(path))
 
 
+def machine_description() -> str:
+    """This machine in words for a report: CPU cores, architecture, CPU model and GPU where known."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = ", " + line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    gpu = f" and {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}{model}){gpu}"
+
+
+def read_parts(paths: list[str], budget, data_name: str) -> list:
+    """The earlier parts given to --merge, each checked against this study's design; ConfigError naming a file."""
+    from soco.study.parts import design_record, read_part
+
+    design = design_record(budget, data_name)
+    return [read_part(Path(path).expanduser(), design) for path in paths]
+
+
 def write_report(study_dir: Path, report_dir: Path, budget, data_name: str, command: str,
-                 compared: tuple[str, list] | None = None) -> Path:
+                 compared: tuple[str, list] | None = None, parts: list | None = None,
+                 revision: str | None = None, machine: str | None = None) -> Path:
     """study.md, study.json and study.png from every finished run of the study folder; returns the .md path.
 
     With ``compared`` (an earlier report's file name and its arm summaries), the .md adds each arm's AP then
-    and now.
+    and now. With ``parts`` (earlier parts' reports, `study.parts.read_part`), their arms that this folder has
+    no finished run of join the report, and the report says which came from where. ``revision`` is the soco
+    commit that ran this folder's runs (`study.parts.source_revision`, read when the study started), ``machine``
+    the machine that ran them (default: this one).
     """
     from soco.files import atomic_write_text
+    from soco.study.parts import design_record, merge_parts
     from soco.study.report import collect_runs, comparison_table, markdown_table, plot_study, summarise
     from soco.study.runner import PROBE_NAME, TIMINGS_NAME
 
     runs = collect_runs(study_dir)
-    summaries = summarise(runs)
     timings = json.loads((study_dir / TIMINGS_NAME).read_text()) if (study_dir / TIMINGS_NAME).is_file() else {}
     probe = json.loads((study_dir / PROBE_NAME).read_text()) if (study_dir / PROBE_NAME).is_file() else {}
+    machine = machine or machine_description()
+    runs, timings, probe, origins = merge_parts(runs, timings, probe, parts or [])
+    merged_from: dict[tuple, list[str]] = {}  # (file, revision, machine) -> the arms it ran
+    for arm, origin in origins.items():
+        merged_from.setdefault(origin, []).append(arm)
+    summaries = summarise(runs)
     report_dir.mkdir(parents=True, exist_ok=True)
     stem = report_stem(budget)
     picture = plot_study(runs, report_dir / f"{stem}.png", budget.pretrain_steps,
                          title=f"soco study, {budget.name} budget, {data_name}")
     total_minutes = sum(timings.values()) / 60
-    import torch
-
-    gpu = f" and {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    where = f"on {machine}" + (" and the merged parts' machines" if merged_from else "")
     lines = [f"# What pretraining buys ({budget.name} budget)", "",
              f"`{command}`", "",
-             f"Data: {data_name}. Wall time of the finished pieces (pretraining, fine-tuning, probe), summed: "
-             f"{total_minutes:.0f} min on {os.cpu_count()} CPU cores ({platform.machine()}){gpu}; "
+             f"Data: {data_name}. soco {revision or 'revision unknown'}. Wall time of the finished pieces "
+             f"(pretraining, fine-tuning, probe), summed: {total_minutes:.0f} min {where}; "
              f"each piece's own figure is in the .json.", "",
              *[f"- {note}" for note in budget.notes],
              f"- pretraining: {budget.pretrain_steps} steps ({', '.join(budget.pretrain_overrides)}); SoCo also to "
@@ -139,6 +175,11 @@ def write_report(study_dir: Path, report_dir: Path, budget, data_name: str, comm
              "- fine-tuning: " + ", ".join(f"{key}={value}" for key, value in budget.transfer.items()), "",
              "A gap is real when it exceeds twice the larger seed standard deviation of the two arms.", "",
              markdown_table(summaries)]
+    if merged_from:
+        lines += ["Arms merged from earlier parts of this study (`--merge`; same budget settings and data, checked):",
+                  "", *[f"- `{file}` (soco {part_revision or 'revision unknown'}, {part_machine or 'machine unknown'}):"
+                        f" {', '.join(arms)}" for (file, part_revision, part_machine), arms in merged_from.items()],
+                  ""]
     if probe:
         lines += ["Box-feature probe on the training boxes (object vs background crops of held-out images; "
                   "k-NN / linear accuracy):",
@@ -159,7 +200,11 @@ def write_report(study_dir: Path, report_dir: Path, budget, data_name: str, comm
     markdown = report_dir / f"{stem}.md"
     atomic_write_text(markdown, "\n".join(lines) + "\n")
     atomic_write_text(report_dir / f"{stem}.json", json.dumps({
-        "budget": budget.name, "data": data_name, "command": command, "timings_seconds": timings, "probe": probe,
+        "budget": budget.name, "data": data_name, "command": command, "design": design_record(budget, data_name),
+        "revision": revision, "machine": machine,
+        "parts": [{"file": file, "revision": part_revision, "machine": part_machine, "arms": arms}
+                  for (file, part_revision, part_machine), arms in merged_from.items()],
+        "timings_seconds": timings, "probe": probe,
         "rows": [{"arm": s.arm, "reading": s.reading, "seeds": s.seeds, "ap_per_seed": s.ap_per_seed,
                   "ap50_per_seed": s.ap50_per_seed, "ap_mean": s.ap_mean, "ap_std": s.ap_std}
                  for s in summaries],
@@ -216,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
     from soco.config.validation import validate_section
     from soco.errors import ConfigError
     from soco.study.design import BUDGETS, select_arms
+    from soco.study.parts import source_revision
     from soco.study.runner import STUDY_MARKER, check_pretraining_configs, describe_data, read_json, run_study
 
     budget = BUDGETS[args.budget]
@@ -236,6 +282,8 @@ def run(args: argparse.Namespace) -> int:
         compare_to = Path(args.compare_to).expanduser()
         compared = (compare_to.name, read_earlier_report(compare_to))
     command = "soco study " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else "soco study"
+    revision = None if args.report_only else source_revision()  # now: the code this process runs
+    machine = None
     started = time.perf_counter()
     if args.report_only:
         marker = study_dir / STUDY_MARKER
@@ -246,17 +294,21 @@ def run(args: argparse.Namespace) -> int:
         earlier = report_dir / f"{report_stem(budget)}.json"
         if earlier.is_file():
             command = read_json(earlier).get("command", command)
+            # the revision and machine of the call that ran the runs, when that report recorded them
+            revision, machine = read_json(earlier).get("revision"), read_json(earlier).get("machine")
+        parts = read_parts(args.merge, budget, data_name)
     else:
         data = _data(args, budget)
         data_name = describe_data(data)
+        parts = read_parts(args.merge, budget, data_name)  # before any run: a part of another design is refused now
 
         def report() -> None:
-            write_report(study_dir, report_dir, budget, data_name, command, compared)
+            write_report(study_dir, report_dir, budget, data_name, command, compared, parts, revision, machine)
 
         _stop_cleanly_on_signals()
         run_study(budget, arms, seeds, args.readings, data, study_dir, device=args.device,
                   progress=False if args.quiet else None, probe=not args.no_probe, after_each=report)
-    markdown = write_report(study_dir, report_dir, budget, data_name, command, compared)
+    markdown = write_report(study_dir, report_dir, budget, data_name, command, compared, parts, revision, machine)
     print(markdown.read_text())
     print(f"study: {time.perf_counter() - started:.0f} s this call; report in {markdown}")
     return 0
