@@ -61,7 +61,7 @@ def test_a_later_part_takes_the_arms_it_lacks_from_an_earlier_part(tmp_path, par
     assert "| scratch | 2 | 11.00 ± 1.41 |" in markdown  # this folder's (10, 12), not part 1's (2, 4)
     assert "| soco | 2 | 6.00 ± 1.41 | 12.00 ± 2.83 | 5.0, 7.0 | -5.00 (> 2σ = 2.83) |" in markdown
     assert "| byol | 2 | 4.00 ± 1.41 |" in markdown
-    assert "- `study_cpu.json` (soco " in markdown and "): soco" in markdown
+    assert f"- `{part_one}` (soco revision unknown, " in markdown and "): soco" in markdown
     assert [part["arms"] for part in report["parts"]] == [["soco"]]
     assert report["timings_seconds"] == {"proposals": 40.0, "pretrain/byol": 300.0, "probe": 6.0,
                                          "pretrain/soco": 200.0, "finetune/full/soco/seed0": 100.0}
@@ -75,8 +75,7 @@ def test_a_later_part_takes_the_arms_it_lacks_from_an_earlier_part(tmp_path, par
     empty = _study(tmp_path / "three", {}, {}, {})
     _, chained = _report(empty, tmp_path / "three-report", renamed)
     origins = {arm: part["file"] for part in chained["parts"] for arm in part["arms"]}
-    assert origins == {"scratch": "study_cpu_part2.json", "byol": "study_cpu_part2.json",
-                       "soco": "study_cpu.json"}
+    assert origins == {"scratch": str(renamed), "byol": str(renamed), "soco": str(part_one)}
 
 
 def test_a_part_of_another_design_or_an_old_report_is_refused(tmp_path, part_one, capsys):
@@ -131,3 +130,21 @@ def test_source_revision_is_the_checkout_s_commit():
     changed = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=package, capture_output=True,
                              text=True).stdout.strip()
     assert revision.endswith("+") == bool(changed)
+
+
+def test_a_report_only_call_with_arms_reports_those_arms_alone(tmp_path, part_one):
+    study = _study(tmp_path / "two", {("full", "byol"): [0.03, 0.05], ("frozen", "scrl"): [0.01]},
+                   {"proposals": 40.0, "pretrain/byol": 300.0, "pretrain/scrl": 50.0, "finetune/frozen/scrl/seed0": 9.0},
+                   {"c5": {"byol": _score(0.8), "scrl": _score(0.4), "random init": _score(0.55)}})
+    markdown, report = _report_with(study, tmp_path / "r", "--arms", "byol", "soco", "--merge", str(part_one))
+    assert [(row["arm"], row["reading"]) for row in report["rows"]] == [("byol", "full"), ("soco", "full")]
+    assert "scrl" not in markdown and "| scratch |" not in markdown  # scratch is in part 1 but not asked for
+    assert report["timings_seconds"] == {"proposals": 40.0, "pretrain/byol": 300.0, "pretrain/soco": 200.0,
+                                         "finetune/full/soco/seed0": 100.0}
+    assert report["probe"] == {"c5": {"byol": _score(0.8), "random init": _score(0.55)},
+                               "c4": {"soco": _score(0.7), "random init": _score(0.6)}}
+
+
+def _report_with(study, reports, *options):
+    assert main(["study", "--out", str(study), "--report", str(reports), "--report-only", *options]) == 0
+    return (reports / "study_cpu.md").read_text(), json.loads((reports / "study_cpu.json").read_text())

@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=str(DEFAULT_STUDY_OUT), help=f"study folder (default {DEFAULT_STUDY_OUT})")
     parser.add_argument("--report", default=None, metavar="DIR",
                         help="where study_BUDGET.md, .json and .png go (default: the study folder)")
-    parser.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only rewrite the report from finished runs (with --arms: of those arms alone)")
     parser.add_argument("--compare-to", default=None, metavar="EARLIER.json",
                         help="an earlier study's report (.json): the report adds each arm's AP then and now, and "
                              "whether the change exceeds twice the seed spread")
@@ -135,17 +136,17 @@ def read_parts(paths: list[str], budget, data_name: str) -> list:
 
 def write_report(study_dir: Path, report_dir: Path, budget, data_name: str, command: str,
                  compared: tuple[str, list] | None = None, parts: list | None = None,
-                 revision: str | None = None, machine: str | None = None) -> Path:
+                 revision: str | None = None, machine: str | None = None, arms: list[str] | None = None) -> Path:
     """study.md, study.json and study.png from every finished run of the study folder; returns the .md path.
 
     With ``compared`` (an earlier report's file name and its arm summaries), the .md adds each arm's AP then
     and now. With ``parts`` (earlier parts' reports, `study.parts.read_part`), their arms that this folder has
     no finished run of join the report, and the report says which came from where. ``revision`` is the soco
     commit that ran this folder's runs (`study.parts.source_revision`, read when the study started), ``machine``
-    the machine that ran them (default: this one).
+    the machine that ran them (default: this one). With ``arms``, the report holds those arms alone.
     """
     from soco.files import atomic_write_text
-    from soco.study.parts import design_record, merge_parts
+    from soco.study.parts import design_record, merge_parts, only_arms
     from soco.study.report import collect_runs, comparison_table, markdown_table, plot_study, summarise
     from soco.study.runner import PROBE_NAME, TIMINGS_NAME
 
@@ -154,6 +155,9 @@ def write_report(study_dir: Path, report_dir: Path, budget, data_name: str, comm
     probe = json.loads((study_dir / PROBE_NAME).read_text()) if (study_dir / PROBE_NAME).is_file() else {}
     machine = machine or machine_description()
     runs, timings, probe, origins = merge_parts(runs, timings, probe, parts or [])
+    if arms is not None:
+        runs, timings, probe = only_arms(arms, runs, timings, probe)
+        origins = {arm: origin for arm, origin in origins.items() if arm in arms}
     merged_from: dict[tuple, list[str]] = {}  # (file, revision, machine) -> the arms it ran
     for arm, origin in origins.items():
         merged_from.setdefault(origin, []).append(arm)
@@ -308,7 +312,10 @@ def run(args: argparse.Namespace) -> int:
         _stop_cleanly_on_signals()
         run_study(budget, arms, seeds, args.readings, data, study_dir, device=args.device,
                   progress=False if args.quiet else None, probe=not args.no_probe, after_each=report)
-    markdown = write_report(study_dir, report_dir, budget, data_name, command, compared, parts, revision, machine)
+    # a report-only call with --arms reports those arms alone (a part whose last arm is unfinished, say)
+    reported = arms if args.report_only and args.arms else None
+    markdown = write_report(study_dir, report_dir, budget, data_name, command, compared, parts, revision, machine,
+                            reported)
     print(markdown.read_text())
     print(f"study: {time.perf_counter() - started:.0f} s this call; report in {markdown}")
     return 0

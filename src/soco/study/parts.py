@@ -18,7 +18,7 @@ from pathlib import Path
 from soco.errors import ConfigError
 from soco.study.report import RunResult
 
-__all__ = ["StudyPart", "design_record", "source_revision", "read_part", "merge_parts"]
+__all__ = ["StudyPart", "design_record", "source_revision", "read_part", "merge_parts", "piece_arm", "only_arms"]
 
 # Budget fields that do not change what a run computes: a part may have run other seeds, and notes are prose.
 _DESIGN_FREE_FIELDS = ("seeds", "notes")
@@ -53,7 +53,7 @@ class StudyPart:
     runs: list[RunResult]
     timings: dict[str, float]
     probe: dict[str, dict[str, dict]]  # stage -> backbone -> scores
-    # arm -> (report file name, soco revision, machine) of the run that made it: the part's own, or, for an arm
+    # arm -> (report file as given, soco revision, machine) of the run that made it: the part's own, or, for an arm
     # the part had itself merged, the earlier part's, so a chain of merges keeps each arm's provenance
     origins: dict[str, tuple[str, str | None, str | None]] = field(default_factory=dict)
 
@@ -103,18 +103,18 @@ def read_part(path: Path, design: dict) -> StudyPart:
         runs = _runs_of(report, str(path))
     except (KeyError, TypeError, ValueError) as error:
         raise ConfigError(f"--merge: {path}: a row or curve is incomplete ({error!r})") from None
-    own = (path.name, report.get("revision"), report.get("machine"))
+    own = (str(path), report.get("revision"), report.get("machine"))
     origins = {run.arm: own for run in runs}
     for earlier_part in report.get("parts", []):
         for arm in earlier_part.get("arms", []):
             if arm in origins:
-                origins[arm] = (earlier_part.get("file", path.name), earlier_part.get("revision"),
+                origins[arm] = (earlier_part.get("file", str(path)), earlier_part.get("revision"),
                                 earlier_part.get("machine"))
     return StudyPart(str(path), runs, dict(report.get("timings_seconds", {})), dict(report.get("probe", {})),
                      origins)
 
 
-def _piece_arm(piece: str) -> str | None:
+def piece_arm(piece: str) -> str | None:
     """The arm a timings key belongs to ('pretrain/soco', 'finetune/full/soco/seed0'), None for shared pieces."""
     parts = piece.split("/")
     if parts[0] == "pretrain" and len(parts) == 2:
@@ -126,11 +126,13 @@ def _piece_arm(piece: str) -> str | None:
 
 def merge_parts(runs: list[RunResult], timings: dict[str, float], probe: dict, parts: list[StudyPart]):
     """(runs, timings, probe, origins) with each part's arms that `runs` lacks; origins maps each merged arm to the
-    (report file name, soco revision, machine) that ran it.
+    (report file as given to --merge, soco revision, machine) that ran it.
 
     An arm comes whole from one place: this folder when it has any finished run of it, else the one part that
     has it (ConfigError when two parts do, since which to take would be a guess).
     """
+    from soco.study.runner import RANDOM_INIT
+
     local_arms = {run.arm for run in runs}
     owner: dict[str, str] = {}
     for part in parts:
@@ -148,8 +150,21 @@ def merge_parts(runs: list[RunResult], timings: dict[str, float], probe: dict, p
         origins.update({arm: part.origins[arm] for arm in arms})
         merged_runs += [run for run in part.runs if run.arm in arms]
         merged_timings.update({piece: seconds for piece, seconds in part.timings.items()
-                               if _piece_arm(piece) in arms})
+                               if piece_arm(piece) in arms})
         for stage, scores in part.probe.items():
+            # the random init is the same backbone in every part (seed 0): taken where this folder has none
             merged_probe.setdefault(stage, {}).update({name: score for name, score in scores.items()
-                                                       if name in arms and name not in merged_probe[stage]})
+                                                       if (name in arms or name == RANDOM_INIT)
+                                                       and name not in merged_probe[stage]})
     return merged_runs, merged_timings, merged_probe, origins
+
+
+def only_arms(arms: list[str], runs: list[RunResult], timings: dict[str, float], probe: dict):
+    """(runs, timings, probe) of these arms alone: the shared pieces' timings and the random init's probe stay."""
+    from soco.study.runner import RANDOM_INIT
+
+    kept = set(arms)
+    return ([run for run in runs if run.arm in kept],
+            {piece: seconds for piece, seconds in timings.items() if piece_arm(piece) in kept | {None}},
+            {stage: {name: score for name, score in scores.items() if name in kept | {RANDOM_INIT}}
+             for stage, scores in probe.items()})

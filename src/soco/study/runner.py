@@ -26,12 +26,13 @@ from soco.files import atomic_write_text, folder_lock
 from soco.study.design import READINGS, SCRATCH, Budget, arms, parse_length_arm
 
 __all__ = ["StudyData", "default_data", "pretraining_folder", "run_study", "finetune_dir",
-           "pretraining_settings", "PROBE_NAME", "TIMINGS_NAME", "STUDY_MARKER"]
+           "pretraining_settings", "PROBE_NAME", "TIMINGS_NAME", "STUDY_MARKER", "RANDOM_INIT"]
 
 PROBE_NAME = "probe.json"
 TIMINGS_NAME = "timings.json"
 STUDY_MARKER = "soco-study.json"
 PROBE_STAGES = ("c4", "c5")
+RANDOM_INIT = "random init"  # the probe's backbone of untrained weights, beside every pretrained arm's
 
 
 @dataclass
@@ -214,7 +215,7 @@ def _probe(weights: dict[str, Path], budget: Budget, data: StudyData, study_dir:
 
     depth = budget.transfer["depth"]
     trunks = {name: pretrained_trunk(depth, 0, read_weights(path), path)[0] for name, path in weights.items()}
-    trunks["random init"], _ = pretrained_trunk(depth, 0)
+    trunks[RANDOM_INIT], _ = pretrained_trunk(depth, 0)
     dataset = CocoDetection(data.train, data.train_images)
     result = {}
     for stage in PROBE_STAGES:
