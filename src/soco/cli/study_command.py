@@ -98,16 +98,9 @@ def report_stem(budget) -> str:
 
 def read_earlier_report(path: Path) -> list:
     """The arm summaries of an earlier study's report (.json) for --compare-to; ConfigError naming the file."""
-    from soco.errors import ConfigError
-    from soco.study.report import summaries_from_report
+    from soco.study.report import read_report_file, summaries_from_report
 
-    if not path.is_file():
-        raise ConfigError(f"--compare-to: {path} is not a file (an earlier study_<budget>.json is expected)")
-    try:
-        earlier = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"--compare-to: {path} is not a readable study report ({error})") from None
-    return summaries_from_report(earlier, str(path))
+    return summaries_from_report(read_report_file(path, "--compare-to"), str(path))
 
 
 def machine_description() -> str:

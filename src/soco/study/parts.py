@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from soco.errors import ConfigError
-from soco.study.report import RunResult
+from soco.study.report import RunResult, read_report_file
 
 __all__ = ["StudyPart", "design_record", "source_revision", "read_part", "merge_parts", "piece_arm", "only_arms"]
 
@@ -80,14 +80,7 @@ def _runs_of(report: dict, source: str) -> list[RunResult]:
 
 def read_part(path: Path, design: dict) -> StudyPart:
     """An earlier part's report; ConfigError naming the file when it is unreadable or of another design."""
-    if not path.is_file():
-        raise ConfigError(f"--merge: {path} is not a file (a study_<budget>.json of an earlier part is expected)")
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"--merge: {path} is not a readable study report ({error})") from None
-    if not isinstance(report, dict) or not isinstance(report.get("rows"), list):
-        raise ConfigError(f"--merge: {path} is not a study report (no 'rows' list)")
+    report = read_report_file(path, "--merge")
     if "design" not in report:
         raise ConfigError(f"--merge: {path} records no design (written by an older soco), so its runs cannot be "
                           f"checked against this study's settings; rerun its arms here instead")

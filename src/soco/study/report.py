@@ -15,7 +15,7 @@ from pathlib import Path
 from soco.study.design import BASELINE, READINGS, SCRATCH, parse_length_arm
 
 __all__ = ["RunResult", "ArmSummary", "Gap", "collect_runs", "summarise", "gap", "markdown_table",
-           "summaries_from_report", "comparison_table", "plot_study", "SPREAD_FACTOR"]
+           "read_report_file", "summaries_from_report", "comparison_table", "plot_study", "SPREAD_FACTOR"]
 
 SPREAD_FACTOR = 2.0  # a gap is real when it exceeds this many seed standard deviations
 
@@ -191,6 +191,21 @@ def markdown_table(summaries: list[ArmSummary]) -> str:
                          f"{row.ap50_mean:.2f} ± {_spread(row.ap50_std)} | {per_seed} | {versus[0]} | {versus[1]} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def read_report_file(path: Path, option: str) -> dict:
+    """A study report's .json handed to `option` (--compare-to, --merge); ConfigError naming the option and file."""
+    from soco.errors import ConfigError
+
+    if not path.is_file():
+        raise ConfigError(f"{option}: {path} is not a file (a study_<budget>.json is expected)")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{option}: {path} is not a readable study report ({error})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("rows"), list):
+        raise ConfigError(f"{option}: {path} is not a study report (no 'rows' list)")
+    return report
 
 
 def summaries_from_report(report: dict, source: str = "report") -> list[ArmSummary]:
