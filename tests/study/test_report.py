@@ -7,7 +7,7 @@ import pytest
 
 from soco.errors import ConfigError
 from soco.study.report import (ArmSummary, Gap, collect_runs, comparison_table, gap, markdown_table, plot_study,
-                               summaries_from_report, summarise)
+                               runs_from_report, summaries_from_report, summarise)
 
 
 def _write_run(study, reading, arm, seed, ap, curve=((2, 0.01),), finished=True):
@@ -118,8 +118,21 @@ def test_summaries_from_report_reads_a_report_and_names_a_wrong_file():
     assert (summary.arm, summary.reading, summary.ap_mean, summary.ap50_mean) == ("soco", "frozen", 2.0, 3.0)
     with pytest.raises(ConfigError, match="old.json: not a study report"):
         summaries_from_report({"budget": "cpu"}, "old.json")
-    with pytest.raises(ConfigError, match="old.json: a row lacks 'seeds'"):
+    with pytest.raises(ConfigError, match="old.json: a row or curve lacks 'seeds'"):
         summaries_from_report({"rows": [{"arm": "soco", "reading": "full", "ap_per_seed": [1.0]}]}, "old.json")
+
+
+def test_runs_from_report_reads_each_seed_with_its_curve_and_names_a_bad_row():
+    report = {"rows": [{"arm": "soco", "reading": "full", "seeds": [0, 2], "ap_per_seed": [1.5, 2.5],
+                        "ap50_per_seed": [4.0, 6.0]},
+                       {"arm": "scratch", "reading": "full", "seeds": [1], "ap_per_seed": [0.5]}],  # no AP50 kept
+              "curves": [{"arm": "soco", "reading": "full", "seed": 2, "curve": [[1, 1.0], [2, 2.5]]}]}
+    runs = runs_from_report(report, "part.json")
+    assert [(r.arm, r.seed, r.ap, r.ap50, r.curve) for r in runs] == [
+        ("soco", 0, 1.5, 4.0, []), ("soco", 2, 2.5, 6.0, [(1, 1.0), (2, 2.5)]), ("scratch", 1, 0.5, 0.5, [])]
+    report["rows"][0]["ap_per_seed"] = [1.5]
+    with pytest.raises(ConfigError, match="part.json: row soco full has 2 seeds but 1 AP values"):
+        runs_from_report(report, "part.json")
 
 
 def test_report_compares_with_an_earlier_study(tmp_path, capsys):

@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("pycocotools")
 
 from soco.cli.main import main  # noqa: E402
-from soco.cli.study_command import write_report  # noqa: E402
+from soco.cli.study_command import ReportInputs, write_report  # noqa: E402
 from soco.errors import ConfigError, DataError  # noqa: E402
 from soco.study.design import BUDGETS, Budget, parse_length_arm, select_arms  # noqa: E402
 from soco.study.runner import (  # noqa: E402
@@ -84,16 +84,21 @@ def test_a_later_call_adds_seeds_without_redoing_finished_runs(study, tmp_path):
     folder, data, _ = study
     finished = {p: p.stat().st_mtime_ns for p in folder.glob("finetune/*/*/*/metrics.json")}
     # byol_image reads no proposals: it is pretrained without the store (and so can be split off in any call)
+    lines = []
     run_study(TINY_BUDGET, ["scratch", "soco", "byol_image"], [0, 1], ["full"], data, folder, device="cpu",
-              progress=False, probe=False, log=lambda _: None)
+              progress=False, probe=False, log=lines.append)
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in finished.items())
+    # the finished soco run is reused: no step ran, so no rate is claimed for it
+    steps = TINY_BUDGET.pretrain_steps
+    assert any(line.startswith(f"[soco] already pretrained ({steps} steps, final loss ") for line in lines)
+    assert not any(line.startswith("[soco] pretrained") for line in lines)
     byol_state = torch.load(folder / "pretrain" / "byol_image" / "checkpoints" / "last.pt", weights_only=False)
     assert byol_state["data"]["proposals"] is None
     assert (finetune_dir(folder, "full", "byol_image", 1) / "metrics.json").is_file()
     assert (finetune_dir(folder, "full", "scratch", 1) / "metrics.json").is_file()
     assert (finetune_dir(folder, "full", "soco", 1) / "metrics.json").is_file()
     assert not finetune_dir(folder, "frozen", "soco", 1).exists()
-    markdown = write_report(folder, tmp_path, TINY_BUDGET, data.name, "soco study (test)")
+    markdown = write_report(folder, tmp_path, TINY_BUDGET, data.name, ReportInputs("soco study (test)"))
     text = markdown.read_text()
     assert "| scratch | 2 |" in text and "| soco | 2 |" in text and "| soco@1 | 1 |" in text
     assert "(> 2σ" in text or "(within 2σ" in text

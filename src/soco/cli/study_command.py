@@ -127,17 +127,28 @@ def read_parts(paths: list[str], budget, data_name: str) -> list:
     return [read_part(Path(path).expanduser(), design) for path in paths]
 
 
-def write_report(study_dir: Path, report_dir: Path, budget, data_name: str, command: str,
-                 compared: tuple[str, list] | None = None, parts: list | None = None,
-                 revision: str | None = None, machine: str | None = None, arms: list[str] | None = None) -> Path:
-    """study.md, study.json and study.png from every finished run of the study folder; returns the .md path.
+@dataclasses.dataclass
+class ReportInputs:
+    """What a report states beyond a study folder's own runs: the command, provenance, parts and a comparison.
 
-    With ``compared`` (an earlier report's file name and its arm summaries), the .md adds each arm's AP then
-    and now. With ``parts`` (earlier parts' reports, `study.parts.read_part`), their arms that this folder has
-    no finished run of join the report, and the report says which came from where. ``revision`` is the soco
-    commit that ran this folder's runs (`study.parts.source_revision`, read when the study started), ``machine``
-    the machine that ran them (default: this one). With ``arms``, the report holds those arms alone.
+    ``compared``: an earlier report's file name and its arm summaries (the .md adds each arm's AP then and now).
+    ``parts``: earlier parts' reports (`study.parts.read_part`), whose arms this folder has no finished run of
+    join the report, which says where each came from. ``revision``: the soco commit that ran this folder's runs
+    (`study.parts.source_revision`, read when the study started); ``machine``: the machine that ran them (None:
+    this one). ``arms``: report those arms alone (None: every arm).
     """
+
+    command: str = "soco study"
+    compared: tuple[str, list] | None = None
+    parts: list = dataclasses.field(default_factory=list)
+    revision: str | None = None
+    machine: str | None = None
+    arms: list[str] | None = None
+
+
+def write_report(study_dir: Path, report_dir: Path, budget, data_name: str, inputs: ReportInputs) -> Path:
+    """study.md, study.json and study.png from every finished run of the study folder (and ``inputs``' parts);
+    returns the .md path."""
     from soco.files import atomic_write_text
     from soco.study.parts import design_record, merge_parts, only_arms
     from soco.study.report import collect_runs, comparison_table, markdown_table, plot_study, summarise
@@ -146,11 +157,11 @@ def write_report(study_dir: Path, report_dir: Path, budget, data_name: str, comm
     runs = collect_runs(study_dir)
     timings = json.loads((study_dir / TIMINGS_NAME).read_text()) if (study_dir / TIMINGS_NAME).is_file() else {}
     probe = json.loads((study_dir / PROBE_NAME).read_text()) if (study_dir / PROBE_NAME).is_file() else {}
-    machine = machine or machine_description()
-    runs, timings, probe, origins = merge_parts(runs, timings, probe, parts or [])
-    if arms is not None:
-        runs, timings, probe = only_arms(arms, runs, timings, probe)
-        origins = {arm: origin for arm, origin in origins.items() if arm in arms}
+    command, compared, revision = inputs.command, inputs.compared, inputs.revision
+    machine = inputs.machine or machine_description()
+    runs, timings, probe, origins = merge_parts(runs, timings, probe, inputs.parts)
+    if inputs.arms is not None:
+        runs, timings, probe, origins = only_arms(inputs.arms, runs, timings, probe, origins)
     merged_from: dict[tuple, list[str]] = {}  # (file, revision, machine) -> the arms it ran
     for arm, origin in origins.items():
         merged_from.setdefault(origin, []).append(arm)
@@ -300,15 +311,16 @@ def run(args: argparse.Namespace) -> int:
         parts = read_parts(args.merge, budget, data_name)  # before any run: a part of another design is refused now
 
         def report() -> None:
-            write_report(study_dir, report_dir, budget, data_name, command, compared, parts, revision, machine)
+            write_report(study_dir, report_dir, budget, data_name,
+                         ReportInputs(command, compared, parts, revision, machine))
 
         _stop_cleanly_on_signals()
         run_study(budget, arms, seeds, args.readings, data, study_dir, device=args.device,
                   progress=False if args.quiet else None, probe=not args.no_probe, after_each=report)
     # a report-only call with --arms reports those arms alone (a part whose last arm is unfinished, say)
     reported = arms if args.report_only and args.arms else None
-    markdown = write_report(study_dir, report_dir, budget, data_name, command, compared, parts, revision, machine,
-                            reported)
+    markdown = write_report(study_dir, report_dir, budget, data_name,
+                            ReportInputs(command, compared, parts, revision, machine, reported))
     print(markdown.read_text())
     print(f"study: {time.perf_counter() - started:.0f} s this call; report in {markdown}")
     return 0

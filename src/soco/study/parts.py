@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from soco.errors import ConfigError
-from soco.study.report import RunResult, read_report_file
+from soco.study.report import RunResult, read_report_file, runs_from_report
 
 __all__ = ["StudyPart", "design_record", "source_revision", "read_part", "merge_parts", "piece_arm", "only_arms"]
 
@@ -63,21 +63,6 @@ class StudyPart:
         return list(dict.fromkeys(run.arm for run in self.runs))
 
 
-def _runs_of(report: dict, source: str) -> list[RunResult]:
-    curves = {(c["arm"], c["reading"], int(c["seed"])): [tuple(point) for point in c["curve"]]
-              for c in report.get("curves", [])}
-    runs = []
-    for row in report["rows"]:
-        ap50 = row.get("ap50_per_seed", row["ap_per_seed"])
-        if not len(row["seeds"]) == len(row["ap_per_seed"]) == len(ap50):
-            raise ConfigError(f"{source}: row {row['arm']} {row['reading']} has {len(row['seeds'])} seeds but "
-                              f"{len(row['ap_per_seed'])} AP values")
-        for seed, ap, ap50_value in zip(row["seeds"], row["ap_per_seed"], ap50):
-            key = (row["arm"], row["reading"], int(seed))
-            runs.append(RunResult(*key, ap=float(ap), ap50=float(ap50_value), curve=curves.get(key, [])))
-    return runs
-
-
 def read_part(path: Path, design: dict) -> StudyPart:
     """An earlier part's report; ConfigError naming the file when it is unreadable or of another design."""
     report = read_report_file(path, "--merge")
@@ -92,10 +77,7 @@ def read_part(path: Path, design: dict) -> StudyPart:
             differ.append("data")
         raise ConfigError(f"--merge: {path} is a part of another study design (differs in: {', '.join(differ)}); "
                           f"only parts run with the same budget settings and data can be merged")
-    try:
-        runs = _runs_of(report, str(path))
-    except (KeyError, TypeError, ValueError) as error:
-        raise ConfigError(f"--merge: {path}: a row or curve is incomplete ({error!r})") from None
+    runs = runs_from_report(report, f"--merge: {path}")
     own = (str(path), report.get("revision"), report.get("machine"))
     origins = {run.arm: own for run in runs}
     for earlier_part in report.get("parts", []):
@@ -152,12 +134,14 @@ def merge_parts(runs: list[RunResult], timings: dict[str, float], probe: dict, p
     return merged_runs, merged_timings, merged_probe, origins
 
 
-def only_arms(arms: list[str], runs: list[RunResult], timings: dict[str, float], probe: dict):
-    """(runs, timings, probe) of these arms alone: the shared pieces' timings and the random init's probe stay."""
+def only_arms(arms: list[str], runs: list[RunResult], timings: dict[str, float], probe: dict, origins: dict):
+    """(runs, timings, probe, origins) of these arms alone: the shared pieces' timings and the random init's probe
+    stay."""
     from soco.study.runner import RANDOM_INIT
 
     kept = set(arms)
     return ([run for run in runs if run.arm in kept],
             {piece: seconds for piece, seconds in timings.items() if piece_arm(piece) in kept | {None}},
             {stage: {name: score for name, score in scores.items() if name in kept | {RANDOM_INIT}}
-             for stage, scores in probe.items()})
+             for stage, scores in probe.items()},
+            {arm: origin for arm, origin in origins.items() if arm in kept})

@@ -15,7 +15,7 @@ from pathlib import Path
 from soco.study.design import BASELINE, READINGS, SCRATCH, parse_length_arm
 
 __all__ = ["RunResult", "ArmSummary", "Gap", "collect_runs", "summarise", "gap", "markdown_table",
-           "read_report_file", "summaries_from_report", "comparison_table", "plot_study", "SPREAD_FACTOR"]
+           "read_report_file", "runs_from_report", "summaries_from_report", "comparison_table", "plot_study", "SPREAD_FACTOR"]
 
 SPREAD_FACTOR = 2.0  # a gap is real when it exceeds this many seed standard deviations
 
@@ -208,18 +208,36 @@ def read_report_file(path: Path, option: str) -> dict:
     return report
 
 
-def summaries_from_report(report: dict, source: str = "report") -> list[ArmSummary]:
-    """The arm summaries stored in a study report's .json ("rows"), for comparing a rerun with it."""
+def runs_from_report(report: dict, source: str = "report") -> list[RunResult]:
+    """Every run stored in a study report's .json (its rows' AP per seed, with the curves it kept)."""
     from soco.errors import ConfigError
 
     rows = report.get("rows")
     if not isinstance(rows, list):
         raise ConfigError(f"{source}: not a study report (no 'rows' list; expected a study_<budget>.json)")
     try:
-        return [ArmSummary(row["arm"], row["reading"], list(row["seeds"]), list(row["ap_per_seed"]),
-                           list(row.get("ap50_per_seed", row["ap_per_seed"]))) for row in rows]
-    except (KeyError, TypeError) as error:
-        raise ConfigError(f"{source}: a row lacks {error} (expected arm, reading, seeds, ap_per_seed)") from None
+        curves = {(c["arm"], c["reading"], int(c["seed"])): [tuple(point) for point in c["curve"]]
+                  for c in report.get("curves", [])}
+        runs = []
+        for row in rows:
+            ap50 = row.get("ap50_per_seed", row["ap_per_seed"])  # reports before AP50 was kept
+            if not len(row["seeds"]) == len(row["ap_per_seed"]) == len(ap50):
+                raise ConfigError(f"{source}: row {row['arm']} {row['reading']} has {len(row['seeds'])} seeds but "
+                                  f"{len(row['ap_per_seed'])} AP values")
+            for seed, ap, ap50_value in zip(row["seeds"], row["ap_per_seed"], ap50):
+                key = (row["arm"], row["reading"], int(seed))
+                runs.append(RunResult(*key, ap=float(ap), ap50=float(ap50_value), curve=curves.get(key, [])))
+    except KeyError as error:
+        raise ConfigError(f"{source}: a row or curve lacks {error} (a row needs arm, reading, seeds, "
+                          f"ap_per_seed)") from None
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{source}: a row or curve is malformed ({error})") from None
+    return runs
+
+
+def summaries_from_report(report: dict, source: str = "report") -> list[ArmSummary]:
+    """The arm summaries stored in a study report's .json ("rows"), for comparing a rerun with it."""
+    return summarise(runs_from_report(report, source))
 
 
 def comparison_table(before: list[ArmSummary], after: list[ArmSummary], before_name: str = "before") -> str:

@@ -160,8 +160,11 @@ def _pretrain_and_export(arm_name: str, budget: Budget, images: Path, store: Pat
     exported = run_dir / "exported"
     config = _pretrain_config(arm_name, budget, device)
     summary = pretrain(config, run_dir, images, store, resume=True, progress=progress)
-    log(f"[{arm_name}] pretrained {summary.steps} steps, final loss {summary.final_loss:.3f}, "
-        f"{summary.images_per_second:.1f} images/s")
+    if summary.steps_this_run:
+        log(f"[{arm_name}] pretrained {summary.steps} steps, final loss {summary.final_loss:.3f}, "
+            f"{summary.images_per_second:.1f} images/s")
+    else:  # a finished run, reused: no step ran now, so no rate was measured
+        log(f"[{arm_name}] already pretrained ({summary.steps} steps, final loss {summary.final_loss:.3f})")
     export_format = arms()[parse_length_arm(arm_name)[0]].exports
     return export_checkpoint(run_dir, export_format, exported / f"{export_format}.pt").output
 
