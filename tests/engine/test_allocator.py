@@ -28,10 +28,11 @@ CHILD = textwrap.dedent("""
 
     for _ in range(3):  # the heap grows to the blocks' size first
         churn()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    faults = []  # page faults of each round
     for _ in range(5):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         churn()
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     torch.manual_seed(0)
     weight = torch.randn(8, 3, 3, 3, requires_grad=True)
     loss = torch.nn.functional.conv2d(torch.randn(4, 3, 32, 32), weight).square().mean()
@@ -55,9 +56,13 @@ def test_freed_memory_is_reused_without_page_faults_and_numbers_are_unchanged():
     plain = run_child("defaults")
     kept = run_child("keep")
     assert kept["applied"] is True
-    # 5 rounds x 8 blocks x 6144 pages: glibc returns them and faults them in again; kept, they are reused
-    assert plain["faults"] > 100_000
-    assert kept["faults"] < 2_000
+    # each round takes 8 blocks of 6144 pages: glibc returns them and faults them in again every round
+    assert all(faults > 40_000 for faults in plain["faults"])
+    # kept, they are reused: rounds fault in (almost) nothing. One round may grow the heap by one block, when
+    # another allocation took part of the freed space (seen once in a fresh CI, 6144 faults in one round)
+    rounds = sorted(kept["faults"])
+    assert sum(rounds[:-1]) < 2_000, kept["faults"]
+    assert rounds[-1] < 6144 + 2_000, kept["faults"]
     assert kept["loss"] == plain["loss"]
     assert kept["gradient"] == plain["gradient"]
 
