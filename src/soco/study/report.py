@@ -15,7 +15,8 @@ from pathlib import Path
 from soco.study.design import BASELINE, READINGS, SCRATCH, parse_length_arm
 
 __all__ = ["RunResult", "ArmSummary", "Gap", "collect_runs", "summarise", "gap", "markdown_table",
-           "read_report_file", "runs_from_report", "summaries_from_report", "comparison_table", "plot_study", "SPREAD_FACTOR"]
+           "read_report_file", "runs_from_report", "summaries_from_report", "comparison_table", "plot_study",
+           "SPREAD_FACTOR"]
 
 SPREAD_FACTOR = 2.0  # a gap is real when it exceeds this many seed standard deviations
 
